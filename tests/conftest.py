@@ -1,0 +1,40 @@
+"""Shared fixtures: one small local Ray per test session, real data fetched once."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Set before torch or Ray start threads: spinning OpenMP threads on 2 shared cores cost 10x.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray with a 2 GiB object store, stopped when the session ends."""
+    import ray
+    from ray.data import DataContext
+
+    from allmrec.config import RayConfig
+    from allmrec.distributed.runtime import init_ray
+
+    init_ray(RayConfig(object_store_gb=2.0, num_cpus=2))
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ml100k_prepared(ray_local, tmp_path_factory):
+    """Real MovieLens-100K, fetched from RecBole's wheel and prepared once per session."""
+    from allmrec.config import load_config
+    from allmrec.distributed.data_pipeline import prepare_data
+
+    run_dir = tmp_path_factory.mktemp("ml100k")
+    config = load_config(["configs/ml-100k-cpu.yaml"])
+    manifest = prepare_data(config, run_dir)
+    return run_dir, manifest
