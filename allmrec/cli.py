@@ -109,6 +109,41 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_train_cf(config: Config, run_dir: Path) -> dict:
+    from allmrec.distributed.runtime import init_ray
+    from allmrec.distributed.train_cf import train_cf
+
+    init_ray(config.ray)
+    manifest = train_cf(config, run_dir)
+    log.info("wrote %s", run_dir / "cf")
+    return manifest
+
+
+def format_cf_metrics(manifest: dict) -> str:
+    rows = [
+        "| model | test HR@10 (100 neg) | test NDCG@10 (100 neg) | test Hit@1 (19 neg) |",
+        "|---|---|---|---|",
+    ]
+    for name, m in manifest["metrics"].items():
+        label = manifest["backbone"]["name"] if name == "model" else name
+        rows.append(
+            f"| {label} | {m['test_100neg_hit@10']:.4f} | "
+            f"{m['test_100neg_ndcg@10']:.4f} | {m['test_19neg_hit@1']:.4f} |"
+        )
+    return "\n".join(rows)
+
+
+def _cmd_train_cf(args: argparse.Namespace) -> int:
+    config, run_dir = job_from_args(args)
+    manifest = run_train_cf(config, run_dir)
+    print(format_cf_metrics(manifest))
+    print(
+        f"epochs run {manifest['epochs_run']}, best epoch {manifest['best_epoch']}, "
+        f"{manifest['train_seconds']} s"
+    )
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     config, run_dir = job_from_args(args)
     manifest = run_prepare(config, run_dir)
@@ -140,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="malformed lines tolerated (default data.max_bad_lines, 0)",
     )
     prep.set_defaults(func=_cmd_data_prepare)
+
+    train = sub.add_parser("train", help="Ray Train jobs").add_subparsers(
+        dest="train_command", required=True
+    )
+    train_cf = train.add_parser("cf", help="pre-train the CF backbone (SASRec by default)")
+    add_job_options(train_cf)
+    train_cf.set_defaults(func=_cmd_train_cf)
 
     demo = sub.add_parser("demo", help="the whole chain on the embedded default")
     add_job_options(demo)

@@ -76,6 +76,41 @@ class DataConfig(_Section):
     read_batch_rows: int = Field(65536, ge=1)
 
 
+class TrainScaling(_Section):
+    """How a Ray Train job is spread: workers, their resources, and failure recovery."""
+
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = Field(False, description="one GPU per worker; NCCL and bf16 on GPUs")
+    max_failures: int = Field(2, ge=-1, description="worker failures survived (resume)")
+
+
+class CFConfig(_Section):
+    """CF-RecSys pre-training (METHOD.md item 1): SASRec's settings by default."""
+
+    backbone: Literal["sasrec", "gru4rec", "nextitnet", "ncf"] = "sasrec"
+    hidden_dim: int = Field(50, ge=1)
+    max_len: int = Field(50, ge=2)
+    dropout: float = Field(0.5, ge=0, lt=1)
+    backbone_args: dict[str, Any] = Field(
+        default_factory=dict, description="extra hyperparameters of the chosen backbone"
+    )
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(128, ge=1)
+    epochs: int = Field(200, ge=1)
+    eval_every: int = Field(5, ge=1, description="epochs between validation passes")
+    patience: int = Field(
+        5, ge=1, description="validation passes without a better NDCG@10 before stopping"
+    )
+    eval_users: int | None = Field(
+        None, ge=1, description="validate on this many users (None: all)"
+    )
+    scaling: TrainScaling = Field(default_factory=TrainScaling)
+    fail_at_epoch: int | None = Field(
+        None, description="test only: a worker raises once at the start of this epoch"
+    )
+
+
 class RayConfig(_Section):
     address: str | None = Field(None, description="cluster address; None starts a local Ray")
     object_store_gb: float = Field(2.0, gt=0, description="object store of a local Ray")
@@ -88,6 +123,7 @@ class Config(_Section):
     name: str = Field("allmrec", description="names the default run directory runs/<name>")
     seed: int = 42
     data: DataConfig = Field(default_factory=DataConfig)
+    cf: CFConfig = Field(default_factory=CFConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
 

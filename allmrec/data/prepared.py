@@ -1,0 +1,85 @@
+"""Reading a prepared data set back: the manifest check, then per-user sequences.
+
+Every stage after `data prepare` starts here. The data manifest must exist and be finished;
+its fingerprint is what later manifests record as their input, so a stage trained on one
+preparation refuses another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from allmrec.manifest import ArtifactError, read_manifest
+
+
+@dataclass
+class PreparedData:
+    """One prepared data set in memory: what training and evaluation need of it."""
+
+    directory: Path
+    manifest: dict
+    num_users: int
+    num_items: int
+    train: list[np.ndarray]  # train[u]: user u's training items in time order (u = 1..U)
+    valid: np.ndarray  # valid[u]: the second-to-last item (0 when the user has none)
+    test: np.ndarray  # test[u]: the last item (0 when none)
+    item_train_counts: np.ndarray  # [num_items + 1] training interactions per item
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    def eval_users(self, split: str) -> np.ndarray:
+        """Users that have a held-out item in `split` ('valid' or 'test')."""
+        target = self.valid if split == "valid" else self.test
+        return np.flatnonzero(target)
+
+    def history(self, user: int, split: str) -> np.ndarray:
+        """The items a model sees before predicting `split`: train (+ valid for test)."""
+        if split == "valid":
+            return self.train[user]
+        if split == "test":
+            return (
+                np.append(self.train[user], self.valid[user])
+                if self.valid[user]
+                else self.train[user]
+            )
+        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+
+    def interacted(self, user: int) -> np.ndarray:
+        """Every item user `user` interacted with, in any split."""
+        extra = [i for i in (self.valid[user], self.test[user]) if i]
+        return np.append(self.train[user], extra).astype(np.int64)
+
+
+def load_prepared(run_dir: str | Path) -> PreparedData:
+    directory = Path(run_dir) / "data"
+    manifest = read_manifest(directory, "data")
+    path = directory / "interactions"
+    if not path.exists():
+        raise ArtifactError(f"{path}: missing, although {directory / 'manifest.json'} exists")
+    table = pq.read_table(path, columns=["user_idx", "item_idx", "position", "split"])
+    order = np.lexsort((table.column("position").to_numpy(), table.column("user_idx").to_numpy()))
+    users = table.column("user_idx").to_numpy()[order]
+    items = table.column("item_idx").to_numpy()[order].astype(np.int64)
+    split = table.column("split").to_numpy(zero_copy_only=False)[order]
+    num_users, num_items = manifest["counts"]["users"], manifest["counts"]["items"]
+    if len(table) != manifest["counts"]["interactions"]:
+        raise ArtifactError(
+            f"{path}: {len(table)} rows, but {directory / 'manifest.json'} field "
+            f"'counts.interactions' says {manifest['counts']['interactions']}"
+        )
+    valid = np.zeros(num_users + 1, dtype=np.int64)
+    test = np.zeros(num_users + 1, dtype=np.int64)
+    is_valid, is_test, is_train = split == "valid", split == "test", split == "train"
+    valid[users[is_valid]] = items[is_valid]
+    test[users[is_test]] = items[is_test]
+    train_users, train_items = users[is_train], items[is_train]
+    bounds = np.searchsorted(train_users, np.arange(num_users + 2))
+    train = [train_items[bounds[u] : bounds[u + 1]] for u in range(num_users + 1)]
+    counts = np.bincount(train_items, minlength=num_items + 1)
+    return PreparedData(directory, manifest, num_users, num_items, train, valid, test, counts)

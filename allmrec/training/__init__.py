@@ -1,0 +1,1 @@
+"""Plain-PyTorch training pieces shared by the Ray Train loops: models from config, state I/O."""
