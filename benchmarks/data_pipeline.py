@@ -30,7 +30,7 @@ On two cores there is no parallelism to win back those costs, and Ray's own proc
 cluster: the same code reads an Amazon category of tens of GB across many nodes and embeds
 its millions of item texts on a pool of GPU actors, which no single process can.
 
-Run (from the repository root, ~2 min on 2 cores for ML-1M; ML-100K for a quick check):
+Run (from the repository root; ML-1M takes ~5 min on 2 cores, ML-100K is a quick check):
 
     OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/data_pipeline.py
     .venv/bin/python benchmarks/data_pipeline.py --config configs/ml-100k-cpu.yaml

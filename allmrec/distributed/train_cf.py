@@ -147,6 +147,9 @@ def cf_train_loop(loop_config: dict) -> None:
         _maybe_fail(cfg, epoch, rank, loop_config["marker_dir"])
         started = time.perf_counter()
         rng = np.random.default_rng([seed, epoch, rank])
+        # Dropout draws from torch's generator: seed it per epoch so a resumed run draws
+        # exactly what an uninterrupted one would have.
+        torch.manual_seed(int(rng.integers(2**62)))
         loss_sum, batches = train_epoch(
             model,
             optimizer,
