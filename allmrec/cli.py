@@ -144,6 +144,40 @@ def _cmd_train_cf(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_train_stage1(config: Config, run_dir: Path) -> dict:
+    from allmrec.distributed.runtime import init_ray
+    from allmrec.distributed.train_stage1 import train_stage1
+
+    init_ray(config.ray)
+    manifest = train_stage1(config, run_dir)
+    log.info("wrote %s", run_dir / "stage1")
+    return manifest
+
+
+def format_stage1_metrics(manifest: dict) -> str:
+    m = manifest["metrics"]
+    keys = [
+        k
+        for k in (
+            "valid_hit@1",
+            "valid_ndcg@10",
+            "valid_coldtext_hit@1",
+            "valid_coldtext_ndcg@10",
+            "z_mean_cosine",
+            "z_mean_dim_variance",
+        )
+        if k in m
+    ]
+    return "\n".join([f"{k}: {m[k]:.4f}" for k in keys])
+
+
+def _cmd_train_stage1(args: argparse.Namespace) -> int:
+    config, run_dir = job_from_args(args)
+    manifest = run_train_stage1(config, run_dir)
+    print(format_stage1_metrics(manifest))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     config, run_dir = job_from_args(args)
     manifest = run_prepare(config, run_dir)
@@ -182,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     train_cf = train.add_parser("cf", help="pre-train the CF backbone (SASRec by default)")
     add_job_options(train_cf)
     train_cf.set_defaults(func=_cmd_train_cf)
+
+    train_s1 = train.add_parser("stage1", help="Stage 1: align CF items with item texts")
+    add_job_options(train_s1)
+    train_s1.set_defaults(func=_cmd_train_stage1)
 
     demo = sub.add_parser("demo", help="the whole chain on the embedded default")
     add_job_options(demo)

@@ -111,6 +111,34 @@ class CFConfig(_Section):
     )
 
 
+class Stage1Config(_Section):
+    """Stage 1, collaborative-text alignment (METHOD.md): the reference's defaults."""
+
+    alpha: float = Field(0.5, ge=0, description="weight of the item reconstruction loss")
+    beta: float = Field(0.2, ge=0, description="weight of the text reconstruction loss")
+    latent_dim: int = Field(128, ge=1)
+    lr: float = Field(1e-4, gt=0, description="Adam lr of the autoencoders")
+    text_encoder_lr: float | None = Field(
+        None, gt=0, description="Adam lr of the Sentence-BERT (None: same as lr)"
+    )
+    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(10, ge=1)
+    eval_every: int = Field(1, ge=1)
+    checkpoint_every: int = Field(
+        1, ge=1, description="epochs between checkpoints (a resumed run repeats at most these)"
+    )
+    text_encoder_trainable: str = Field(
+        "all", description="'all' (the paper), 'last:N' layers, or 'frozen'"
+    )
+    max_text_tokens: int = Field(128, ge=8)
+    zero_stage: int = Field(3, ge=0, le=3, description="DeepSpeed ZeRO stage")
+    eval_users: int | None = Field(None, ge=1, description="validate on this many users")
+    scaling: TrainScaling = Field(default_factory=TrainScaling)
+    fail_at_epoch: int | None = Field(
+        None, description="test only: a worker raises once at the start of this epoch"
+    )
+
+
 class RayConfig(_Section):
     address: str | None = Field(None, description="cluster address; None starts a local Ray")
     object_store_gb: float = Field(2.0, gt=0, description="object store of a local Ray")
@@ -124,6 +152,7 @@ class Config(_Section):
     seed: int = 42
     data: DataConfig = Field(default_factory=DataConfig)
     cf: CFConfig = Field(default_factory=CFConfig)
+    stage1: Stage1Config = Field(default_factory=Stage1Config)
     ray: RayConfig = Field(default_factory=RayConfig)
 
 

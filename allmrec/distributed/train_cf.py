@@ -10,7 +10,6 @@ the same config and data. The best validation epoch becomes `cf/model.safetensor
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -23,13 +22,13 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from safetensors.torch import load_file
 
 from allmrec.config import CFConfig, Config, config_to_dict
 from allmrec.data.prepared import load_prepared
+from allmrec.distributed.common import all_reduce_sum, maybe_fail, run_name
 from allmrec.evaluation import (
     ALLMREC_PROTOCOL,
     SASREC_PROTOCOL,
@@ -54,14 +53,6 @@ from allmrec.training.cf import (
 log = logging.getLogger(__name__)
 
 
-def _all_reduce_sum(values: list[float]) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
 def _validate(model, data, cfg: CFConfig, seed: int, rank: int, world: int) -> dict:
     """HR@10/NDCG@10 (100 negatives) on this worker's slice of users, summed over workers."""
     users = data.eval_users("valid")
@@ -78,24 +69,12 @@ def _validate(model, data, cfg: CFConfig, seed: int, rank: int, world: int) -> d
         users=mine,
     )
     n = m["users"]
-    total, hr, ndcg = _all_reduce_sum([n, m["hit@10"] * n, m["ndcg@10"] * n])
+    total, hr, ndcg = all_reduce_sum([n, m["hit@10"] * n, m["ndcg@10"] * n])
     return {"valid_hr@10": hr / max(total, 1), "valid_ndcg@10": ndcg / max(total, 1)}
 
 
 def _device() -> torch.device:
     return ray.train.torch.get_device()
-
-
-def _maybe_fail(cfg: CFConfig, epoch: int, rank: int, marker_dir: str) -> None:
-    """Test hook: raise once in a real worker at `cf.fail_at_epoch` (a marker makes it once)."""
-    if cfg.fail_at_epoch != epoch or rank != 0:
-        return
-    marker = Path(marker_dir) / f"injected-failure-epoch-{epoch}"
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text("failed here once\n")
-    raise RuntimeError(f"injected failure at epoch {epoch} (cf.fail_at_epoch)")
 
 
 def _read_shard(shard) -> dict[str, np.ndarray]:
@@ -144,7 +123,7 @@ def cf_train_loop(loop_config: dict) -> None:
         optimizer.load_state_dict(optimizer_state)
     shard_rows = _read_shard(ray.train.get_dataset_shard("train"))
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        _maybe_fail(cfg, epoch, rank, loop_config["marker_dir"])
+        maybe_fail(cfg.fail_at_epoch, epoch, rank, loop_config["marker_dir"])
         started = time.perf_counter()
         rng = np.random.default_rng([seed, epoch, rank])
         # Dropout draws from torch's generator: seed it per epoch so a resumed run draws
@@ -160,7 +139,7 @@ def cf_train_loop(loop_config: dict) -> None:
             rng,
             _device(),
         )
-        loss_total, batch_total = _all_reduce_sum([loss_sum, batches])
+        loss_total, batch_total = all_reduce_sum([loss_sum, batches])
         metrics = {
             "epoch": epoch,
             "loss": loss_total / max(batch_total, 1),
@@ -202,15 +181,6 @@ def cf_train_loop(loop_config: dict) -> None:
             break
 
 
-def _run_name(config: Config, fingerprint: str) -> str:
-    """Same config and data -> same run name, so a restarted driver resumes that run."""
-    key = json.dumps(
-        {"cf": config_to_dict(config)["cf"], "seed": config.seed, "data": fingerprint},
-        sort_keys=True,
-    )
-    return "cf-" + hashlib.sha256(key.encode()).hexdigest()[:10]
-
-
 def train_cf(config: Config, run_dir: Path) -> dict:
     """Pre-train the CF backbone on `run_dir/data`, write `run_dir/cf/`; return its manifest."""
     cfg = config.cf
@@ -218,13 +188,15 @@ def train_cf(config: Config, run_dir: Path) -> dict:
     data = load_prepared(run_dir)
     started = time.perf_counter()
     users = [u for u in range(1, data.num_users + 1) if len(data.train[u]) >= 2]
+    # Per-epoch lines are the progress here; Ray Data's bars from every worker are noise.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     train_ds = ray.data.from_items(
         [{"user_idx": u, "items": data.train[u].astype(np.int64)} for u in users]
     ).materialize()
-    # Per-epoch lines are the progress here; Ray Data's bars from every worker are noise.
-    ray.data.DataContext.get_current().enable_progress_bars = False
     storage = run_dir / "checkpoints"
-    name = _run_name(config, data.fingerprint)
+    name = run_name(
+        "cf", {"cf": config_to_dict(config)["cf"], "seed": config.seed, "data": data.fingerprint}
+    )
     trainer = TorchTrainer(
         cf_train_loop,
         train_loop_config={

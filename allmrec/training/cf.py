@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from allmrec.config import CFConfig
 from allmrec.data.prepared import PreparedData
-from allmrec.manifest import ArtifactError, read_manifest
+from allmrec.manifest import ArtifactError, file_sha256, read_manifest
 from allmrec.models import BACKBONES, CFBackbone, build_backbone
 from allmrec.sequences import training_batch
 
@@ -68,6 +68,7 @@ def load_cf_model(
     if not path.is_file():
         raise ArtifactError(f"{path}: missing, although {cf_dir / 'manifest.json'} exists")
     model.load_state_dict(load_file(str(path)))
+    manifest = dict(manifest, model_sha256=file_sha256(path))
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -1,0 +1,37 @@
+"""Helpers shared by the Ray Train loops: cross-worker sums, run names, fault injection."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sums over all workers (the values themselves on a single worker)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def run_name(stage: str, settings: dict) -> str:
+    """Same settings -> same Ray Train run name, so a restarted driver resumes that run."""
+    key = json.dumps(settings, sort_keys=True, default=str)
+    return f"{stage}-" + hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
+def maybe_fail(fail_at_epoch: int | None, epoch: int, rank: int, marker_dir: str) -> None:
+    """Test hook: raise once in a real worker at `fail_at_epoch` (a marker file makes it once)."""
+    if fail_at_epoch != epoch or rank != 0:
+        return
+    marker = Path(marker_dir) / f"injected-failure-epoch-{epoch}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("failed here once\n")
+    raise RuntimeError(f"injected failure at epoch {epoch} (fail_at_epoch)")

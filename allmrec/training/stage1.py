@@ -1,0 +1,178 @@
+"""Stage 1 training pieces that know nothing of Ray or DeepSpeed.
+
+Data as the reference code: one training example per user and epoch, the last position of the
+user's training sequence: x_u from the frozen CF model over train[:-1], the positive train[-1],
+one negative sampled from items the user has not trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from allmrec.data.prepared import PreparedData
+from allmrec.evaluation import ALLMREC_PROTOCOL, evaluate
+from allmrec.models.alignment import CollabTextAligner
+from allmrec.sequences import left_pad, sample_negatives
+
+
+@dataclass
+class FrozenCF:
+    """What Stage 1 takes from the frozen CF backbone, computed once."""
+
+    item_table: torch.Tensor  # E [num_items + 1, d_cf]
+    x_train: torch.Tensor  # x_u over train[:-1] (the training input) [num_users + 1, d_cf]
+    x_valid: torch.Tensor  # x_u over all train items (predicting the validation item)
+
+
+@torch.no_grad()
+def frozen_cf_inputs(cf_model, data: PreparedData, max_len: int, batch_size: int = 512) -> FrozenCF:
+    cf_model.eval()
+    users = np.arange(data.num_users + 1)
+
+    def reps(histories: list[np.ndarray]) -> torch.Tensor:
+        out = []
+        for start in range(0, len(users), batch_size):
+            batch = users[start : start + batch_size]
+            seqs = left_pad([histories[u] for u in batch], max_len)
+            out.append(cf_model.user_representation(torch.as_tensor(batch), torch.as_tensor(seqs)))
+        return torch.cat(out).float()
+
+    x_train = reps([t[:-1] for t in data.train])
+    x_valid = reps(data.train)
+    return FrozenCF(cf_model.item_embeddings().detach().float().clone(), x_train, x_valid)
+
+
+def item_texts(data: PreparedData) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Q_i by item id (index 0 is padding), the no-interaction mask, the cold-label mask."""
+    items = pq.read_table(
+        data.directory / "items.parquet", columns=["item_idx", "text", "num_train", "is_cold"]
+    )
+    texts = [""] * (data.num_items + 1)
+    no_train = np.zeros(data.num_items + 1, dtype=bool)
+    cold = np.zeros(data.num_items + 1, dtype=bool)
+    for idx, text, n, is_cold in zip(
+        *(items.column(c).to_pylist() for c in items.column_names), strict=True
+    ):
+        texts[idx] = text
+        no_train[idx] = n == 0
+        cold[idx] = is_cold
+    return texts, no_train, cold
+
+
+def training_users(data: PreparedData) -> np.ndarray:
+    return np.array([u for u in range(1, data.num_users + 1) if len(data.train[u]) >= 2])
+
+
+def stage1_batch(
+    users: np.ndarray,
+    data: PreparedData,
+    frozen: FrozenCF,
+    texts: list[str],
+    rng: np.random.Generator,
+) -> dict:
+    """x_u, e_pos, e_neg and the positive/negative item texts for `users`."""
+    pos = np.array([data.train[u][-1] for u in users])
+    neg = sample_negatives(pos[:, None], [data.train[u] for u in users], data.num_items, rng)[:, 0]
+    return {
+        "pos": pos,
+        "neg": neg,
+        "x_u": frozen.x_train[users],
+        "e_pos": frozen.item_table[pos],
+        "e_neg": frozen.item_table[neg],
+        "pos_texts": [texts[i] for i in pos],
+        "neg_texts": [texts[i] for i in neg],
+    }
+
+
+def to_device(features: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+
+
+@torch.no_grad()
+def encode_texts(
+    aligner: CollabTextAligner,
+    texts: list[str],
+    device,
+    batch_size: int = 128,
+    max_tokens: int = 128,
+) -> torch.Tensor:
+    """q_i of every text with the (current, fine-tuned) Sentence-BERT, eval mode."""
+    encoder = aligner.text_encoder
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    for start in range(0, len(texts), batch_size):
+        features = tokenize(encoder, texts[start : start + batch_size], max_tokens)
+        out.append(aligner.embed_text(to_device(features, device)).float().cpu())
+    encoder.train(was_training)
+    return torch.cat(out)
+
+
+def tokenize(encoder, texts: list[str], max_tokens: int) -> dict:
+    features = encoder.preprocess(texts)
+    if features["input_ids"].shape[1] > max_tokens:  # long descriptions: keep the title end
+        features = {
+            k: v[:, :max_tokens] if isinstance(v, torch.Tensor) and v.dim() == 2 else v
+            for k, v in features.items()
+        }
+    return features
+
+
+@torch.no_grad()
+def joint_embeddings(
+    aligner: CollabTextAligner, frozen: FrozenCF, q: torch.Tensor, text_only: np.ndarray
+) -> torch.Tensor:
+    """z_i of every item; `text_only` items (no interactions) take enc_T(q_i)."""
+    return aligner.joint_item_embeddings(frozen.item_table, q, torch.as_tensor(text_only))
+
+
+@torch.no_grad()
+def stage1_quality(
+    aligner: CollabTextAligner,
+    frozen: FrozenCF,
+    q: torch.Tensor,
+    data: PreparedData,
+    cold_label: np.ndarray,
+    seed: int,
+    users: np.ndarray | None = None,
+) -> dict:
+    """Validation ranking by <x_u, dec_I(enc_I(e_i))>, and the same with the cold-labelled
+    items taking the text path dec_I(enc_T(q_i)): Stage 1's objective for tuning."""
+    item_scores = aligner.item_ae.decoder(aligner.item_ae.encode(frozen.item_table))
+    text_scores = aligner.item_ae.decoder(aligner.text_ae.encode(q))
+    cold = torch.as_tensor(cold_label)[:, None]
+    mixed = torch.where(cold, text_scores, item_scores)
+    out = {}
+    for name, table in (("", item_scores), ("coldtext_", mixed)):
+
+        def scorer(batch_users, seqs, candidates, table=table):
+            x = frozen.x_valid[torch.as_tensor(batch_users)]
+            return (x[:, None, :] * table[torch.as_tensor(candidates)]).sum(-1).numpy()
+
+        m = evaluate(scorer, data, "valid", ALLMREC_PROTOCOL, seed, users=users)
+        out[f"valid_{name}hit@1"] = m["hit@1"]
+        out[f"valid_{name}ndcg@10"] = m["ndcg@10"]
+        out["valid_users"] = m["users"]
+    return out
+
+
+def collapse_stats(z: torch.Tensor) -> dict[str, float]:
+    """How spread the joint embeddings are: mean pairwise cosine and per-dimension variance.
+
+    The paper's over-smoothing without reconstruction shows as cosine -> 1 and variance -> 0.
+    """
+    z = z.float()
+    unit = torch.nn.functional.normalize(z, dim=1)
+    n = len(z)
+    cos = (unit @ unit.T).sum() - n
+    centered = torch.nn.functional.normalize(z - z.mean(0), dim=1)
+    ccos = (centered @ centered.T).sum() - n
+    return {
+        "mean_cosine": float(cos / (n * (n - 1))),
+        "mean_centered_cosine": float(ccos / (n * (n - 1))),
+        "mean_dim_variance": float(z.var(0).mean()),
+    }

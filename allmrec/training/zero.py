@@ -1,0 +1,61 @@
+"""DeepSpeed pieces shared by Stage 1 and Stage 2: the config and ZeRO-aware state handling.
+
+On CPU: gloo and fp32 (DeepSpeed picks its CPU accelerator itself); on GPUs: NCCL and bf16.
+Stage 3 partitions every parameter inside the engine's module across the workers, frozen ones
+included, so what must be partitioned (the frozen LLM in Stage 2) must be inside the module.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def deepspeed_config(
+    zero_stage: int, micro_batch: int, bf16: bool, grad_clip: float | None = None
+) -> dict:
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": bf16},
+        # We pass a torch optimizer: DeepSpeed's own Adam compiles an extension for ~1 min.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if grad_clip:
+        config["gradient_clipping"] = grad_clip
+    return config
+
+
+def is_partitioned(param: nn.Parameter) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def gathered(params: list[nn.Parameter]):
+    """A context in which ZeRO-3 partitioned `params` are whole on every rank (collective)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(
+        [p for p in params if is_partitioned(p)], modifier_rank=None
+    )
+
+
+def full_state_dict(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A CPU copy of `module`'s whole state dict, gathering ZeRO-3 partitions (collective:
+    every rank must call it)."""
+    with gathered(list(module.parameters())):
+        return {
+            k: v.detach().to("cpu", copy=True).contiguous()
+            for k, v in module.state_dict(prefix=prefix).items()
+        }
+
+
+def local_share(params: list[nn.Parameter]) -> float:
+    """Share of `params`' elements this rank holds (1.0 without ZeRO-3 partitioning)."""
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    local = sum(p.ds_tensor.numel() if is_partitioned(p) else p.numel() for p in params)
+    return local / max(total, 1)
