@@ -179,14 +179,18 @@ def _cmd_train_stage1(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from allmrec.distributed.pipeline import run_pipeline
+
     config, run_dir = job_from_args(args)
-    manifest = run_prepare(config, run_dir)
-    counts = manifest["counts"]
+    manifests = run_pipeline(config, run_dir, force=args.force)
+    counts = manifests["data"]["counts"]
     print(
-        f"\nprepared {manifest['source']['name']} in {run_dir / 'data'}: "
+        f"\ndata: {manifests['data']['source']['name']} in {run_dir / 'data'}: "
         f"{counts['users']} users, {counts['items']} items, "
         f"{counts['interactions']} interactions {counts['splits']}"
     )
+    print(f"\nCF pre-training ({run_dir / 'cf'}):\n" + format_cf_metrics(manifests["cf"]))
+    print(f"\nStage 1 ({run_dir / 'stage1'}):\n" + format_stage1_metrics(manifests["stage1"]))
     return 0
 
 
@@ -223,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the whole chain on the embedded default")
     add_job_options(demo)
+    demo.add_argument("--force", action="store_true", help="rerun stages that are up to date")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

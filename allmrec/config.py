@@ -133,6 +133,9 @@ class Stage1Config(_Section):
     max_text_tokens: int = Field(128, ge=8)
     zero_stage: int = Field(3, ge=0, le=3, description="DeepSpeed ZeRO stage")
     eval_users: int | None = Field(None, ge=1, description="validate on this many users")
+    max_train_users: int | None = Field(
+        None, ge=1, description="train on a seeded sample of this many users (None: all)"
+    )
     scaling: TrainScaling = Field(default_factory=TrainScaling)
     fail_at_epoch: int | None = Field(
         None, description="test only: a worker raises once at the start of this epoch"

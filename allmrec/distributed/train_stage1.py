@@ -311,6 +311,10 @@ def train_stage1(config: Config, run_dir: Path) -> dict:
     cf_model, cf_manifest = load_cf_model(run_dir, data)  # fail early, with a clear message
     started = time.perf_counter()
     users = training_users(data)
+    if cfg.max_train_users is not None:
+        users = np.sort(
+            np.random.default_rng(config.seed).permutation(users)[: cfg.max_train_users]
+        )
     ray.data.DataContext.get_current().enable_progress_bars = False  # epoch lines are progress
     train_ds = ray.data.from_items([{"user_idx": int(u)} for u in users]).materialize()
     storage = run_dir / "checkpoints"

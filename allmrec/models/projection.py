@@ -1,0 +1,443 @@
+"""Stage 2 of A-LLMRec: the joint embedding projected into the frozen LLM's token space.
+
+Symbols as in the paper (METHOD.md, "Stage 2"):
+- x_u: the frozen CF user representation (d_cf); z_i: the Stage-1 joint item embedding (128);
+- F_U = Linear(d_cf -> d_llm) -> LayerNorm -> LeakyReLU -> Linear(d_llm -> d_llm), on x_u;
+- F_I = Linear(128 -> d_llm) -> LayerNorm -> GELU -> Linear(d_llm -> d_llm), on z_i;
+- in a prompt (`allmrec.prompts`), the input embedding row of `[UserRep]` is overwritten by
+  F_U(x_u) and that of each `[HistoryEmb]` / `[CandidateEmb]`, in order, by F_I(z_i).
+
+Loss: the LM cross-entropy over the target, `"title"` of the true next item + the model's own
+EOS; labels are -100 on the prompt and the padding. Unlike the reference code, the first target
+token is kept (the reference drops it, assuming a BOS was prepended to the target), and the
+target is tokenized without special tokens, so no BOS lands inside the sequence.
+
+Evaluation: `generate` is the paper's protocol (greedy, a hit when the true title is in the
+output, `hit_contains`); `rank_candidates` scores the 20 candidates by their likelihood after
+the prompt, which gives Hit@k for any k (the reference's users asked for Hit@3/Hit@5).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from allmrec.llm import SPECIAL_TOKENS, freeze
+from allmrec.prompts import CANDIDATE_TOKEN, HISTORY_TOKEN, USER_TOKEN, Prompt, quote_title
+
+IGNORE_INDEX = -100
+
+
+class UserProjector(nn.Module):
+    """F_U: Linear(d_cf -> d_llm) -> LayerNorm -> LeakyReLU -> Linear(d_llm -> d_llm)."""
+
+    def __init__(self, d_cf: int, d_llm: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(d_cf, d_llm), nn.LayerNorm(d_llm), nn.LeakyReLU(), nn.Linear(d_llm, d_llm)
+        )
+
+    def forward(self, x_u: Tensor) -> Tensor:
+        return self.net(x_u.to(self.net[0].weight.dtype))
+
+
+class ItemProjector(nn.Module):
+    """F_I: Linear(d_joint -> d_llm) -> LayerNorm -> GELU -> Linear(d_llm -> d_llm)."""
+
+    def __init__(self, d_joint: int, d_llm: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(d_joint, d_llm), nn.LayerNorm(d_llm), nn.GELU(), nn.Linear(d_llm, d_llm)
+        )
+
+    def forward(self, z_i: Tensor) -> Tensor:
+        return self.net(z_i.to(self.net[0].weight.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization and batches: the only place where prompts and targets become token ids.
+
+
+class Stage2Example(NamedTuple):
+    """One user: the prompt, x_u, z_i by item id, and the true title (None at inference)."""
+
+    prompt: Prompt
+    user_vector: Tensor  # x_u, [d_cf]
+    item_vectors: Mapping[int, Tensor] | Tensor  # z_i by item id: a dict or a [n_items, 128] table
+    target_title: str | None = None
+
+
+@dataclass
+class Stage2Batch:
+    input_ids: Tensor  # [B, T]
+    attention_mask: Tensor  # [B, T]
+    labels: Tensor | None  # [B, T], IGNORE_INDEX on the prompt and the padding
+    user_vectors: Tensor  # x_u, [B, d_cf]
+    item_vectors: list[Tensor]  # per row: z_i of its [HistoryEmb]/[CandidateEmb] tokens, in order
+
+    def to(self, device: torch.device | str) -> Stage2Batch:
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                value = value.to(device)
+            elif isinstance(value, list):
+                value = [v.to(device) for v in value]
+            moved[f.name] = value
+        return Stage2Batch(**moved)
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt ids, with the BOS the tokenizer adds (if any) and never a trailing EOS."""
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if ids and ids[-1] == tokenizer.eos_token_id and not text.endswith(tokenizer.eos_token):
+        ids = ids[:-1]
+    return ids
+
+
+def encode_target(tokenizer, title: str) -> list[int]:
+    """`"title"` without special tokens (no BOS inside the sequence), then the model's EOS."""
+    ids = list(tokenizer(quote_title(title), add_special_tokens=False)["input_ids"])
+    return ids + [tokenizer.eos_token_id]
+
+
+def _item_vectors(table: Mapping[int, Tensor] | Tensor, items: Sequence[int]) -> Tensor:
+    if isinstance(table, Mapping):
+        if not items:
+            return torch.zeros(0, 0)
+        return torch.stack([torch.as_tensor(table[i], dtype=torch.float32) for i in items])
+    table = torch.as_tensor(np.asarray(table) if not isinstance(table, Tensor) else table)
+    return table[torch.as_tensor(list(items), dtype=torch.long)].float()
+
+
+def collate_stage2(
+    examples: Sequence[Stage2Example | tuple], tokenizer, padding_side: str = "right"
+) -> Stage2Batch:
+    """Padded tensors for a list of examples (or (prompt, x_u, z table, title) tuples).
+
+    Right padding for training and ranking, left padding for batched generation. Labels are
+    built only when every example has a target title.
+    """
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side {padding_side!r}: expected 'right' or 'left'")
+    examples = [Stage2Example(*e) for e in examples]
+    with_targets = all(e.target_title is not None for e in examples)
+    rows, label_rows = [], []
+    for e in examples:
+        prompt_ids = encode_prompt(tokenizer, e.prompt.text)
+        target_ids = encode_target(tokenizer, e.target_title) if with_targets else []
+        rows.append(prompt_ids + target_ids)
+        label_rows.append([IGNORE_INDEX] * len(prompt_ids) + target_ids)
+    width = max(len(r) for r in rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for b, (ids, lab) in enumerate(zip(rows, label_rows, strict=True)):
+        span = slice(0, len(ids)) if padding_side == "right" else slice(width - len(ids), width)
+        input_ids[b, span] = torch.tensor(ids)
+        attention_mask[b, span] = 1
+        labels[b, span] = torch.tensor(lab)
+    user_vectors = torch.stack(
+        [torch.as_tensor(e.user_vector, dtype=torch.float32) for e in examples]
+    )
+    item_vectors = [_item_vectors(e.item_vectors, e.prompt.items) for e in examples]
+    return Stage2Batch(
+        input_ids, attention_mask, labels if with_targets else None, user_vectors, item_vectors
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The Stage-2 model.
+
+
+@dataclass
+class RankResult:
+    """Candidates by likelihood after the prompt, best first."""
+
+    order: list[int]  # indices into the candidate list, best first
+    items: list[int]  # candidate item ids, best first
+    scores: Tensor  # [n], sum of log-probs of each candidate's tokens ("title" + EOS)
+    mean_scores: Tensor  # [n], the same per token
+    lengths: Tensor  # [n], tokens per candidate
+
+
+class ALLMRecLM(nn.Module):
+    """The frozen LLM with the two trainable projectors F_U and F_I.
+
+    The LLM is a submodule (not a plain attribute), so a DeepSpeed ZeRO-3 engine around this
+    module partitions it; it stays frozen and in eval mode whatever `train()` is called with.
+    `llm` and `tokenizer` must already carry the special tokens (`allmrec.llm.add_special_tokens`).
+    """
+
+    def __init__(self, llm: nn.Module, tokenizer, d_cf: int, d_joint: int = 128) -> None:
+        super().__init__()
+        self.llm = freeze(llm)
+        self.tokenizer = tokenizer
+        self.token_ids = {}
+        for token in SPECIAL_TOKENS:
+            tid = tokenizer.convert_tokens_to_ids(token)
+            if tid is None or tid == tokenizer.unk_token_id:
+                raise ValueError(
+                    f"tokenizer has no {token}: call allmrec.llm.add_special_tokens(llm, tokenizer)"
+                )
+            self.token_ids[token] = int(tid)
+        rows = llm.get_input_embeddings().num_embeddings
+        if max(self.token_ids.values()) >= rows and rows > 0:
+            raise ValueError(
+                f"LLM input embeddings have {rows} rows but {self.token_ids} need more: "
+                "resize them (allmrec.llm.add_special_tokens does)"
+            )
+        d_llm = llm.get_input_embeddings().embedding_dim
+        self.user_projector = UserProjector(d_cf, d_llm)  # F_U
+        self.item_projector = ItemProjector(d_joint, d_llm)  # F_I
+
+    def train(self, mode: bool = True) -> ALLMRecLM:
+        super().train(mode)
+        self.llm.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.user_projector.net[0].weight.device
+
+    def collate(
+        self, examples: Sequence[Stage2Example | tuple], padding_side: str = "right"
+    ) -> Stage2Batch:
+        return collate_stage2(examples, self.tokenizer, padding_side)
+
+    def embed_prompts(
+        self, input_ids: Tensor, user_vectors: Tensor, item_vectors: Sequence[Tensor] | Tensor
+    ) -> Tensor:
+        """inputs_embeds [B, T, d_llm]: the LLM's embeddings with [UserRep] rows set to
+        F_U(x_u) and [HistoryEmb]/[CandidateEmb] rows, in order, to F_I(z_i).
+
+        `item_vectors` is a list with one [n_b, 128] tensor per row, or one [sum n_b, 128]
+        tensor in row-major token order.
+        """
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        user_mask = input_ids == self.token_ids[USER_TOKEN]
+        item_mask = (input_ids == self.token_ids[HISTORY_TOKEN]) | (
+            input_ids == self.token_ids[CANDIDATE_TOKEN]
+        )
+        if user_vectors.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"user_vectors: {user_vectors.shape[0]} rows for a batch of {input_ids.shape[0]}"
+            )
+        if isinstance(item_vectors, Tensor):
+            z = item_vectors
+        else:
+            per_row = item_mask.sum(dim=1).tolist()
+            given = [int(v.shape[0]) for v in item_vectors]
+            if given != per_row:
+                raise ValueError(
+                    f"item_vectors: {given} vectors per row, but the prompts hold {per_row} "
+                    f"{HISTORY_TOKEN}/{CANDIDATE_TOKEN} tokens"
+                )
+            nonempty = [v for v in item_vectors if v.numel()]
+            z = torch.cat(nonempty) if nonempty else None
+        n_tokens = int(item_mask.sum())
+        n_vectors = 0 if z is None else int(z.shape[0])
+        if n_vectors != n_tokens:
+            raise ValueError(
+                f"item_vectors: {n_vectors} vectors for {n_tokens} "
+                f"{HISTORY_TOKEN}/{CANDIDATE_TOKEN} tokens"
+            )
+        b_u, t_u = user_mask.nonzero(as_tuple=True)
+        if len(b_u):
+            x_u = self.user_projector(user_vectors)
+            embeds = embeds.index_put((b_u, t_u), x_u[b_u].to(embeds.dtype))
+        if n_tokens:
+            b_i, t_i = item_mask.nonzero(as_tuple=True)  # row-major: the order vectors come in
+            embeds = embeds.index_put((b_i, t_i), self.item_projector(z).to(embeds.dtype))
+        return embeds
+
+    def forward(self, batch: Stage2Batch) -> Tensor:
+        return self.training_loss(batch)
+
+    def training_loss(self, batch: Stage2Batch) -> Tensor:
+        """Mean LM cross-entropy over the target tokens (title + EOS) of the batch.
+
+        Logits are computed only at the positions that predict a label: the LM head applied to
+        a [n_labels, d] slice of the hidden states, not to [B, T, d] (memory, CPU-FACTS).
+        """
+        if batch.labels is None:
+            raise ValueError("training_loss needs labels: collate examples with target titles")
+        embeds = self.embed_prompts(batch.input_ids, batch.user_vectors, batch.item_vectors)
+        hidden = self.llm.base_model(
+            inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state
+        labels = batch.labels[:, 1:]  # position t predicts token t + 1
+        keep = labels != IGNORE_INDEX
+        if not bool(keep.any()):
+            raise ValueError("training_loss: no label in the batch")
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), labels[keep])
+
+    # -- ranking ------------------------------------------------------------------------------
+
+    def _candidate_tensors(self, titles: Sequence[str]) -> tuple[Tensor, Tensor]:
+        rows = [encode_target(self.tokenizer, t) for t in titles]
+        width = max(len(r) for r in rows)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = torch.tensor(r)
+            mask[b, : len(r)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.no_grad()
+    def rank_candidates(
+        self,
+        prompt: Prompt,
+        user_vector: Tensor,
+        item_vectors: Mapping[int, Tensor] | Tensor,
+        candidate_titles: Sequence[str],
+        by: str = "sum",
+    ) -> RankResult:
+        """Rank one user's candidates by the log-likelihood of `"title"` + EOS after the prompt.
+
+        The prompt (up to "The recommendation is ") runs once with a KV cache; the cache is
+        repeated along the batch and every candidate is scored in one batched forward.
+        `candidate_titles` are in the order of `prompt.candidate_items`; `by` is "sum" (the
+        total log-prob) or "mean" (per token).
+        """
+        self._check_candidates(prompt, candidate_titles)
+        batch = self.collate([Stage2Example(prompt, user_vector, item_vectors)]).to(self.device)
+        embeds = self.embed_prompts(batch.input_ids, batch.user_vectors, batch.item_vectors)
+        out = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=batch.attention_mask,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        first = out.logits[0, -1].float().log_softmax(dim=-1)  # predicts each first token
+        cache = out.cache
+        ids, mask = self._candidate_tensors(candidate_titles)
+        n = ids.shape[0]
+        cache.batch_repeat_interleave(n)
+        attention = torch.cat([batch.attention_mask.expand(n, -1), mask], dim=1)
+        logits = self.llm(
+            input_ids=ids, attention_mask=attention, cache=cache, use_cache=True
+        ).logits
+        rest = logits[:, :-1].float().log_softmax(dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+        token_logp = torch.cat([first[ids[:, 0]][:, None], rest], dim=1) * mask
+        return self._rank(prompt, token_logp.sum(dim=1), mask.sum(dim=1), by)
+
+    @torch.no_grad()
+    def rank_candidates_full(
+        self,
+        prompt: Prompt,
+        user_vector: Tensor,
+        item_vectors: Mapping[int, Tensor] | Tensor,
+        candidate_titles: Sequence[str],
+        by: str = "sum",
+    ) -> RankResult:
+        """The slow reference of `rank_candidates`: one full forward of prompt + candidate each."""
+        self._check_candidates(prompt, candidate_titles)
+        scores, lengths = [], []
+        for title in candidate_titles:
+            batch = self.collate([Stage2Example(prompt, user_vector, item_vectors, title)])
+            batch = batch.to(self.device)
+            embeds = self.embed_prompts(batch.input_ids, batch.user_vectors, batch.item_vectors)
+            logits = self.llm(inputs_embeds=embeds, attention_mask=batch.attention_mask).logits
+            labels = batch.labels[:, 1:]
+            keep = labels != IGNORE_INDEX
+            logp = logits[:, :-1][keep].float().log_softmax(dim=-1)
+            scores.append(logp.gather(-1, labels[keep][:, None]).sum())
+            lengths.append(int(keep.sum()))
+        return self._rank(prompt, torch.stack(scores), torch.tensor(lengths), by)
+
+    @staticmethod
+    def _check_candidates(prompt: Prompt, titles: Sequence[str]) -> None:
+        if len(titles) != len(prompt.candidate_items):
+            raise ValueError(
+                f"candidate_titles: {len(titles)} titles for {len(prompt.candidate_items)} "
+                "candidates in the prompt"
+            )
+
+    @staticmethod
+    def _rank(prompt: Prompt, scores: Tensor, lengths: Tensor, by: str) -> RankResult:
+        if by not in ("sum", "mean"):
+            raise ValueError(f"rank by {by!r}: expected 'sum' or 'mean'")
+        scores, lengths = scores.cpu(), lengths.cpu()
+        mean = scores / lengths
+        key = scores if by == "sum" else mean
+        order = torch.argsort(key, descending=True, stable=True).tolist()
+        items = [prompt.candidate_items[i] for i in order]
+        return RankResult(order, items, scores, mean, lengths)
+
+    # -- generation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        examples: Sequence[Stage2Example | tuple],
+        max_new_tokens: int = 32,
+        **generate_kwargs,
+    ) -> list[str]:
+        """Greedy generation from inputs_embeds (left-padded), decoded without special tokens.
+
+        `max_new_tokens`, not `max_length`: with inputs_embeds alone the input length is 0 to
+        `generate`, which is what broke the reference's users.
+        """
+        batch = self.collate(examples, padding_side="left").to(self.device)
+        embeds = self.embed_prompts(batch.input_ids, batch.user_vectors, batch.item_vectors)
+        kwargs = {
+            "do_sample": False,
+            "num_beams": 1,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": self.tokenizer.eos_token_id,
+            "suppress_tokens": list(self.token_ids.values()),
+        }
+        kwargs.update(generate_kwargs)
+        out = self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            **kwargs,
+        )
+        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hit rules for the evaluator.
+
+
+def hit_contains(generated: str, true_title: str) -> bool:
+    """The reference's rule: the true title, lowercased, is contained in the lowercased output.
+
+    Surrounding quotes of `true_title` are ignored, so `Toy Story` and `"Toy Story"` agree.
+    """
+    return true_title.strip().strip('"').lower() in generated.lower()
+
+
+def normalize_title(text: str) -> str:
+    """Lowercase, punctuation and quotes removed, whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def extract_title(generated: str) -> str:
+    """The first quoted title of an output (`"Toy Story" is...` -> `Toy Story`), else its
+    first line."""
+    text = generated.strip()
+    if text.startswith('"'):
+        end = text.find('"', 1)
+        return text[1:end] if end > 0 else text[1:]
+    return text.split("\n", 1)[0]
+
+
+def hit_exact(generated: str, true_title: str) -> bool:
+    """The first title in the output equals the true title after `normalize_title`."""
+    return normalize_title(extract_title(generated)) == normalize_title(true_title)
