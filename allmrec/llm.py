@@ -40,7 +40,8 @@ def load_llm(name: str, cache_dir: Path | None = None, dtype: torch.dtype = torc
     """(model, tokenizer) for `name`: an `embedded:` model, a hub name or a local folder.
 
     Returns a `PreTrainedModel` and its tokenizer, as loaded (not frozen, no special tokens
-    added yet: see `add_special_tokens` and `freeze`).
+    added yet: see `add_special_tokens` and `freeze`). `cache_dir` (default: $ALLMREC_CACHE or
+    ~/.cache/allmrec) holds dequantized embedded models; other names use Hugging Face's cache.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

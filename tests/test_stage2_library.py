@@ -297,3 +297,11 @@ def test_hit_rules():
     assert hit_exact("Usual Suspects, The (1995)\nmore", "usual suspects the (1995)")
     assert not hit_exact('"Toy Story (1995) 2"', "Toy Story (1995)")
     assert not hit_exact("I pick Toy Story (1995)", "Toy Story (1995)")
+
+
+def test_collate_refuses_a_batch_with_some_targets_missing(small):
+    lm, z = small
+    with_target, without = _examples(z)[0], _examples(z, with_targets=False)[1]
+    with pytest.raises(ValueError, match="target_title"):
+        lm.collate([with_target, without])
+    assert lm.collate(_examples(z, with_targets=False)).labels is None

@@ -293,12 +293,13 @@ def prepare_data(config: Config, run_dir: Path) -> dict:
     raw = ray.data.read_datasource(
         InteractionLogDatasource(source.interaction_paths, source.format, cfg.read_batch_rows)
     ).materialize()
-    bad_ds = raw.map_batches(_only_bad, batch_format="pyarrow")
+    bad_ds = raw.map_batches(_only_bad, batch_format="pyarrow").materialize()
     bad_total = bad_ds.count()
     bad_interactions = [r["error"] for r in bad_ds.take(100)] if bad_total else []
     _raise_on_bad_lines(bad_interactions, bad_total, cfg.max_bad_lines, "interaction")
 
-    good = raw.map_batches(_only_good, batch_format="pyarrow")
+    # materialized: counted here and shuffled next, read once
+    good = raw.map_batches(_only_good, batch_format="pyarrow").materialize()
     raw_rows = good.count()
     if raw_rows == 0:
         raise DataPreparationError(

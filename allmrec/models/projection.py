@@ -124,12 +124,14 @@ def collate_stage2(
     """Padded tensors for a list of examples (or (prompt, x_u, z table, title) tuples).
 
     Right padding for training and ranking, left padding for batched generation. Labels are
-    built only when every example has a target title.
+    built when the examples have target titles (all of them or none).
     """
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side {padding_side!r}: expected 'right' or 'left'")
     examples = [Stage2Example(*e) for e in examples]
     with_targets = all(e.target_title is not None for e in examples)
+    if not with_targets and any(e.target_title is not None for e in examples):
+        raise ValueError("collate_stage2: either every example has a target_title or none has")
     rows, label_rows = [], []
     for e in examples:
         prompt_ids = encode_prompt(tokenizer, e.prompt.text)
