@@ -90,13 +90,12 @@ def _cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_prepare(config: Config, run_dir: Path) -> dict:
-    from allmrec.distributed.data_pipeline import prepare_data
-    from allmrec.distributed.runtime import init_ray
+def run_stage(stage: str, config: Config, run_dir: Path) -> dict:
+    """One stage, run even when its outputs are current (the chain skips those; `demo`)."""
+    from allmrec.distributed.pipeline import run_pipeline
 
-    init_ray(config.ray)
-    manifest = prepare_data(config, run_dir)
-    log.info("wrote %s", run_dir / "data")
+    manifest = run_pipeline(config, run_dir, stages=(stage,), force=True)[stage]
+    log.info("wrote %s", run_dir / stage)
     return manifest
 
 
@@ -104,19 +103,9 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     if args.max_bad_lines is not None:
         args.overrides.append(f"data.max_bad_lines={args.max_bad_lines}")
     config, run_dir = job_from_args(args)
-    manifest = run_prepare(config, run_dir)
+    manifest = run_stage("data", config, run_dir)
     print(json.dumps(manifest["counts"], indent=2))
     return 0
-
-
-def run_train_cf(config: Config, run_dir: Path) -> dict:
-    from allmrec.distributed.runtime import init_ray
-    from allmrec.distributed.train_cf import train_cf
-
-    init_ray(config.ray)
-    manifest = train_cf(config, run_dir)
-    log.info("wrote %s", run_dir / "cf")
-    return manifest
 
 
 def format_cf_metrics(manifest: dict) -> str:
@@ -135,23 +124,13 @@ def format_cf_metrics(manifest: dict) -> str:
 
 def _cmd_train_cf(args: argparse.Namespace) -> int:
     config, run_dir = job_from_args(args)
-    manifest = run_train_cf(config, run_dir)
+    manifest = run_stage("cf", config, run_dir)
     print(format_cf_metrics(manifest))
     print(
         f"epochs run {manifest['epochs_run']}, best epoch {manifest['best_epoch']}, "
         f"{manifest['train_seconds']} s"
     )
     return 0
-
-
-def run_train_stage1(config: Config, run_dir: Path) -> dict:
-    from allmrec.distributed.runtime import init_ray
-    from allmrec.distributed.train_stage1 import train_stage1
-
-    init_ray(config.ray)
-    manifest = train_stage1(config, run_dir)
-    log.info("wrote %s", run_dir / "stage1")
-    return manifest
 
 
 def format_stage1_metrics(manifest: dict) -> str:
@@ -173,7 +152,7 @@ def format_stage1_metrics(manifest: dict) -> str:
 
 def _cmd_train_stage1(args: argparse.Namespace) -> int:
     config, run_dir = job_from_args(args)
-    manifest = run_train_stage1(config, run_dir)
+    manifest = run_stage("stage1", config, run_dir)
     print(format_stage1_metrics(manifest))
     return 0
 

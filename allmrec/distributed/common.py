@@ -8,6 +8,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from allmrec.config import TrainScaling
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
@@ -35,3 +39,33 @@ def maybe_fail(fail_at_epoch: int | None, epoch: int, rank: int, marker_dir: str
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("failed here once\n")
     raise RuntimeError(f"injected failure at epoch {epoch} (fail_at_epoch)")
+
+
+def make_trainer(
+    train_loop,
+    loop_config: dict,
+    scaling: TrainScaling,
+    storage: Path,
+    name: str,
+    datasets: dict,
+    checkpoints_to_keep: int,
+) -> TorchTrainer:
+    """A TorchTrainer as every allmrec job uses it: gloo on CPU, NCCL on GPUs, a resumable run
+    `storage/name`, and `scaling.max_failures` worker failures survived from checkpoints."""
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={**loop_config, "marker_dir": str(storage / name)},
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker},
+        ),
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep),
+        ),
+        datasets=datasets,
+    )

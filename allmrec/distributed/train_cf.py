@@ -22,13 +22,12 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train import Checkpoint
 from safetensors.torch import load_file
 
 from allmrec.config import CFConfig, Config, config_to_dict
 from allmrec.data.prepared import load_prepared
-from allmrec.distributed.common import all_reduce_sum, maybe_fail, run_name
+from allmrec.distributed.common import all_reduce_sum, make_trainer, maybe_fail, run_name
 from allmrec.evaluation import (
     ALLMREC_PROTOCOL,
     SASREC_PROTOCOL,
@@ -197,27 +196,14 @@ def train_cf(config: Config, run_dir: Path) -> dict:
     name = run_name(
         "cf", {"cf": config_to_dict(config)["cf"], "seed": config.seed, "data": data.fingerprint}
     )
-    trainer = TorchTrainer(
+    trainer = make_trainer(
         cf_train_loop,
-        train_loop_config={
-            "cf": config_to_dict(config)["cf"],
-            "seed": config.seed,
-            "run_dir": str(run_dir),
-            "marker_dir": str(storage / name),
-        },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-        ),
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={"train": train_ds},
+        {"cf": config_to_dict(config)["cf"], "seed": config.seed, "run_dir": str(run_dir)},
+        cfg.scaling,
+        storage,
+        name,
+        {"train": train_ds},
+        checkpoints_to_keep=2,
     )
     log.info(
         "CF pre-training %s on %d users x %d items (%d worker(s)), run %s",

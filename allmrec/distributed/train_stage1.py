@@ -23,13 +23,12 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train import Checkpoint
 from safetensors.torch import load_file, save_file
 
 from allmrec.config import Config, Stage1Config, config_to_dict
 from allmrec.data.prepared import load_prepared
-from allmrec.distributed.common import all_reduce_sum, maybe_fail, run_name
+from allmrec.distributed.common import all_reduce_sum, make_trainer, maybe_fail, run_name
 from allmrec.manifest import staged_output, write_manifest
 from allmrec.models.alignment import CollabTextAligner, set_text_encoder_trainable
 from allmrec.plots import plot_curves
@@ -329,26 +328,14 @@ def train_stage1(config: Config, run_dir: Path) -> dict:
             "cf": cf_manifest["model_sha256"],
         },
     )
-    trainer = TorchTrainer(
+    trainer = make_trainer(
         stage1_train_loop,
-        train_loop_config={
-            "config": settings,
-            "run_dir": str(run_dir),
-            "marker_dir": str(storage / name),
-        },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-        ),
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-        ),
-        datasets={"train": train_ds},
+        {"config": settings, "run_dir": str(run_dir)},
+        cfg.scaling,
+        storage,
+        name,
+        {"train": train_ds},
+        checkpoints_to_keep=1,
     )
     log.info(
         "Stage 1 (alpha=%s, beta=%s, ZeRO-%d, %d worker(s)), run %s",

@@ -68,6 +68,37 @@ class CFBackbone(nn.Module):
         return self.training_loss(user_idx, seqs, pos, neg)
 
 
+class SequentialBackbone(CFBackbone):
+    """A backbone that outputs ``h_t`` per position and scores item i at t by ``<h_t, E_i>``.
+
+    SASRec, GRU4Rec and NextItNet differ only in ``sequence_output``; ``x_u`` is ``h`` at the
+    last position and training is the shared sampled BCE.
+    """
+
+    item_emb: nn.Embedding
+
+    def sequence_output(self, seqs: Tensor) -> Tensor:
+        """``h_t`` for every position: ``seqs [B, L]`` -> ``[B, L, hidden]``."""
+        raise NotImplementedError
+
+    def item_embeddings(self) -> Tensor:
+        return self.item_emb.weight
+
+    def user_representation(self, user_idx: Tensor, seqs: Tensor) -> Tensor:
+        """x_u = h at the last position (``user_idx`` is unused)."""
+        return self.sequence_output(seqs)[:, -1]
+
+    def score(self, user_idx: Tensor, seqs: Tensor, candidates: Tensor) -> Tensor:
+        return dot_scores(self.user_representation(user_idx, seqs), self.item_emb(candidates))
+
+    def training_loss(self, user_idx: Tensor, seqs: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+        check_targets(seqs, pos, neg)
+        h = self.sequence_output(seqs)
+        pos_logits = (h * self.item_emb(pos)).sum(-1)
+        neg_logits = (h * self.item_emb(neg)).sum(-1)
+        return sampled_bce_loss(pos_logits, neg_logits, pos)
+
+
 # ---- helpers shared by the backbones -------------------------------------------------------
 
 

@@ -20,11 +20,8 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from allmrec.models.base import (
-    CFBackbone,
-    check_targets,
-    dot_scores,
+    SequentialBackbone,
     left_pad,
-    sampled_bce_loss,
     xavier_init_,
 )
 
@@ -50,7 +47,7 @@ class GRU4RecConfig:
             )
 
 
-class GRU4Rec(CFBackbone):
+class GRU4Rec(SequentialBackbone):
     """Recurrent sequential recommender; ``E`` = ``item_emb.weight``, ``x_u`` = last GRU state."""
 
     name = "gru4rec"
@@ -80,20 +77,3 @@ class GRU4Rec(CFBackbone):
         seqs = left_pad(seqs, self.config.max_len)
         h, _ = self.gru(self.emb_dropout(self.item_emb(seqs)))
         return h[:, start:]
-
-    def item_embeddings(self) -> Tensor:
-        return self.item_emb.weight
-
-    def user_representation(self, user_idx: Tensor, seqs: Tensor) -> Tensor:
-        """x_u = the GRU output after the most recent item (``user_idx`` is unused)."""
-        return self.sequence_output(seqs)[:, -1]
-
-    def score(self, user_idx: Tensor, seqs: Tensor, candidates: Tensor) -> Tensor:
-        return dot_scores(self.user_representation(user_idx, seqs), self.item_emb(candidates))
-
-    def training_loss(self, user_idx: Tensor, seqs: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
-        check_targets(seqs, pos, neg)
-        h = self.sequence_output(seqs)
-        pos_logits = (h * self.item_emb(pos)).sum(-1)
-        neg_logits = (h * self.item_emb(neg)).sum(-1)
-        return sampled_bce_loss(pos_logits, neg_logits, pos)

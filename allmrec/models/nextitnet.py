@@ -29,11 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from allmrec.models.base import (
-    CFBackbone,
-    check_targets,
-    dot_scores,
+    SequentialBackbone,
     left_pad,
-    sampled_bce_loss,
     xavier_init_,
 )
 
@@ -94,7 +91,7 @@ class ResidualBlock(nn.Module):
         return x + y
 
 
-class NextItNet(CFBackbone):
+class NextItNet(SequentialBackbone):
     """Convolutional sequential recommender; ``E`` = ``item_emb.weight``, ``x_u`` = ``h_{L-1}``."""
 
     name = "nextitnet"
@@ -122,20 +119,3 @@ class NextItNet(CFBackbone):
         for block in self.blocks:
             x = block(x)
         return x[:, start:]
-
-    def item_embeddings(self) -> Tensor:
-        return self.item_emb.weight
-
-    def user_representation(self, user_idx: Tensor, seqs: Tensor) -> Tensor:
-        """x_u = h at the last position (``user_idx`` is unused)."""
-        return self.sequence_output(seqs)[:, -1]
-
-    def score(self, user_idx: Tensor, seqs: Tensor, candidates: Tensor) -> Tensor:
-        return dot_scores(self.user_representation(user_idx, seqs), self.item_emb(candidates))
-
-    def training_loss(self, user_idx: Tensor, seqs: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
-        check_targets(seqs, pos, neg)
-        h = self.sequence_output(seqs)
-        pos_logits = (h * self.item_emb(pos)).sum(-1)
-        neg_logits = (h * self.item_emb(neg)).sum(-1)
-        return sampled_bce_loss(pos_logits, neg_logits, pos)

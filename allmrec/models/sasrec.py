@@ -30,11 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from allmrec.models.base import (
-    CFBackbone,
-    check_targets,
-    dot_scores,
+    SequentialBackbone,
     left_pad,
-    sampled_bce_loss,
     xavier_init_,
 )
 
@@ -81,7 +78,7 @@ class PointWiseFeedForward(nn.Module):
         return x + h.transpose(1, 2)
 
 
-class SASRec(CFBackbone):
+class SASRec(SequentialBackbone):
     """Self-attentive sequential recommender; ``E`` = ``item_emb.weight``, ``x_u`` = ``h_{L-1}``."""
 
     name = "sasrec"
@@ -138,20 +135,3 @@ class SASRec(CFBackbone):
             x = q + attn_out
             x = fwd(fwd_ln(x)) * keep
         return self.last_layernorm(x)[:, start:]
-
-    def item_embeddings(self) -> Tensor:
-        return self.item_emb.weight
-
-    def user_representation(self, user_idx: Tensor, seqs: Tensor) -> Tensor:
-        """x_u = h at the last position (``user_idx`` is unused, as in the port)."""
-        return self.sequence_output(seqs)[:, -1]
-
-    def score(self, user_idx: Tensor, seqs: Tensor, candidates: Tensor) -> Tensor:
-        return dot_scores(self.user_representation(user_idx, seqs), self.item_emb(candidates))
-
-    def training_loss(self, user_idx: Tensor, seqs: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
-        check_targets(seqs, pos, neg)
-        h = self.sequence_output(seqs)
-        pos_logits = (h * self.item_emb(pos)).sum(-1)
-        neg_logits = (h * self.item_emb(neg)).sum(-1)
-        return sampled_bce_loss(pos_logits, neg_logits, pos)
