@@ -291,7 +291,10 @@ def prepare_data(config: Config, run_dir: Path) -> dict:
     log.info("preparing %s (%s): %s", source.name, source.format, source.interaction_paths)
 
     raw = ray.data.read_datasource(
-        InteractionLogDatasource(source.interaction_paths, source.format, cfg.read_batch_rows)
+        InteractionLogDatasource(source.interaction_paths, source.format, cfg.read_batch_rows),
+        # Ray's default splits the output into 200 blocks; on a small cluster each later pass
+        # then schedules 200 tiny tasks. A few blocks per CPU is plenty.
+        override_num_blocks=max(len(source.interaction_paths), 2 * _shuffle_partitions()),
     ).materialize()
     bad_ds = raw.map_batches(_only_bad, batch_format="pyarrow").materialize()
     bad_total = bad_ds.count()
