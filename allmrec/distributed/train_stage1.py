@@ -253,8 +253,7 @@ def _validate(
         users = np.random.default_rng(seed).permutation(users)[: cfg.eval_users]
     with gathered(list(aligner.parameters())):  # whole weights on every rank for evaluation
         q = encode_texts(aligner, texts, device, max_tokens=cfg.max_text_tokens)
-        aligner_cpu = aligner
-        m = stage1_quality(aligner_cpu, frozen, q, data, cold_label, seed, users[rank::world])
+        m = stage1_quality(aligner, frozen, q, data, cold_label, seed, users[rank::world])
         z = joint_embeddings(aligner, frozen, q, no_train)[1:]
     n = m.pop("valid_users")
     keys = sorted(m)
