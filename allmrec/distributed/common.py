@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from safetensors.torch import load_file
 
 from allmrec.config import TrainScaling
 
@@ -69,3 +70,14 @@ def make_trainer(
         ),
         datasets=datasets,
     )
+
+
+def fit_and_load(trainer: TorchTrainer, weights_file: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Run `trainer`; return the final checkpoint's `state.json` and its `weights_file`."""
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as ckpt:
+        state = json.loads((Path(ckpt) / "state.json").read_text())
+        weights = load_file(str(Path(ckpt) / weights_file))
+    return state, weights

@@ -27,7 +27,13 @@ from safetensors.torch import load_file
 
 from allmrec.config import CFConfig, Config, config_to_dict
 from allmrec.data.prepared import load_prepared
-from allmrec.distributed.common import all_reduce_sum, make_trainer, maybe_fail, run_name
+from allmrec.distributed.common import (
+    all_reduce_sum,
+    fit_and_load,
+    make_trainer,
+    maybe_fail,
+    run_name,
+)
 from allmrec.evaluation import (
     ALLMREC_PROTOCOL,
     SASREC_PROTOCOL,
@@ -213,12 +219,7 @@ def train_cf(config: Config, run_dir: Path) -> dict:
         cfg.scaling.num_workers,
         name,
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    with result.checkpoint.as_directory() as ckpt:
-        state = json.loads((Path(ckpt) / "state.json").read_text())
-        best = load_file(str(Path(ckpt) / "best_model.safetensors"))
+    state, best = fit_and_load(trainer, "best_model.safetensors")
     train_seconds = time.perf_counter() - started
 
     torch.manual_seed(config.seed)

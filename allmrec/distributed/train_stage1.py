@@ -24,11 +24,17 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.train import Checkpoint
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from allmrec.config import Config, Stage1Config, config_to_dict
 from allmrec.data.prepared import load_prepared
-from allmrec.distributed.common import all_reduce_sum, make_trainer, maybe_fail, run_name
+from allmrec.distributed.common import (
+    all_reduce_sum,
+    fit_and_load,
+    make_trainer,
+    maybe_fail,
+    run_name,
+)
 from allmrec.manifest import staged_output, write_manifest
 from allmrec.models.alignment import CollabTextAligner, set_text_encoder_trainable
 from allmrec.plots import plot_curves
@@ -344,12 +350,7 @@ def train_stage1(config: Config, run_dir: Path) -> dict:
         cfg.scaling.num_workers,
         name,
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    with result.checkpoint.as_directory() as ckpt:
-        state = json.loads((Path(ckpt) / "state.json").read_text())
-        weights = load_file(str(Path(ckpt) / WEIGHTS))
+    state, weights = fit_and_load(trainer, WEIGHTS)
     train_seconds = time.perf_counter() - started
 
     aligner = build_aligner(config, cf_model.item_embeddings().shape[1])
