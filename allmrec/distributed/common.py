@@ -81,3 +81,11 @@ def fit_and_load(trainer: TorchTrainer, weights_file: str) -> tuple[dict, dict[s
         state = json.loads((Path(ckpt) / "state.json").read_text())
         weights = load_file(str(Path(ckpt) / weights_file))
     return state, weights
+
+
+def print_epoch(tag: str, metrics: dict) -> None:
+    """One progress line per epoch from rank 0 (Ray forwards worker stdout to the driver)."""
+    line = " ".join(
+        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+    )
+    print(f"[{tag}] {line}", flush=True)

@@ -32,6 +32,7 @@ from allmrec.distributed.common import (
     fit_and_load,
     make_trainer,
     maybe_fail,
+    print_epoch,
     run_name,
 )
 from allmrec.evaluation import (
@@ -163,14 +164,7 @@ def cf_train_loop(loop_config: dict) -> None:
         metrics["best_epoch"] = state["best_epoch"]
         metrics["stopped_early"] = stop
         if rank == 0:
-            print(
-                "[cf] "
-                + " ".join(
-                    f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in metrics.items()
-                ),
-                flush=True,
-            )
+            print_epoch("cf", metrics)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:  # one copy of the weights, from rank 0

@@ -33,6 +33,7 @@ from allmrec.distributed.common import (
     fit_and_load,
     make_trainer,
     maybe_fail,
+    print_epoch,
     run_name,
 )
 from allmrec.manifest import staged_output, write_manifest
@@ -223,14 +224,7 @@ def stage1_train_loop(loop_config: dict) -> None:
         state["epoch"] = epoch
         state["history"].append(metrics)
         if rank == 0:
-            print(
-                "[stage1] "
-                + " ".join(
-                    f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in metrics.items()
-                ),
-                flush=True,
-            )
+            print_epoch("stage1", metrics)
         if epoch % cfg.checkpoint_every and epoch != cfg.epochs:
             ray.train.report(metrics)
             continue
