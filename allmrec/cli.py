@@ -157,6 +157,31 @@ def _cmd_train_stage1(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_stage2_metrics(manifest: dict) -> str:
+    m = manifest["metrics"]
+    return (
+        f"{manifest['llm']['name']}, {manifest['train_users']} users x {manifest['epochs_run']} "
+        f"epoch(s): final loss {m['loss']:.4f}, {m['samples_per_second']:.2f} samples/s, "
+        f"ZeRO-{manifest['zero_stage']} on {manifest['workers']} worker(s), each holding "
+        f"{m['llm_local_param_share']:.1%} of the LLM's parameters, "
+        f"{m['mean_worker_rss_gib']:.2f} GiB resident per worker"
+    )
+
+
+def _cmd_train_stage2(args: argparse.Namespace) -> int:
+    config, run_dir = job_from_args(args)
+    manifest = run_stage("stage2", config, run_dir)
+    print(format_stage2_metrics(manifest))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    config, run_dir = job_from_args(args)
+    run_stage("eval", config, run_dir)
+    print((run_dir / "eval" / "results.md").read_text())
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from allmrec.distributed.pipeline import run_pipeline
 
@@ -170,6 +195,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     print(f"\nCF pre-training ({run_dir / 'cf'}):\n" + format_cf_metrics(manifests["cf"]))
     print(f"\nStage 1 ({run_dir / 'stage1'}):\n" + format_stage1_metrics(manifests["stage1"]))
+    print(f"\nStage 2 ({run_dir / 'stage2'}):\n" + format_stage2_metrics(manifests["stage2"]))
+    print(f"\nEvaluation ({run_dir / 'eval'}):\n" + (run_dir / "eval" / "results.md").read_text())
     return 0
 
 
@@ -203,6 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     train_s1 = train.add_parser("stage1", help="Stage 1: align CF items with item texts")
     add_job_options(train_s1)
     train_s1.set_defaults(func=_cmd_train_stage1)
+
+    train_s2 = train.add_parser("stage2", help="Stage 2: projectors into the frozen LLM")
+    add_job_options(train_s2)
+    train_s2.set_defaults(func=_cmd_train_stage2)
+
+    evaluate = sub.add_parser(
+        "evaluate", help="A-LLMRec and the baselines on the same candidates: eval/results.*"
+    )
+    add_job_options(evaluate)
+    evaluate.set_defaults(func=_cmd_evaluate)
 
     demo = sub.add_parser("demo", help="the whole chain on the embedded default")
     add_job_options(demo)

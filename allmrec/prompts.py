@@ -45,11 +45,12 @@ class Prompt:
     text: str
     history_items: list[int]
     candidate_items: list[int]
+    with_embeddings: bool = True  # False: the LLM-only baseline, titles and no special tokens
 
     @property
     def items(self) -> list[int]:
         """Item ids in the order their tokens occur: history first, then candidates."""
-        return self.history_items + self.candidate_items
+        return self.history_items + self.candidate_items if self.with_embeddings else []
 
 
 def quote_title(title: str) -> str:
@@ -62,25 +63,31 @@ def build_prompt(
     titles: Mapping[int, str] | Sequence[str],
     domain: str = "movies",
     max_history: int = MAX_HISTORY,
+    with_embeddings: bool = True,
 ) -> Prompt:
     """The prompt for one user: the last `max_history` items of `history` (oldest first) and
     `candidates` in the order given (shuffle them with `shuffle_candidates` first).
 
     `titles` maps an item id to its title (a dict, or a list/array indexed by item id).
+    `with_embeddings=False` gives the LLM-only baseline's prompt: the same words without
+    `[UserRep]` (and its sentence), `[HistoryEmb]` or `[CandidateEmb]`.
     """
     if domain not in DOMAINS:
         raise ValueError(f"prompt domain {domain!r}: expected one of {', '.join(DOMAINS)}")
     d = DOMAINS[domain]
     history_items = [int(i) for i in history][-max_history:] if max_history > 0 else []
     candidate_items = [int(i) for i in candidates]
-    history_text = ", ".join(quote_title(titles[i]) + HISTORY_TOKEN for i in history_items)
-    candidate_text = ", ".join(quote_title(titles[i]) + CANDIDATE_TOKEN for i in candidate_items)
+    history_token = HISTORY_TOKEN if with_embeddings else ""
+    candidate_token = CANDIDATE_TOKEN if with_embeddings else ""
+    history_text = ", ".join(quote_title(titles[i]) + history_token for i in history_items)
+    candidate_text = ", ".join(quote_title(titles[i]) + candidate_token for i in candidate_items)
+    user_text = f"{USER_TOKEN} is a user representation. " if with_embeddings else ""
     text = (
-        f"{USER_TOKEN} is a user representation. This user has {d.past} {history_text} in the "
+        f"{user_text}This user has {d.past} {history_text} in the "
         f"previous. Recommend one next {d.noun} for this user to {d.verb} next from the "
         f"following {d.noun} title set, {candidate_text}. The recommendation is "
     )
-    return Prompt(text, history_items, candidate_items)
+    return Prompt(text, history_items, candidate_items, with_embeddings)
 
 
 def target_text(title: str, eos_token: str) -> str:

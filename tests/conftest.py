@@ -38,3 +38,39 @@ def ml100k_prepared(ray_local, tmp_path_factory):
     config = load_config(["configs/ml-100k-cpu.yaml"])
     manifest = prepare_data(config, run_dir)
     return run_dir, manifest
+
+
+@pytest.fixture(scope="session")
+def cf_run(ml100k_prepared, tmp_path_factory):
+    """Prepared ML-100K plus a briefly trained SASRec (the frozen CF model of Stage 1)."""
+    import shutil
+
+    from allmrec.config import load_config
+    from allmrec.distributed.train_cf import train_cf
+
+    source, _ = ml100k_prepared
+    run_dir = tmp_path_factory.mktemp("cf") / "run"
+    shutil.copytree(source / "data", run_dir / "data")
+    config = load_config(
+        ["configs/ml-100k-cpu.yaml"], ["cf.epochs=8", "cf.lr=0.002", "cf.eval_every=8"]
+    )
+    train_cf(config, run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def stage1_run(cf_run, tmp_path_factory):
+    """`cf_run` plus a short Stage 1 (frozen text encoder): the inputs of Stage 2."""
+    import shutil
+
+    from allmrec.config import load_config
+    from allmrec.distributed.train_stage1 import train_stage1
+
+    run_dir = tmp_path_factory.mktemp("stage1") / "run"
+    shutil.copytree(cf_run, run_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    config = load_config(
+        ["configs/ml-100k-cpu.yaml"],
+        ["stage1.epochs=4", "stage1.eval_every=4", "stage1.checkpoint_every=4"],
+    )
+    train_stage1(config, run_dir)
+    return run_dir

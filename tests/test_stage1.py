@@ -77,21 +77,6 @@ def test_text_recon_target_is_detached():
     assert torch.allclose(q.grad, direct, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def cf_run(ml100k_prepared, tmp_path_factory):
-    """Prepared ML-100K plus a briefly trained SASRec (the frozen CF model of Stage 1)."""
-    from allmrec.distributed.train_cf import train_cf
-
-    source, _ = ml100k_prepared
-    run_dir = tmp_path_factory.mktemp("stage1") / "run"
-    shutil.copytree(source / "data", run_dir / "data")
-    config = load_config(
-        ["configs/ml-100k-cpu.yaml"], ["cf.epochs=8", "cf.lr=0.002", "cf.eval_every=8"]
-    )
-    train_cf(config, run_dir)
-    return run_dir
-
-
 def _stage1(run_dir, *overrides):
     from allmrec.distributed.train_stage1 import train_stage1
 

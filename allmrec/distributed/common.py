@@ -53,6 +53,14 @@ def make_trainer(
 ) -> TorchTrainer:
     """A TorchTrainer as every allmrec job uses it: gloo on CPU, NCCL on GPUs, a resumable run
     `storage/name`, and `scaling.max_failures` worker failures survived from checkpoints."""
+    from allmrec.distributed.runtime import check_fits_locally
+
+    check_fits_locally(
+        f"{name.split('-')[0]}.scaling",
+        scaling.num_workers,
+        scaling.cpus_per_worker,
+        int(scaling.use_gpu),
+    )
     return TorchTrainer(
         train_loop,
         train_loop_config={**loop_config, "marker_dir": str(storage / name)},

@@ -14,7 +14,7 @@ from allmrec.config import Config, config_to_dict
 from allmrec.manifest import MANIFEST, file_sha256
 
 log = logging.getLogger(__name__)
-STAGES = ("data", "cf", "stage1")
+STAGES = ("data", "cf", "stage1", "stage2", "eval")
 
 
 def _manifest(path: Path) -> dict | None:
@@ -47,6 +47,23 @@ def stage_is_current(stage: str, config: Config, run_dir: Path) -> bool:
             and cf_model.is_file()
             and mine.get("cf_model_sha256") == file_sha256(cf_model)
         )
+    if stage == "stage2":
+        from allmrec.training.stage2 import stage1_sha256
+
+        joint = run_dir / "stage1" / "joint_item_emb.parquet"
+        return (
+            recorded.get("stage2") == settings["stage2"]
+            and recorded.get("data", {}).get("domain") == settings["data"]["domain"]
+            and joint.is_file()
+            and mine.get("stage1_sha256") == stage1_sha256(run_dir)
+        )
+    if stage == "eval":
+        projectors = run_dir / "stage2" / "projectors.safetensors"
+        return (
+            recorded.get("evaluate") == settings["evaluate"]
+            and projectors.is_file()
+            and mine.get("projectors_sha256") == file_sha256(projectors)
+        )
     raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
 
 
@@ -55,11 +72,19 @@ def run_pipeline(
 ) -> dict[str, dict]:
     """Run `stages` in order on one Ray; returns each stage's manifest."""
     from allmrec.distributed.data_pipeline import prepare_data
+    from allmrec.distributed.evaluate import evaluate_stack
     from allmrec.distributed.runtime import init_ray
     from allmrec.distributed.train_cf import train_cf
     from allmrec.distributed.train_stage1 import train_stage1
+    from allmrec.distributed.train_stage2 import train_stage2
 
-    runners = {"data": prepare_data, "cf": train_cf, "stage1": train_stage1}
+    runners = {
+        "data": prepare_data,
+        "cf": train_cf,
+        "stage1": train_stage1,
+        "stage2": train_stage2,
+        "eval": evaluate_stack,
+    }
     init_ray(config.ray)
     manifests = {}
     for stage in stages:

@@ -22,6 +22,30 @@ WORKER_ENV = {
 }
 
 
+_started_locally = False
+
+
+def started_locally() -> bool:
+    """True when this process started its own Ray (no cluster, no autoscaler to wait for)."""
+    return _started_locally
+
+
+def check_fits_locally(section: str, num_workers: int, cpus: float, gpus: int = 0) -> None:
+    """On a Ray this process started, a request larger than the machine would wait forever:
+    fail at once, naming the setting. On a cluster an autoscaler may add nodes, so wait."""
+    if not _started_locally:
+        return
+    total = ray.cluster_resources()
+    for name, per_worker in (("CPU", cpus), ("GPU", gpus)):
+        have = total.get(name, 0)
+        if num_workers * per_worker > have:
+            raise ValueError(
+                f"{section}: {num_workers} worker(s) x {per_worker:g} {name} need more than "
+                f"the {have:g} {name}(s) of this local Ray; lower {section}.num_workers or "
+                f"{section}.{'cpus_per_worker' if name == 'CPU' else 'use_gpu'}"
+            )
+
+
 def init_ray(cfg: RayConfig) -> None:
     """Join `cfg.address` (or $RAY_ADDRESS, as `ray job submit` sets), else start locally."""
     if ray.is_initialized():
@@ -34,6 +58,8 @@ def init_ray(cfg: RayConfig) -> None:
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, runtime_env=runtime_env)
         return
+    global _started_locally
+    _started_locally = True
     log.info("starting a local Ray (object store %.1f GiB)", cfg.object_store_gb)
     ray.init(
         num_cpus=cfg.num_cpus,

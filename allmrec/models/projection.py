@@ -172,6 +172,11 @@ class RankResult:
     lengths: Tensor  # [n], tokens per candidate
 
 
+def _drop_llm_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "llm.")]:
+        del state_dict[key]
+
+
 class ALLMRecLM(nn.Module):
     """The frozen LLM with the two trainable projectors F_U and F_I.
 
@@ -201,6 +206,10 @@ class ALLMRecLM(nn.Module):
         d_llm = llm.get_input_embeddings().embedding_dim
         self.user_projector = UserProjector(d_cf, d_llm)  # F_U
         self.item_projector = ItemProjector(d_joint, d_llm)  # F_I
+        # The state of this module is the projectors: the LLM is a frozen input, loaded by
+        # name. So no checkpoint ever holds it (DeepSpeed's exclude_frozen_parameters alone
+        # keeps a tied lm_head weight, a second name of the frozen embedding).
+        self.register_state_dict_post_hook(_drop_llm_state)
 
     def train(self, mode: bool = True) -> ALLMRecLM:
         super().train(mode)

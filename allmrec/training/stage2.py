@@ -1,0 +1,294 @@
+"""Stage 2 training and evaluation pieces that know nothing of Ray or DeepSpeed.
+
+What Stage 2 reads of the stages before it, and how a user becomes a prompt:
+- x_u: the frozen CF backbone's user representation over the history the prompt shows;
+- z_i: Stage 1's joint item embedding (`stage1/joint_item_emb.parquet`), by item id;
+- a training example per user and epoch, as the reference: the last training item is the
+  target, the items before it the history, and 19 negatives the user never interacted with
+  join it as the 20 candidates, shuffled with a seed;
+- an evaluation example per user: the held-out item of the split with the evaluator's seeded
+  19 negatives (`allmrec.evaluation.sample_candidates`, the very candidates every other model
+  ranks), shuffled with a seed.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from allmrec.config import Config
+from allmrec.data.prepared import PreparedData, load_prepared
+from allmrec.evaluation import sample_candidates
+from allmrec.manifest import ArtifactError, file_sha256, read_manifest
+from allmrec.models.projection import ALLMRecLM, Stage2Example
+from allmrec.prompts import build_prompt, shuffle_candidates
+from allmrec.sequences import left_pad
+
+
+@dataclass
+class Stage2Inputs:
+    """Everything a Stage 2 prompt needs of the data set, the CF backbone and Stage 1."""
+
+    data: PreparedData
+    cf_model: torch.nn.Module
+    titles: list[str]  # by item id; index 0 is padding
+    z: torch.Tensor  # [num_items + 1, d_joint] joint item embeddings, row 0 zeros
+    z_source: np.ndarray  # "item" or "text" (cold items without interactions) by item id
+    cold_items: np.ndarray  # bool by item id: the data's cold label
+    cf_manifest: dict
+    stage1_manifest: dict
+
+    @property
+    def d_cf(self) -> int:
+        return int(self.cf_model.item_embeddings().shape[1])
+
+    @property
+    def d_joint(self) -> int:
+        return int(self.z.shape[1])
+
+
+def item_titles(data: PreparedData, template: str) -> list[str]:
+    """The prompt's name of every item from `template` over the item table's fields."""
+    table = pq.read_table(data.directory / "items.parquet")
+    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name}
+    missing = fields - set(table.column_names)
+    if missing:
+        raise ValueError(
+            f"stage2.title_template {template!r}: no field {', '.join(sorted(missing))} in "
+            f"{data.directory / 'items.parquet'} (fields: {', '.join(table.column_names)})"
+        )
+    titles = [""] * (data.num_items + 1)
+    columns = {name: table.column(name).to_pylist() for name in fields | {"item_idx"}}
+    for row, idx in enumerate(columns["item_idx"]):
+        values = {name: columns[name][row] or "" for name in fields}
+        titles[idx] = " ".join(template.format(**values).split())
+    return titles
+
+
+def load_joint_embeddings(run_dir: Path, num_items: int) -> tuple[torch.Tensor, np.ndarray]:
+    path = Path(run_dir) / "stage1" / "joint_item_emb.parquet"
+    table = pq.read_table(path)
+    ids = table.column("item_idx").to_numpy()
+    dim = table.schema.field("z").type.list_size
+    values = table.column("z").combine_chunks().flatten().to_numpy().reshape(-1, dim)
+    if len(ids) != num_items or ids.max(initial=0) > num_items:
+        raise ArtifactError(
+            f"{path}: {len(ids)} items, but the prepared data has {num_items}: Stage 1 was "
+            "trained on another preparation; rerun `allmrec train stage1`"
+        )
+    z = torch.zeros(num_items + 1, dim)
+    z[torch.tensor(ids, dtype=torch.long)] = torch.tensor(values, dtype=torch.float32)
+    source = np.full(num_items + 1, "", dtype=object)
+    source[ids] = table.column("source").to_pylist()
+    return z, source
+
+
+def load_stage2_inputs(run_dir: Path, config: Config) -> Stage2Inputs:
+    """The data, the frozen CF backbone and Stage 1's z_i of `run_dir`, checked to belong
+    together (Stage 1 must have been trained on this very CF model and data)."""
+    from allmrec.training.cf import load_cf_model
+    from allmrec.training.stage1 import item_texts
+
+    run_dir = Path(run_dir)
+    data = load_prepared(run_dir)
+    cf_model, cf_manifest = load_cf_model(run_dir, data)
+    stage1_manifest = read_manifest(run_dir / "stage1", "stage1")
+    if stage1_manifest.get("cf_model_sha256") != cf_manifest["model_sha256"]:
+        raise ArtifactError(
+            f"{run_dir / 'stage1' / 'manifest.json'}: field 'cf_model_sha256' does not match "
+            f"{run_dir / 'cf' / 'model.safetensors'}: the CF model changed after Stage 1; "
+            "rerun `allmrec train stage1`"
+        )
+    if stage1_manifest.get("data_fingerprint") != data.fingerprint:
+        raise ArtifactError(
+            f"{run_dir / 'stage1' / 'manifest.json'}: made from another data preparation; "
+            "rerun `allmrec train stage1`"
+        )
+    z, source = load_joint_embeddings(run_dir, data.num_items)
+    _, _, cold = item_texts(data)
+    cf_model.eval()
+    return Stage2Inputs(
+        data,
+        cf_model,
+        item_titles(data, config.stage2.title_template),
+        z,
+        source,
+        cold,
+        cf_manifest,
+        stage1_manifest,
+    )
+
+
+def stage1_sha256(run_dir: Path) -> str:
+    """What Stage 2 records of its Stage 1 input: the joint embeddings' hash."""
+    return file_sha256(Path(run_dir) / "stage1" / "joint_item_emb.parquet")
+
+
+@torch.no_grad()
+def user_vectors_of(
+    inputs: Stage2Inputs, users: np.ndarray, histories: list[np.ndarray]
+) -> torch.Tensor:
+    """x_u of the frozen CF backbone for `users` over `histories` (most recent last)."""
+    model = inputs.cf_model
+    seqs = torch.as_tensor(left_pad(histories, model.config.max_len))
+    return model.user_representation(torch.as_tensor(users, dtype=torch.long), seqs).float()
+
+
+def stage2_training_users(data: PreparedData) -> np.ndarray:
+    """Users with a target and at least one history item in their training sequence."""
+    return np.array(
+        [u for u in range(1, data.num_users + 1) if len(data.train[u]) >= 2], dtype=np.int64
+    )
+
+
+def training_examples(
+    users: np.ndarray,
+    inputs: Stage2Inputs,
+    config: Config,
+    rng: np.random.Generator,
+) -> list[Stage2Example]:
+    """One example per user: history train[:-1], target train[-1], 19 sampled negatives."""
+    cfg = config.stage2
+    data = inputs.data
+    histories = [data.train[u][:-1] for u in users]
+    targets = np.array([data.train[u][-1] for u in users])
+    all_items = np.arange(1, data.num_items + 1)
+    negatives = [  # distinct, none the user interacted with
+        rng.choice(np.setdiff1d(all_items, data.interacted(int(u))), cfg.num_negatives, False)
+        for u in users
+    ]
+    x_u = user_vectors_of(inputs, users, histories)
+    examples = []
+    for row in range(len(users)):
+        candidates = [int(targets[row]), *(int(i) for i in negatives[row])]
+        order = shuffle_candidates(candidates, int(rng.integers(2**31)))
+        prompt = build_prompt(
+            histories[row], order, inputs.titles, config.data.domain, cfg.max_history
+        )
+        examples.append(Stage2Example(prompt, x_u[row], inputs.z, inputs.titles[int(targets[row])]))
+    return examples
+
+
+@dataclass
+class EvalCase:
+    """One user's evaluation: candidates[0] is the true item; the prompt shows them shuffled."""
+
+    user: int
+    candidates: np.ndarray  # [20], true item first (the evaluator's order)
+    history: np.ndarray
+    x_u: torch.Tensor
+    shuffled: list[int]  # the candidates in prompt order
+
+
+def eval_cases(
+    users: np.ndarray, inputs: Stage2Inputs, split: str, num_negatives: int, seed: int
+) -> list[EvalCase]:
+    data = inputs.data
+    candidates = sample_candidates(data, users, split, num_negatives, seed)
+    histories = [data.history(int(u), split) for u in users]
+    x_u = user_vectors_of(inputs, users, histories)
+    return [
+        EvalCase(
+            int(u),
+            candidates[row],
+            histories[row],
+            x_u[row],
+            # seeded per (seed, user): the same prompt order for every model and run
+            shuffle_candidates(candidates[row].tolist(), seed * 1_000_003 + int(u)),
+        )
+        for row, u in enumerate(users)
+    ]
+
+
+def eval_example(
+    case: EvalCase, inputs: Stage2Inputs, config: Config, with_embeddings: bool = True
+) -> Stage2Example:
+    prompt = build_prompt(
+        case.history,
+        case.shuffled,
+        inputs.titles,
+        config.data.domain,
+        config.stage2.max_history,
+        with_embeddings=with_embeddings,
+    )
+    return Stage2Example(prompt, case.x_u, inputs.z)
+
+
+def build_stage2_model(
+    config: Config, d_cf: int, d_joint: int, llm=None, tokenizer=None, device: str = "cpu"
+) -> ALLMRecLM:
+    """The frozen LLM named by `stage2.llm` (with the special tokens) and fresh projectors."""
+    from allmrec.llm import add_special_tokens, load_llm
+
+    if llm is None:
+        llm, tokenizer = load_llm(config.stage2.llm, dtype=llm_dtype(config))
+    add_special_tokens(llm, tokenizer)
+    return ALLMRecLM(llm, tokenizer, d_cf, d_joint).to(device)
+
+
+def llm_dtype(config: Config) -> torch.dtype:
+    dtype = config.stage2.dtype
+    if dtype == "auto":
+        return torch.bfloat16 if config.stage2.scaling.use_gpu else torch.float32
+    return getattr(torch, dtype)
+
+
+PROJECTOR_PREFIXES = ("user_projector.", "item_projector.")
+PROJECTORS_FILE = "projectors.safetensors"  # F_U and F_I: all that Stage 2 trains
+
+
+def projector_state(model: ALLMRecLM) -> dict[str, torch.Tensor]:
+    """F_U and F_I: the whole state of an ALLMRecLM (never the LLM)."""
+    return {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if k.startswith(PROJECTOR_PREFIXES)
+    }
+
+
+def load_projectors(model: ALLMRecLM, weights: dict[str, torch.Tensor], source: str) -> None:
+    expected = set(projector_state(model))
+    got = set(weights)
+    if got != expected:
+        raise ArtifactError(
+            f"{source}: projector weights do not fit this model: missing "
+            f"{sorted(expected - got)[:4]}, unexpected {sorted(got - expected)[:4]} "
+            "(another LLM or CF backbone?)"
+        )
+    for key, value in weights.items():
+        target = model.state_dict()[key]
+        if target.shape != value.shape:
+            raise ArtifactError(
+                f"{source}: {key} has shape {tuple(value.shape)}, the model needs "
+                f"{tuple(target.shape)} (another LLM or CF backbone?)"
+            )
+    model.load_state_dict(weights, strict=False)
+
+
+def load_trained_stage2(run_dir: Path, device: str = "cpu", inputs_dir: Path | None = None):
+    """(ALLMRecLM with the trained projectors of `run_dir/stage2`, Stage2Inputs) for evaluation
+    and serving. The LLM, domain and titles are those Stage 2 was trained with (its manifest's
+    config). `inputs_dir`: another run directory whose data, CF model and Stage 1 feed the
+    projectors (cross-domain); by default `run_dir`'s own, which must be the ones trained on."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    stage2_dir = run_dir / "stage2"
+    manifest = read_manifest(stage2_dir, "stage2")
+    trained = Config.model_validate(manifest["config"])
+    if trained.stage2.scaling.use_gpu and device == "cpu":
+        trained.stage2.dtype = "float32"  # trained on GPUs in bf16, evaluated on a CPU
+    inputs = load_stage2_inputs(Path(inputs_dir or run_dir), trained)
+    if inputs_dir is None and manifest.get("stage1_sha256") != stage1_sha256(run_dir):
+        raise ArtifactError(
+            f"{stage2_dir / 'manifest.json'}: Stage 1 changed after Stage 2 was trained; "
+            "rerun `allmrec train stage2`"
+        )
+    model = build_stage2_model(trained, inputs.d_cf, inputs.d_joint, device=device)
+    load_projectors(model, load_file(str(stage2_dir / PROJECTORS_FILE)), str(stage2_dir))
+    return model.eval(), inputs

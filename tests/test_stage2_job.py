@@ -1,0 +1,198 @@
+"""Stage 2 under Ray Train and DeepSpeed, and `allmrec evaluate`, on real MovieLens-100K.
+
+The LLM is a tiny random Llama with SmolLM2's real tokenizer, saved to a folder and named by
+path in `stage2.llm`, exactly as a user names their own model; the embedded SmolLM2 runs in
+`make demo` and `benchmarks/stage2.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from allmrec.config import load_config
+from allmrec.manifest import ArtifactError
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    from allmrec.llm import build_small_llm
+
+    path = tmp_path_factory.mktemp("llm") / "tiny-llama"
+    model, tokenizer = build_small_llm(hidden=64, layers=2, heads=4)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _config(llm, *overrides):
+    return load_config(
+        ["configs/ml-100k-cpu.yaml"],
+        [
+            f"stage2.llm={llm}",
+            "stage2.max_train_users=8",
+            "stage2.batch_size=2",
+            "stage2.epochs=1",
+            "stage2.scaling.cpus_per_worker=1",
+            *overrides,
+        ],
+    )
+
+
+def _copy(stage1_run, target):
+    shutil.copytree(
+        stage1_run, target, ignore=shutil.ignore_patterns("checkpoints", "stage2", "eval")
+    )
+    return target
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(stage1_run, tiny_llm, tmp_path_factory):
+    from allmrec.distributed.train_stage2 import train_stage2
+
+    run_dir = _copy(stage1_run, tmp_path_factory.mktemp("stage2") / "two")
+    manifest = train_stage2(
+        _config(tiny_llm, "stage2.scaling.num_workers=2", "stage2.zero_stage=3"), run_dir
+    )
+    return run_dir, manifest
+
+
+@pytest.mark.slow
+def test_zero3_partitions_the_llm_and_matches_one_worker(
+    two_worker_run, stage1_run, tiny_llm, tmp_path
+):
+    from allmrec.distributed.train_stage2 import train_stage2
+
+    run_dir, two = two_worker_run
+    one = train_stage2(
+        _config(tiny_llm, "stage2.zero_stage=3"), _copy(stage1_run, tmp_path / "one")
+    )
+    # The frozen LLM is inside the engine: each of 2 workers holds half of its elements.
+    assert one["metrics"]["llm_local_param_share"] == pytest.approx(1.0)
+    assert two["metrics"]["llm_local_param_share"] == pytest.approx(0.5, abs=0.02)
+    # The same first batch, the same loss, partitioned or not.
+    assert two["probe_loss"] == pytest.approx(one["probe_loss"], rel=1e-4)
+    # The artifact holds the projectors only, never the LLM.
+    files = {p.name for p in (run_dir / "stage2").iterdir()}
+    assert files == {"projectors.safetensors", "manifest.json", "curves.png", "history.json"}
+    weights = load_file(str(run_dir / "stage2" / "projectors.safetensors"))
+    assert weights and all(k.startswith(("user_projector.", "item_projector.")) for k in weights)
+    assert weights["user_projector.net.0.weight"].shape == (64, 50)  # d_cf 50 -> d_llm 64
+    assert weights["item_projector.net.0.weight"].shape == (64, 128)  # d_joint 128 -> d_llm
+    assert np.isfinite(two["metrics"]["loss"])
+    assert two["metrics"]["mean_worker_rss_gib"] > 0
+
+
+@pytest.mark.slow
+def test_resume_after_a_worker_failure_and_no_llm_in_checkpoints(stage1_run, tiny_llm, tmp_path):
+    from allmrec.distributed.train_stage2 import train_stage2
+
+    run_dir = _copy(stage1_run, tmp_path / "run")
+    manifest = train_stage2(_config(tiny_llm, "stage2.epochs=2", "stage2.fail_at_epoch=2"), run_dir)
+    assert manifest["resumed_from"] == [[1, 0]]
+    assert manifest["epochs_run"] == 2
+    llm_bytes = sum(p.stat().st_size for p in tiny_llm.rglob("*.safetensors"))
+    checkpoint_bytes = sum(
+        p.stat().st_size for p in (run_dir / "checkpoints").rglob("*") if p.is_file()
+    )
+    assert checkpoint_bytes < 0.2 * llm_bytes  # projectors and their Adam state only
+
+
+@pytest.mark.slow
+def test_evaluate_writes_the_table_on_shared_candidates(two_worker_run):
+    from allmrec.data.prepared import load_prepared
+    from allmrec.distributed.evaluate import evaluate_stack
+    from allmrec.evaluation import ALLMREC_PROTOCOL, evaluate, model_scorer
+    from allmrec.llm_evaluation import seeded_users
+    from allmrec.training.cf import load_cf_model
+
+    run_dir, _ = two_worker_run
+    config = load_config(
+        ["configs/ml-100k-cpu.yaml"],
+        [
+            "evaluate.max_users=8",
+            "evaluate.cold_user_max_train=40",
+            "evaluate.generation_batch_size=4",
+            "evaluate.max_new_tokens=8",
+        ],
+    )
+    manifest = evaluate_stack(config, run_dir)
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    table = results["tables"]["all users"]
+    assert list(table) == [
+        "A-LLMRec (generation)",
+        "A-LLMRec (likelihood)",
+        "CF backbone (sasrec)",
+        "LLM-only (generation)",
+        "LLM-only (likelihood)",
+        "Popularity",
+        "Random",
+    ]
+    assert all(m["users"] == 8 for m in table.values())
+    assert set(table["A-LLMRec (generation)"]) == {"hit@1", "hit@1_exact", "users"}
+    assert {"hit@1", "hit@3", "hit@5", "ndcg@5", "ndcg@10"} <= set(table["LLM-only (likelihood)"])
+    # The CF row ranks the very candidates the CF evaluator samples for these users.
+    data = load_prepared(run_dir)
+    cf_model, _ = load_cf_model(run_dir, data)
+    users = seeded_users(data.eval_users("test"), 8, config.seed)
+    direct = evaluate(model_scorer(cf_model), data, "test", ALLMREC_PROTOCOL, 42, users=users)
+    assert table["CF backbone (sasrec)"]["ndcg@10"] == pytest.approx(direct["ndcg@10"])
+    # Every user has a generated text per generation row, and the candidates are shared.
+    for record in results["records"]:
+        assert len(record["candidates"]) == 20 and record["candidates"][0] == record["true_item"]
+        assert isinstance(record["generated"]["A-LLMRec (generation)"], str)
+    # Scenarios split the users by the labels.
+    tables = results["tables"]
+    assert (
+        tables["warm items"]["Random"]["users"]
+        + tables["cold items"].get("Random", {}).get("users", 0)
+        == 8
+    )
+    markdown = (run_dir / "eval" / "results.md").read_text()
+    assert "## all users (8 users)" in markdown and "| A-LLMRec (likelihood) |" in markdown
+    assert (run_dir / "eval" / "results.png").stat().st_size > 1000
+    assert manifest["users"] == 8
+
+
+def test_evaluate_without_stage2_is_a_clear_error(stage1_run, tmp_path):
+    from allmrec.distributed.evaluate import evaluate_stack
+
+    run_dir = _copy(stage1_run, tmp_path / "run")
+    with pytest.raises(ArtifactError, match=r"stage2/manifest.json: missing"):
+        evaluate_stack(load_config(["configs/ml-100k-cpu.yaml"]), run_dir)
+
+
+@pytest.mark.slow
+def test_evaluate_few_shot_and_cross_domain_sections(two_worker_run, tmp_path):
+    """Another run's projectors on this run's users (few-shot), this run's projectors on
+    another run's data (cross-domain: here a copy, which must give the same numbers)."""
+    from allmrec.distributed.evaluate import evaluate_stack
+
+    run_dir, _ = two_worker_run
+    few_shot = tmp_path / "few-shot"
+    shutil.copytree(run_dir, few_shot, ignore=shutil.ignore_patterns("checkpoints", "eval"))
+    other = tmp_path / "other-domain"
+    shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("checkpoints", "eval", "stage2"))
+    config = load_config(
+        ["configs/ml-100k-cpu.yaml"],
+        [
+            "evaluate.max_users=4",
+            "evaluate.generation=false",
+            "evaluate.llm_only=false",
+            f"evaluate.few_shot=[{few_shot}]",
+            f"evaluate.cross_domain=[{other}]",
+        ],
+    )
+    evaluate_stack(config, run_dir)
+    tables = json.loads((run_dir / "eval" / "results.json").read_text())["tables"]
+    few = next(v for k, v in tables.items() if k.startswith("few-shot"))
+    cross = next(v for k, v in tables.items() if k.startswith("cross-domain"))
+    own = tables["all users"]
+    assert list(few) == ["A-LLMRec (likelihood)"]  # the same projectors: the same ranking
+    assert few["A-LLMRec (likelihood)"] == own["A-LLMRec (likelihood)"]
+    assert cross["A-LLMRec (likelihood)"] == own["A-LLMRec (likelihood)"]
+    assert cross["Popularity"] == own["Popularity"]
