@@ -64,6 +64,8 @@ def init_ray(cfg: RayConfig) -> None:
     ray.init(
         num_cpus=cfg.num_cpus,
         object_store_memory=int(cfg.object_store_gb * 1024**3),
-        include_dashboard=False,
+        # The dashboard serves the State API: without it Ray Train's placement-group cleaner
+        # warns every few seconds that it cannot query the controller.
+        include_dashboard=True,
         runtime_env=runtime_env,
     )
