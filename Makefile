@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_TRAIN_ENABLE_PRINT_PATCH := 0
 
-.PHONY: demo test lint format install install-dev clean-venv
+.PHONY: demo serve test lint format install install-dev clean-venv
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ install-dev: $(VENV)/.dev
 
 demo: $(VENV)/.base
 	$(VENV)/bin/allmrec demo --config $(CONFIG)
+
+# The stack `make demo` trained, over HTTP on 127.0.0.1:8000 until Ctrl-C.
+serve: $(VENV)/.base
+	$(VENV)/bin/allmrec serve --config $(CONFIG)
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -x -q $(PYTEST_ARGS)

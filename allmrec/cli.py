@@ -182,6 +182,63 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_config(args: argparse.Namespace, run_dir: Path) -> dict:
+    from serve_app.launch import load_serve_config
+
+    return load_serve_config(args.serve_config, run_dir, args.host, args.port)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from ray import serve
+
+    from allmrec.distributed.runtime import init_ray
+    from serve_app.launch import start
+
+    config, run_dir = job_from_args(args)
+    serve_config = _serve_config(args, run_dir)
+    init_ray(config.ray)
+    url = start(serve_config)
+    token_env = serve_config["applications"][0]["args"].get("token_env", "ALLMREC_SERVE_TOKEN")
+    print(f"allmrec is serving {run_dir} at {url} (API docs: {url}/docs)")
+    print(f"bearer token: {'required (' + token_env + ')' if os.environ.get(token_env) else 'off'}")
+    print(
+        f"try: curl -s -X POST {url}/recommend -H 'Content-Type: application/json' "
+        '-d \'{"user_id": "1"}\''
+    )
+    print("Ctrl-C stops it.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+    return 0
+
+
+def _demo_serve(args: argparse.Namespace, run_dir: Path) -> None:
+    """The demo's last step: Serve on the stack just trained, one real HTTP request."""
+    import os
+
+    from ray import serve
+
+    from serve_app.launch import post_json, start
+
+    serve_config = _serve_config(args, run_dir)
+    token_env = serve_config["applications"][0]["args"].get("token_env", "ALLMREC_SERVE_TOKEN")
+    url = start(serve_config)
+    try:
+        body = {"user_id": "1", "k": 5}
+        answer = post_json(f"{url}/recommend", body, os.environ.get(token_env))
+        print(f"\nServe: POST {url}/recommend {json.dumps(body)}")
+        print(json.dumps(answer, indent=2))
+    finally:
+        serve.shutdown()
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from allmrec.distributed.pipeline import run_pipeline
 
@@ -197,7 +254,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nStage 1 ({run_dir / 'stage1'}):\n" + format_stage1_metrics(manifests["stage1"]))
     print(f"\nStage 2 ({run_dir / 'stage2'}):\n" + format_stage2_metrics(manifests["stage2"]))
     print(f"\nEvaluation ({run_dir / 'eval'}):\n" + (run_dir / "eval" / "results.md").read_text())
+    if not args.no_serve:
+        _demo_serve(args, run_dir)
     return 0
+
+
+def _add_serve_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--serve-config",
+        type=Path,
+        default=None,
+        help="Serve config (default serve_app/config.yaml); its run_dir is replaced by the run's",
+    )
+    parser.add_argument("--host", default=None, help="default: the Serve config's (127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="default: the Serve config's")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole chain on the embedded default")
     add_job_options(demo)
     demo.add_argument("--force", action="store_true", help="rerun stages that are up to date")
+    demo.add_argument("--no-serve", action="store_true", help="skip the final Serve request")
+    _add_serve_options(demo)
+
+    serve_cmd = sub.add_parser("serve", help="Ray Serve: the trained stack over HTTP until Ctrl-C")
+    add_job_options(serve_cmd)
+    _add_serve_options(serve_cmd)
+    serve_cmd.set_defaults(func=_cmd_serve)
     demo.set_defaults(func=_cmd_demo)
     return parser
 

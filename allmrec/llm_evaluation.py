@@ -141,7 +141,9 @@ def label_records(records: list[dict], inputs: Stage2Inputs, cold_user_max_train
     import pyarrow.parquet as pq
 
     if cold_user_max_train is None:
-        users = pq.read_table(inputs.data.directory / "users.parquet", ["user_idx", "is_cold"])
+        users = pq.read_table(
+            inputs.data.directory / "users.parquet", columns=["user_idx", "is_cold"]
+        )
         cold_users = set(
             np.asarray(users.column("user_idx"))[np.asarray(users.column("is_cold"))].tolist()
         )

@@ -74,3 +74,38 @@ def stage1_run(cf_run, tmp_path_factory):
     )
     train_stage1(config, run_dir)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's real tokenizer, saved as a folder: `stage2.llm` names
+    it by path, as a user names their own model."""
+    from allmrec.llm import build_small_llm
+
+    path = tmp_path_factory.mktemp("llm") / "tiny-llama"
+    model, tokenizer = build_small_llm(hidden=64, layers=2, heads=4)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def stack_run(stage1_run, tiny_llm, tmp_path_factory):
+    """A whole trained stack (data, CF, Stage 1, Stage 2 with the tiny LLM): what Serve loads."""
+    import shutil
+
+    from allmrec.config import load_config
+    from allmrec.distributed.train_stage2 import train_stage2
+
+    run_dir = tmp_path_factory.mktemp("stack") / "run"
+    shutil.copytree(stage1_run, run_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    config = load_config(
+        ["configs/ml-100k-cpu.yaml"],
+        [
+            f"stage2.llm={tiny_llm}",
+            "stage2.max_train_users=8",
+            "stage2.scaling.cpus_per_worker=1",
+        ],
+    )
+    train_stage2(config, run_dir)
+    return run_dir

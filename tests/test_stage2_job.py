@@ -18,17 +18,6 @@ from allmrec.config import load_config
 from allmrec.manifest import ArtifactError
 
 
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory):
-    from allmrec.llm import build_small_llm
-
-    path = tmp_path_factory.mktemp("llm") / "tiny-llama"
-    model, tokenizer = build_small_llm(hidden=64, layers=2, heads=4)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def _config(llm, *overrides):
     return load_config(
         ["configs/ml-100k-cpu.yaml"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -13,6 +14,16 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from safetensors.torch import load_file
 
 from allmrec.config import TrainScaling
+
+
+def quiet_worker_warnings() -> None:
+    """torch.distributed warns that DeepSpeed's collectives are deprecated on every call, so
+    once per training step and worker: hide those, they drown the progress lines."""
+    warnings.filterwarnings(
+        "ignore",
+        message=r".*is deprecated\. Please use `torch\.distributed",
+        category=FutureWarning,
+    )
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:

@@ -34,6 +34,7 @@ from allmrec.distributed.common import (
     make_trainer,
     maybe_fail,
     print_epoch,
+    quiet_worker_warnings,
     run_name,
 )
 from allmrec.manifest import staged_output, write_manifest
@@ -116,6 +117,7 @@ def stage1_train_loop(loop_config: dict) -> None:
     """`train_loop_per_worker` of the Stage 1 TorchTrainer."""
     import deepspeed
 
+    quiet_worker_warnings()
     config = Config.model_validate(loop_config["config"])
     cfg, seed = config.stage1, config.seed
     context = ray.train.get_context()
@@ -217,6 +219,7 @@ def stage1_train_loop(loop_config: dict) -> None:
                     rank,
                     world,
                     device,
+                    q_cache,
                 )
             )
             if metrics["valid_hit@1"] > state["best_hit1"]:
@@ -246,13 +249,21 @@ def stage1_train_loop(loop_config: dict) -> None:
 
 
 def _validate(
-    aligner, frozen, texts, data, cold_label, no_train, cfg, seed, rank, world, device
+    aligner, frozen, texts, data, cold_label, no_train, cfg, seed, rank, world, device, q_cache
 ) -> dict:
     users = data.eval_users("valid")
     if cfg.eval_users is not None:
         users = np.random.default_rng(seed).permutation(users)[: cfg.eval_users]
-    with gathered(list(aligner.parameters())):  # whole weights on every rank for evaluation
-        q = encode_texts(aligner, texts, device, max_tokens=cfg.max_text_tokens)
+    # Whole weights on every rank for evaluation; a frozen text encoder's q_i are cached (its
+    # ZeRO-3-partitioned forward over every item text took ~30 s per validation here).
+    params = [*aligner.item_ae.parameters(), *aligner.text_ae.parameters()]
+    if q_cache is None:
+        params += list(aligner.text_encoder.parameters())
+    with gathered(params):
+        if q_cache is not None:
+            q = q_cache
+        else:
+            q = encode_texts(aligner, texts, device, max_tokens=cfg.max_text_tokens)
         m = stage1_quality(aligner, frozen, q, data, cold_label, seed, users[rank::world])
         z = joint_embeddings(aligner, frozen, q, no_train)[1:]
     n = m.pop("valid_users")

@@ -36,6 +36,7 @@ from allmrec.distributed.common import (
     make_trainer,
     maybe_fail,
     print_epoch,
+    quiet_worker_warnings,
     run_name,
 )
 from allmrec.manifest import staged_output, write_manifest
@@ -67,6 +68,7 @@ def stage2_train_loop(loop_config: dict) -> None:
     """`train_loop_per_worker` of the Stage 2 TorchTrainer."""
     import deepspeed
 
+    quiet_worker_warnings()
     config = Config.model_validate(loop_config["config"])
     cfg, seed = config.stage2, config.seed
     context = ray.train.get_context()

@@ -292,3 +292,21 @@ def load_trained_stage2(run_dir: Path, device: str = "cpu", inputs_dir: Path | N
     model = build_stage2_model(trained, inputs.d_cf, inputs.d_joint, device=device)
     load_projectors(model, load_file(str(stage2_dir / PROJECTORS_FILE)), str(stage2_dir))
     return model.eval(), inputs
+
+
+def load_projected_llm(run_dir: Path, device: str = "cpu") -> tuple[ALLMRecLM, Config]:
+    """The frozen LLM of `run_dir/stage2` with its trained projectors, and the config Stage 2
+    was trained with; sized from the projector weights, without loading the data."""
+    from safetensors.torch import load_file
+
+    stage2_dir = Path(run_dir) / "stage2"
+    manifest = read_manifest(stage2_dir, "stage2")
+    trained = Config.model_validate(manifest["config"])
+    if trained.stage2.scaling.use_gpu and device == "cpu":
+        trained.stage2.dtype = "float32"
+    weights = load_file(str(stage2_dir / PROJECTORS_FILE))
+    d_cf = weights["user_projector.net.0.weight"].shape[1]
+    d_joint = weights["item_projector.net.0.weight"].shape[1]
+    model = build_stage2_model(trained, d_cf, d_joint, device=device)
+    load_projectors(model, weights, str(stage2_dir))
+    return model.eval(), trained

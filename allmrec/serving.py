@@ -1,0 +1,348 @@
+"""Serving the trained stack: the request and answer types, and the two halves that Ray Serve
+puts in separate deployments (`serve_app/`). Plain PyTorch; nothing here knows Ray.
+
+- `StackRecommender` (CPU): the CF backbone, Stage 1's text path (the fine-tuned Sentence-BERT
+  and the text encoder enc_T), the joint item embeddings z_i and the catalogue. It resolves a
+  request into item indices, computes x_u, retrieves a shortlist from the whole catalogue by
+  <x_u, dec_I(z_i)> (Stage 1's scoring, which covers items added at run time), and adds new
+  items from their text alone: z = enc_T(q), the paper's cold-item route, no retraining.
+- `StackLLM`: the frozen LLM with the trained projectors; ranks a user's candidates by
+  likelihood or generates the paper's answer, for a batch of requests at once.
+
+Artifacts are read from safetensors, Parquet and JSON only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file
+
+from allmrec.config import Config
+from allmrec.manifest import file_sha256, read_manifest
+from allmrec.models.alignment import Autoencoder
+from allmrec.models.base import SequentialBackbone
+from allmrec.models.projection import Stage2Example
+from allmrec.prompts import build_prompt, shuffle_candidates
+
+# ---------------------------------------------------------------------------------------------
+# The HTTP API's types.
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RecommendRequest(_Strict):
+    user_id: str | None = Field(None, description="a user of the training data")
+    history: list[str] | None = Field(
+        None, description="item ids the user interacted with, most recent last"
+    )
+    candidates: list[str] | None = Field(
+        None,
+        description="item ids to rank; absent: a shortlist retrieved from the whole catalogue",
+    )
+    k: int = Field(10, ge=1, description="how many ranked items to return")
+    mode: Literal["rank", "generate"] = Field(
+        "rank", description="rank: likelihood ranking; generate: the paper's greedy generation"
+    )
+
+
+class RankedItem(_Strict):
+    item_id: str
+    title: str
+    score: float | None = Field(None, description="log-likelihood of the title (rank mode)")
+
+
+class RecommendResponse(_Strict):
+    items: list[RankedItem]
+    generated: str | None = None
+    candidates_from: Literal["request", "retrieval"]
+    model_version: str
+    seconds: float
+
+
+class NewItem(_Strict):
+    title: str = Field(min_length=1, max_length=500)
+    description: str = Field("", max_length=5000)
+    item_id: str | None = Field(None, max_length=200, description="default: a new id")
+
+
+class ItemInfo(_Strict):
+    item_id: str
+    title: str
+    source: Literal["item", "text", "added"] = Field(
+        description="z_i from the CF item path, from text (cold item), or added at run time"
+    )
+    train_interactions: int
+
+
+class BadRequest(ValueError):
+    """Input a client can fix: an HTTP 4xx naming the field."""
+
+    def __init__(self, field: str, message: str, status: int = 422) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message, self.status = field, message, status
+
+    def payload(self) -> dict:
+        return {"error": self.message, "field": self.field}
+
+
+@dataclass
+class Limits:
+    max_history: int = 200
+    max_candidates: int = 50
+    shortlist: int = 20  # candidates retrieved when a request gives none (the paper's 20)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU half.
+
+
+class StackRecommender:
+    """CF backbone + Stage 1 text path + joint embeddings + the catalogue of `run_dir`."""
+
+    def __init__(self, run_dir: str | Path, limits: Limits | None = None) -> None:
+        from allmrec.text_encoder import load_sentence_encoder
+        from allmrec.training.stage2 import load_stage2_inputs
+
+        self.run_dir = Path(run_dir)
+        self.limits = limits or Limits()
+        stage2 = read_manifest(self.run_dir / "stage2", "stage2")
+        self.config = Config.model_validate(stage2["config"])
+        self.version = model_version(self.run_dir, stage2)
+        inputs = load_stage2_inputs(self.run_dir, self.config)
+        self.data, self.cf_model = inputs.data, inputs.cf_model
+        self.titles = list(inputs.titles)
+        self.z = inputs.z.clone()
+        self.source = list(inputs.z_source)
+        items = pq.read_table(
+            self.data.directory / "items.parquet", columns=["item_idx", "item_id"]
+        )
+        self.item_ids = [""] * (self.data.num_items + 1)
+        for idx, item_id in zip(
+            items.column("item_idx").to_pylist(), items.column("item_id").to_pylist(), strict=True
+        ):
+            self.item_ids[idx] = str(item_id)
+        self.item_index = {item_id: idx for idx, item_id in enumerate(self.item_ids) if idx}
+        users = pq.read_table(
+            self.data.directory / "users.parquet", columns=["user_idx", "user_id"]
+        )
+        self.user_index = {
+            str(u): int(i)
+            for i, u in zip(
+                users.column("user_idx").to_pylist(),
+                users.column("user_id").to_pylist(),
+                strict=True,
+            )
+        }
+        stage1 = self.run_dir / "stage1"
+        self.text_encoder = load_sentence_encoder(str(stage1 / "text_encoder"))
+        self.text_ae = _autoencoder(stage1 / "text_autoencoder.safetensors")
+        self.item_ae = _autoencoder(stage1 / "item_autoencoder.safetensors")
+        with torch.no_grad():
+            self.decoded = self.item_ae.decoder(self.z)  # dec_I(z_i): retrieval keys
+        self.template = self.config.data.text_template
+        self.max_tokens = self.config.stage1.max_text_tokens
+        self.sequential = isinstance(self.cf_model, SequentialBackbone)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _item(self, item_id: str, field: str) -> int:
+        idx = self.item_index.get(str(item_id))
+        if idx is None:
+            raise BadRequest(field, f"unknown item id {item_id!r}", 404)
+        return idx
+
+    def resolve(self, request: RecommendRequest) -> tuple[int, list[int], list[int] | None]:
+        """(user index or 0, history indices, candidate indices or None), checked."""
+        if (request.user_id is None) == (request.history is None):
+            raise BadRequest("user_id", "give exactly one of user_id and history")
+        user = 0
+        if request.user_id is not None:
+            user = self.user_index.get(str(request.user_id), 0)
+            if not user:
+                raise BadRequest("user_id", f"unknown user id {request.user_id!r}", 404)
+            history = [int(i) for i in self.data.history(user, "test")]
+        else:
+            if not request.history:
+                raise BadRequest("history", "empty: give at least one item id")
+            if len(request.history) > self.limits.max_history:
+                raise BadRequest(
+                    "history",
+                    f"{len(request.history)} items, more than the limit of "
+                    f"{self.limits.max_history}",
+                )
+            if not self.sequential:
+                raise BadRequest(
+                    "history", "this stack's CF backbone (NCF) needs a user_id, not a history"
+                )
+            history = [self._item(i, f"history[{n}]") for n, i in enumerate(request.history)]
+        candidates = None
+        if request.candidates is not None:
+            if not request.candidates:
+                raise BadRequest("candidates", "empty: give item ids, or leave it out")
+            if len(request.candidates) > self.limits.max_candidates:
+                raise BadRequest(
+                    "candidates",
+                    f"{len(request.candidates)} items, more than the limit of "
+                    f"{self.limits.max_candidates}",
+                )
+            candidates = [
+                self._item(i, f"candidates[{n}]") for n, i in enumerate(request.candidates)
+            ]
+            if len(set(candidates)) != len(candidates):
+                raise BadRequest("candidates", "an item id appears twice")
+        if request.k > self.limits.max_candidates:
+            raise BadRequest("k", f"{request.k} is more than {self.limits.max_candidates}")
+        return user, history, candidates
+
+    @torch.no_grad()
+    def user_vector(self, user: int, history: list[int]) -> torch.Tensor:
+        """x_u of the frozen CF backbone over `history`, [d_cf]."""
+        from allmrec.sequences import left_pad
+
+        max_len = self.cf_model.config.max_len
+        # Items added at run time have no CF embedding: the CF model sees the others only.
+        known = [i for i in history if i <= self.data.num_items]
+        seqs = torch.as_tensor(left_pad([np.asarray(known, dtype=np.int64)], max_len))
+        return self.cf_model.user_representation(torch.tensor([user]), seqs)[0].float()
+
+    @torch.no_grad()
+    def shortlist(self, x_u: torch.Tensor, exclude: list[int], n: int) -> list[int]:
+        """The top `n` items of the whole catalogue (added items too) by <x_u, dec_I(z_i)>."""
+        scores = self.decoded @ x_u
+        scores[0] = -torch.inf
+        scores[torch.as_tensor(exclude, dtype=torch.long)] = -torch.inf
+        n = min(n, int(torch.isfinite(scores).sum()))
+        return torch.topk(scores, n).indices.tolist()
+
+    def llm_request(self, request: RecommendRequest) -> dict:
+        """Everything the LLM half needs for one request (small: titles and vectors)."""
+        user, history, candidates = self.resolve(request)
+        x_u = self.user_vector(user, history)
+        source = "request"
+        if candidates is None:
+            candidates = self.shortlist(x_u, history, self.limits.shortlist)
+            source = "retrieval"
+        shown = history[-self.config.stage2.max_history :] if self.config.stage2.max_history else []
+        needed = sorted(set(shown) | set(candidates))
+        return {
+            "history": shown,
+            "candidates": candidates,
+            "titles": {i: self.titles[i] for i in needed},
+            "item_ids": {i: self.item_ids[i] for i in candidates},
+            "z": {i: self.z[i].tolist() for i in needed},
+            "x_u": x_u.tolist(),
+            "k": request.k,
+            "mode": request.mode,
+            "candidates_from": source,
+            "shuffle_seed": user or int(hashlib.sha256(str(history).encode()).hexdigest()[:8], 16),
+        }
+
+    # -- the catalogue --------------------------------------------------------------------
+
+    def item_info(self, item_id: str) -> ItemInfo:
+        idx = self._item(item_id, "item_id")
+        source = self.source[idx] if idx < len(self.source) else "added"
+        counts = self.data.item_train_counts
+        return ItemInfo(
+            item_id=self.item_ids[idx],
+            title=self.titles[idx],
+            source=source,
+            train_interactions=int(counts[idx]) if idx < len(counts) else 0,
+        )
+
+    @torch.no_grad()
+    def add_item(self, item: NewItem) -> ItemInfo:
+        """A new item from its text alone: z = enc_T(q), q from the fine-tuned Sentence-BERT."""
+        item_id = item.item_id or f"new-{len(self.item_ids)}"
+        if item_id in self.item_index:
+            raise BadRequest("item_id", f"item id {item_id!r} exists already", 409)
+        fields = {name for _, name, _, _ in string.Formatter().parse(self.template) if name}
+        values = {name: "" for name in fields} | {
+            "title": item.title.strip(),
+            "description": item.description.strip() or "No Description",
+        }
+        text = " ".join(self.template.format(**values).split())
+        q = self.text_encoder.encode([text], convert_to_tensor=True).float().cpu()
+        z = self.text_ae.encode(q)
+        idx = len(self.item_ids)
+        self.z = torch.cat([self.z, z])
+        self.decoded = torch.cat([self.decoded, self.item_ae.decoder(z)])
+        self.item_ids.append(item_id)
+        self.titles.append(" ".join(item.title.split()))
+        self.source.append("added")
+        self.item_index[item_id] = idx
+        return self.item_info(item_id)
+
+
+def _autoencoder(path: Path) -> Autoencoder:
+    weights = load_file(str(path))
+    latent, in_dim = weights["encoder.0.weight"].shape
+    module = Autoencoder(in_dim, latent)
+    module.load_state_dict(weights)
+    return module.eval()
+
+
+def model_version(run_dir: Path, stage2_manifest: dict) -> str:
+    from allmrec.training.stage2 import PROJECTORS_FILE
+
+    digest = file_sha256(Path(run_dir) / "stage2" / PROJECTORS_FILE)[:12]
+    return f"{stage2_manifest['llm']['name']}+projectors:{digest}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The LLM half.
+
+
+class StackLLM:
+    """The frozen LLM with `run_dir`'s trained projectors."""
+
+    def __init__(self, run_dir: str | Path, device: str = "cpu") -> None:
+        from allmrec.training.stage2 import load_projected_llm
+
+        self.model, self.config = load_projected_llm(Path(run_dir), device)
+
+    def _example(self, req: dict) -> Stage2Example:
+        titles = {int(k): v for k, v in req["titles"].items()}
+        z = {int(k): torch.tensor(v) for k, v in req["z"].items()}
+        order = shuffle_candidates(req["candidates"], int(req["shuffle_seed"]))
+        prompt = build_prompt(
+            req["history"], order, titles, self.config.data.domain, self.config.stage2.max_history
+        )
+        return Stage2Example(prompt, torch.tensor(req["x_u"]), z)
+
+    def answer(self, requests: list[dict], max_new_tokens: int = 24) -> list[dict]:
+        """Ranked items (and generated text) for each request; generation is batched."""
+        out: list[dict] = [{} for _ in requests]
+        examples = [self._example(r) for r in requests]
+        for n, (req, example) in enumerate(zip(requests, examples, strict=True)):
+            if req["mode"] == "rank":
+                titles = [req["titles"][i] for i in example.prompt.candidate_items]
+                result = self.model.rank_candidates(
+                    example.prompt, example.user_vector, example.item_vectors, titles
+                )
+                out[n]["items"] = [
+                    (int(i), float(result.scores[j]))
+                    for i, j in zip(result.items, result.order, strict=True)
+                ]
+        generate = [n for n, r in enumerate(requests) if r["mode"] == "generate"]
+        if generate:
+            texts = self.model.generate([examples[n] for n in generate], max_new_tokens)
+            for n, text in zip(generate, texts, strict=True):
+                req = requests[n]
+                lowered = text.lower()
+                named = [i for i in req["candidates"] if req["titles"][i].lower() in lowered]
+                rest = [i for i in req["candidates"] if i not in named]
+                out[n]["items"] = [(i, None) for i in named + rest]
+                out[n]["generated"] = text
+        return out

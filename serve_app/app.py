@@ -1,0 +1,277 @@
+"""Ray Serve: the trained A-LLMRec stack behind a typed HTTP API.
+
+Three deployments, composed with `.bind()` and called through `DeploymentHandle`s:
+- `Ingress` (FastAPI): routes, validation, the body-size limit, the optional bearer token;
+- `Recommender` (CPU): the CF backbone, Stage 1's text path, the joint item embeddings and the
+  catalogue (`allmrec.serving.StackRecommender`); items added at run time are appended to
+  `<run_dir>/serve/added_items.jsonl`, which every replica replays, so any replica can
+  recommend an item that another one added;
+- `LLM`: the frozen LLM with the trained projectors (`allmrec.serving.StackLLM`), on a GPU when
+  the replica has one, with `@serve.batch` so concurrent requests share generation passes.
+
+Run it with `allmrec serve` (local), `serve run serve_app/config.yaml` or `serve deploy`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.handle import DeploymentHandle
+
+from allmrec.serving import (
+    BadRequest,
+    ItemInfo,
+    Limits,
+    NewItem,
+    RankedItem,
+    RecommendRequest,
+    RecommendResponse,
+    StackLLM,
+    StackRecommender,
+)
+
+log = logging.getLogger("allmrec.serve")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class Recommender:
+    def __init__(self, run_dir: str, limits: dict) -> None:
+        self.core = StackRecommender(run_dir, Limits(**limits))
+        self.added_log = Path(run_dir) / "serve" / "added_items.jsonl"
+        self.added_log.parent.mkdir(parents=True, exist_ok=True)
+        self.replayed = 0  # bytes of the log already applied
+
+    def _replay(self) -> None:
+        """Apply items that any replica added since the last request (the log is append-only)."""
+        if not self.added_log.exists() or self.added_log.stat().st_size == self.replayed:
+            return
+        with self.added_log.open("rb") as f:
+            f.seek(self.replayed)
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break  # a line still being written
+                item = NewItem(**json.loads(line))
+                if item.item_id not in self.core.item_index:
+                    self.core.add_item(item)
+                self.replayed += len(line)
+
+    def prepare(self, request: dict) -> dict:
+        self._replay()
+        try:
+            return {"ok": self.core.llm_request(RecommendRequest(**request))}
+        except BadRequest as err:
+            return {"error": err.payload(), "status": err.status}
+
+    def add_item(self, item: dict) -> dict:
+        self._replay()
+        new = NewItem(**item)
+        new.item_id = new.item_id or f"new-{uuid.uuid4().hex[:10]}"
+        try:
+            info = self.core.add_item(new)
+        except BadRequest as err:
+            return {"error": err.payload(), "status": err.status}
+        line = (json.dumps(new.model_dump()) + "\n").encode()
+        with self.added_log.open("ab") as f:  # one write of one line: atomic with O_APPEND
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        return {"ok": info.model_dump()}
+
+    def item(self, item_id: str) -> dict:
+        self._replay()
+        try:
+            return {"ok": self.core.item_info(item_id).model_dump()}
+        except BadRequest as err:
+            return {"error": err.payload(), "status": err.status}
+
+    def version(self) -> str:
+        return self.core.version
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class LLM:
+    def __init__(self, run_dir: str, max_new_tokens: int, max_batch_size: int) -> None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.core = StackLLM(run_dir, device)
+        self.max_new_tokens = max_new_tokens
+        self.answer.set_max_batch_size(max_batch_size)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def answer(self, requests: list[dict]) -> list[dict]:
+        # The forward passes run in a thread: the replica keeps accepting requests meanwhile.
+        return await asyncio.to_thread(self.core.answer, requests, self.max_new_tokens)
+
+    def ready(self) -> bool:
+        return True
+
+
+api = FastAPI(
+    title="allmrec",
+    description="A-LLMRec: a CF model aligned with a frozen LLM. Recommend, add cold items.",
+    version="1",
+)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid"}
+    field = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    return JSONResponse(
+        status_code=422,
+        content={"error": first.get("msg", "invalid"), "field": field, "errors": len(exc.errors())},
+    )
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    detail = exc.detail if isinstance(exc.detail, dict) else {"error": str(exc.detail)}
+    return JSONResponse(status_code=exc.status_code, content=detail, headers=exc.headers)
+
+
+@api.middleware("http")
+async def _limit_body(request: Request, call_next):
+    """Refuse a body over the limit before reading it (and one of unknown length)."""
+    if request.method in ("POST", "PUT", "PATCH"):
+        limit = request.app.state.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is None:
+            return JSONResponse(
+                status_code=411, content={"error": "a Content-Length is required", "field": "body"}
+            )
+        if not length.isdigit() or int(length) > limit:
+            return JSONResponse(
+                status_code=413,
+                content={"error": f"body over the limit of {limit} bytes", "field": "body"},
+            )
+    return await call_next(request)
+
+
+async def _check_token(request: Request) -> None:
+    token = request.app.state.token
+    if not token:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        raise HTTPException(
+            401,
+            {"error": "missing or wrong bearer token", "field": "Authorization"},
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1})
+@serve.ingress(api)
+class Ingress:
+    def __init__(
+        self,
+        recommender: DeploymentHandle,
+        llm: DeploymentHandle,
+        max_body_bytes: int = 65536,
+        token_env: str = "ALLMREC_SERVE_TOKEN",
+    ) -> None:
+        self.recommender, self.llm = recommender, llm
+        api.state.max_body_bytes = max_body_bytes
+        api.state.token = os.environ.get(token_env, "")
+
+    async def _call(self, handle: DeploymentHandle, method: str, *args, retries: int = 2):
+        """A handle call, retried when the replica died under it (another one takes over)."""
+        for attempt in range(retries + 1):
+            try:
+                return await getattr(handle, method).remote(*args)
+            except RayActorError:
+                if attempt == retries:
+                    raise
+                await asyncio.sleep(0.5 * (attempt + 1))
+
+    @staticmethod
+    def _unwrap(result: dict) -> dict:
+        if "error" in result:
+            raise HTTPException(result["status"], result["error"])
+        return result["ok"]
+
+    @api.post("/recommend", response_model=RecommendResponse, dependencies=[Depends(_check_token)])
+    async def recommend(self, request: RecommendRequest) -> RecommendResponse:
+        started = time.perf_counter()
+        prepared = self._unwrap(await self._call(self.recommender, "prepare", request.model_dump()))
+        answer = await self._call(self.llm, "answer", prepared)
+        items = [
+            RankedItem(
+                item_id=prepared["item_ids"][i],
+                title=prepared["titles"][i],
+                score=score,
+            )
+            for i, score in answer["items"][: request.k]
+        ]
+        return RecommendResponse(
+            items=items,
+            generated=answer.get("generated"),
+            candidates_from=prepared["candidates_from"],
+            model_version=await self._call(self.recommender, "version"),
+            seconds=round(time.perf_counter() - started, 4),
+        )
+
+    @api.post(
+        "/items", response_model=ItemInfo, status_code=201, dependencies=[Depends(_check_token)]
+    )
+    async def add_item(self, item: NewItem) -> ItemInfo:
+        # not retried: adding is not idempotent without an item_id
+        return ItemInfo(**self._unwrap(await self.recommender.add_item.remote(item.model_dump())))
+
+    @api.get("/items/{item_id}", response_model=ItemInfo, dependencies=[Depends(_check_token)])
+    async def get_item(self, item_id: str) -> ItemInfo:
+        return ItemInfo(**self._unwrap(await self._call(self.recommender, "item", item_id)))
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        """Ready once both the recommender and the LLM answer (their stacks are loaded)."""
+        try:
+            version, _ = await asyncio.wait_for(
+                asyncio.gather(self.recommender.version.remote(), self.llm.ready.remote()),
+                timeout=5,
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            return JSONResponse(
+                status_code=503, content={"status": "not ready", "error": type(exc).__name__}
+            )
+        return JSONResponse(content={"status": "ready", "model_version": version})
+
+
+def build_app(args: dict) -> serve.Application:
+    """The application builder of `serve run` / `serve deploy` (`args` from the config file)
+    and of `allmrec serve`."""
+    run_dir = str(Path(args["run_dir"]).resolve())
+    limits = {k: int(args[k]) for k in ("max_history", "max_candidates", "shortlist") if k in args}
+    options = {d["name"]: d for d in args.get("deployments", [])}
+
+    def configured(deployment):
+        opts = {k: v for k, v in options.get(deployment.name, {}).items() if k != "name"}
+        return deployment.options(**opts) if opts else deployment
+
+    recommender = configured(Recommender).bind(run_dir, limits)
+    llm = configured(LLM).bind(
+        run_dir, int(args.get("max_new_tokens", 24)), int(args.get("max_batch_size", 8))
+    )
+    return configured(Ingress).bind(
+        recommender,
+        llm,
+        int(args.get("max_body_bytes", 65536)),
+        str(args.get("token_env", "ALLMREC_SERVE_TOKEN")),
+    )

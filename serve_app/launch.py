@@ -1,0 +1,91 @@
+"""Starting the Serve app from Python: `allmrec serve` and the last step of `make demo`.
+
+Reads `serve_app/config.yaml` (the same file `serve run` / `serve deploy` take), with the run
+directory, host and port overridable, starts Serve on the current Ray and waits until
+`/readyz` answers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+from ray import serve
+
+DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
+
+
+def load_serve_config(
+    path: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    host: str | None = None,
+    port: int | None = None,
+) -> dict:
+    path = Path(path or DEFAULT_CONFIG)
+    config = yaml.safe_load(path.read_text())
+    if not isinstance(config, dict) or len(config.get("applications", [])) != 1:
+        raise ValueError(f"{path}: expected a Serve config with exactly one application")
+    config = copy.deepcopy(config)
+    app = config["applications"][0]
+    if run_dir is not None:
+        app["args"]["run_dir"] = str(Path(run_dir).resolve())
+    http = config.setdefault("http_options", {})
+    if host is not None:
+        http["host"] = host
+    if port is not None:
+        http["port"] = port
+    return config
+
+
+def start(config: dict, timeout_s: float = 300) -> str:
+    """Run the app of `config` on the current Ray; returns its URL once /readyz says ready."""
+    from serve_app.app import build_app
+
+    app_config = config["applications"][0]
+    run_dir = Path(app_config["args"]["run_dir"])
+    if not (run_dir / "stage2" / "manifest.json").is_file():
+        raise FileNotFoundError(
+            f"{run_dir / 'stage2' / 'manifest.json'}: no trained stack in {run_dir}; run "
+            "`make demo` or `allmrec train stage2` first, or pass --run-dir"
+        )
+    http = config.get("http_options", {})
+    host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
+    serve.start(http_options={"host": host, "port": port})
+    args = {**app_config["args"], "deployments": app_config.get("deployments", [])}
+    serve.run(
+        build_app(args),
+        name=app_config.get("name", "allmrec"),
+        route_prefix=app_config.get("route_prefix", "/"),
+        blocking=False,
+    )
+    url = f"http://{host}:{port}"
+    wait_ready(url, timeout_s)
+    return url
+
+
+def wait_ready(url: str, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=10) as response:
+                return json.loads(response.read())
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            last = exc
+            time.sleep(1)
+    raise TimeoutError(f"{url}/readyz not ready after {timeout_s:.0f} s ({last})")
+
+
+def post_json(url: str, body: dict, token: str | None = None, timeout_s: float = 300) -> dict:
+    data = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        return json.loads(response.read())

@@ -1,0 +1,252 @@
+"""Ray Serve over real HTTP on loopback: every route, bad inputs, a cold item added then
+ranked, autoscaling up and down, and a replica killed under load.
+
+The stack is real (ML-100K, SASRec, Stage 1, Stage 2) with a tiny LLM, so requests are fast.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+PORT = 18431
+URL = f"http://127.0.0.1:{PORT}"
+TOKEN = "test-token-5f2c"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _deployment_options() -> list[dict]:
+    return [
+        {
+            "name": "Ingress",
+            "num_replicas": 1,
+            # The token reaches the ingress replica through its runtime_env here; on a
+            # cluster, set ALLMREC_SERVE_TOKEN on the nodes or in the Serve config.
+            "ray_actor_options": {
+                "num_cpus": 0.1,
+                "runtime_env": {"env_vars": {"ALLMREC_SERVE_TOKEN": TOKEN}},
+            },
+        },
+        # Two recommender replicas: one can be killed while the other answers.
+        {"name": "Recommender", "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.1}},
+        {
+            "name": "LLM",
+            "max_ongoing_requests": 4,
+            "autoscaling_config": {
+                "min_replicas": 1,
+                "max_replicas": 2,
+                "target_ongoing_requests": 1,
+                "upscale_delay_s": 1,
+                "downscale_delay_s": 4,
+                "metrics_interval_s": 0.5,
+                "look_back_period_s": 2,
+            },
+            "ray_actor_options": {"num_cpus": 0.25},
+        },
+    ]
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, stack_run):
+    from ray import serve
+
+    from serve_app.launch import load_serve_config, start
+
+    config = load_serve_config(run_dir=stack_run, port=PORT)
+    config["applications"][0]["deployments"] = _deployment_options()
+    config["applications"][0]["args"]["max_body_bytes"] = 4096
+    start(config, timeout_s=240)
+    yield stack_run
+    serve.shutdown()
+
+
+def _post(path: str, body, headers=AUTH, **kwargs) -> requests.Response:
+    return requests.post(f"{URL}{path}", json=body, headers=headers, timeout=60, **kwargs)
+
+
+def _replicas(deployment: str) -> dict:
+    from ray import serve
+
+    status = serve.status().applications["allmrec"].deployments[deployment]
+    return dict(status.replica_states)
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@pytest.mark.slow
+def test_health_ready_and_openapi(served):
+    assert requests.get(f"{URL}/healthz", timeout=10).json() == {"status": "ok"}
+    ready = requests.get(f"{URL}/readyz", timeout=10)
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert "projectors:" in ready.json()["model_version"]
+    schema = requests.get(f"{URL}/openapi.json", timeout=10).json()
+    assert {"/recommend", "/items", "/items/{item_id}", "/healthz", "/readyz"} <= set(
+        schema["paths"]
+    )
+    assert requests.get(f"{URL}/docs", timeout=10).status_code == 200
+
+
+@pytest.mark.slow
+def test_bearer_token_guards_all_but_health(served):
+    assert _post("/recommend", {"user_id": "1"}, headers={}).status_code == 401
+    wrong = _post("/recommend", {"user_id": "1"}, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["field"] == "Authorization"
+    assert requests.get(f"{URL}/items/1", timeout=10).status_code == 401
+    assert requests.get(f"{URL}/items/1", headers=AUTH, timeout=10).status_code == 200
+
+
+@pytest.mark.slow
+def test_recommend_by_user_by_history_and_by_generation(served):
+    by_user = _post("/recommend", {"user_id": "1", "k": 5})
+    assert by_user.status_code == 200, by_user.text
+    body = by_user.json()
+    assert len(body["items"]) == 5 and body["candidates_from"] == "retrieval"
+    scores = [item["score"] for item in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    assert "+projectors:" in body["model_version"]
+    assert body["seconds"] > 0
+
+    candidates = ["50", "100", "181", "258", "7"]
+    by_history = _post("/recommend", {"history": ["1", "2", "3"], "candidates": candidates})
+    assert by_history.status_code == 200, by_history.text
+    ranked = by_history.json()
+    assert ranked["candidates_from"] == "request"
+    assert sorted(item["item_id"] for item in ranked["items"]) == sorted(candidates)
+    assert all(item["title"] for item in ranked["items"])
+
+    generated = _post(
+        "/recommend", {"history": ["1", "2"], "candidates": candidates, "mode": "generate"}
+    )
+    assert generated.status_code == 200, generated.text
+    assert isinstance(generated.json()["generated"], str)
+    assert len(generated.json()["items"]) == 5
+
+
+BAD_INPUTS = [
+    ({"user_id": "no-such-user"}, 404, "user_id"),
+    ({"history": ["1", "no-such-item"]}, 404, "history[1]"),
+    ({"history": []}, 422, "history"),
+    ({"history": [str(i) for i in range(1, 202)]}, 422, "history"),
+    ({"history": ["1"], "candidates": [str(i) for i in range(2, 60)]}, 422, "candidates"),
+    ({"history": ["1"], "candidates": ["2", "2"]}, 422, "candidates"),
+    ({"history": ["1"], "k": "ten"}, 422, "k"),
+    ({"history": ["1"], "k": 0}, 422, "k"),
+    ({"history": ["1"], "mode": "dream"}, 422, "mode"),
+    ({"history": "1,2,3"}, 422, "history"),
+    ({"history": ["1"], "surprise": True}, 422, "surprise"),
+    ({}, 422, "user_id"),
+    ({"user_id": "1", "history": ["1"]}, 422, "user_id"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("body", "status", "field"), BAD_INPUTS)
+def test_bad_input_is_a_4xx_naming_the_field(served, body, status, field):
+    response = _post("/recommend", body)
+    assert response.status_code == status, response.text
+    assert response.json()["field"] == field, response.json()
+
+
+@pytest.mark.slow
+def test_malformed_json_oversized_body_and_unknown_item(served):
+    malformed = requests.post(
+        f"{URL}/recommend",
+        data=b'{"user_id": "1",',
+        headers={**AUTH, "Content-Type": "application/json"},
+        timeout=10,
+    )
+    assert malformed.status_code == 422 and malformed.json()["field"] in ("body", "0", "16")
+    oversized = _post("/recommend", {"history": ["1"] * 3000})
+    assert oversized.status_code == 413 and oversized.json()["field"] == "body"
+    unknown = requests.get(f"{URL}/items/no-such-item", headers=AUTH, timeout=10)
+    assert unknown.status_code == 404 and unknown.json()["field"] == "item_id"
+    empty_title = _post("/items", {"title": ""})
+    assert empty_title.status_code == 422 and empty_title.json()["field"] == "title"
+    # nothing died of it
+    assert requests.get(f"{URL}/readyz", timeout=10).json()["status"] == "ready"
+    assert _post("/recommend", {"user_id": "2"}).status_code == 200
+
+
+@pytest.mark.slow
+def test_a_cold_item_added_at_run_time_is_ranked(served):
+    added = _post(
+        "/items",
+        {"title": "The Quiet Orbit", "description": "A lighthouse keeper on a space station"},
+    )
+    assert added.status_code == 201, added.text
+    item = added.json()
+    assert item["source"] == "added" and item["train_interactions"] == 0
+    fetched = requests.get(f"{URL}/items/{item['item_id']}", headers=AUTH, timeout=10)
+    assert fetched.json()["title"] == "The Quiet Orbit"
+    duplicate = _post("/items", {"title": "Again", "item_id": item["item_id"]})
+    assert duplicate.status_code == 409 and duplicate.json()["field"] == "item_id"
+    # Several requests, so both recommender replicas answer at least once (each replays the
+    # log of added items): the new item is ranked among the candidates every time.
+    for _ in range(6):
+        response = _post(
+            "/recommend", {"history": ["1", "2"], "candidates": [item["item_id"], "50", "100"]}
+        )
+        assert response.status_code == 200, response.text
+        ranked = [i["item_id"] for i in response.json()["items"]]
+        assert item["item_id"] in ranked and len(ranked) == 3
+
+
+def _load(stop: threading.Event, results: list, body: dict) -> None:
+    while not stop.is_set():
+        try:
+            response = _post("/recommend", body)
+            results.append(response.status_code)
+        except requests.RequestException as exc:
+            results.append(type(exc).__name__)
+
+
+@pytest.mark.slow
+def test_autoscaling_from_one_to_two_llm_replicas_and_back(served):
+    assert _replicas("LLM").get("RUNNING") == 1
+    stop, results = threading.Event(), []
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(8):
+            pool.submit(_load, stop, results, {"user_id": "3", "mode": "generate"})
+        try:
+            _wait_for(lambda: _replicas("LLM").get("RUNNING", 0) == 2, 90, "2 LLM replicas")
+        finally:
+            stop.set()
+    assert results and all(r == 200 for r in results), set(map(str, results))
+    _wait_for(lambda: _replicas("LLM") == {"RUNNING": 1}, 90, "back to 1 LLM replica")
+
+
+@pytest.mark.slow
+def test_a_killed_replica_is_replaced_while_requests_go_on(served):
+    import ray
+
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "Recommender" in a["name"] and a["namespace"] == "serve"
+    ]
+    assert len(names) == 2, names
+    stop, results = threading.Event(), []
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(4):
+            pool.submit(_load, stop, results, {"user_id": "4"})
+        time.sleep(2)
+        ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+        time.sleep(8)
+        stop.set()
+    failures = [r for r in results if r != 200]
+    print(f"\nreplica kill: {len(results)} requests under load, {len(failures)} failed: {failures}")
+    assert len(results) > 10
+    assert len(failures) <= 1  # the ingress retries a call whose replica died
+    _wait_for(lambda: _replicas("Recommender") == {"RUNNING": 2}, 60, "a replacement replica")
+    assert _post("/recommend", {"user_id": "5"}).status_code == 200
