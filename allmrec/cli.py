@@ -59,16 +59,21 @@ def job_from_args(args: argparse.Namespace) -> tuple[Config, Path]:
 
 
 def parse_job_args(
-    description: str, argv: list[str] | None = None, extra: list[tuple[tuple, dict]] | None = None
-) -> tuple[Config, Path]:
-    """For `jobs/*.py`: the standard options, parsed into a config and a run directory."""
+    description: str,
+    argv: list[str] | None = None,
+    extra: list[tuple[tuple, dict]] | None = None,
+    return_args: bool = False,
+):
+    """For `jobs/*.py`: the standard options, parsed into a config and a run directory (and
+    the parsed arguments, for the `extra` ones, with `return_args`)."""
     parser = argparse.ArgumentParser(description=description)
     add_job_options(parser)
     for flags, kwargs in extra or []:
         parser.add_argument(*flags, **kwargs)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    return job_from_args(args)
+    config, run_dir = job_from_args(args)
+    return (config, run_dir, args) if return_args else (config, run_dir)
 
 
 def _cmd_data_fetch(args: argparse.Namespace) -> int:
@@ -179,6 +184,30 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     config, run_dir = job_from_args(args)
     run_stage("eval", config, run_dir)
     print((run_dir / "eval" / "results.md").read_text())
+    return 0
+
+
+def format_tune_summary(summary: dict, run_dir: Path) -> str:
+    lines = [(run_dir / "tune" / "results.md").read_text()]
+    best = summary["best"]
+    if best is None:
+        lines.append("no trial reported the metric; see the trials' errors above")
+    else:
+        lines.append(
+            f"best: alpha={best['alpha']:.4g} beta={best['beta']:.4g} ({best['metric']:.4f}); "
+            f"overlay: {run_dir / 'tune' / 'best.yaml'}"
+        )
+    return "\n".join(lines)
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from allmrec.distributed.runtime import init_ray
+    from allmrec.distributed.tune_alpha_beta import search_alpha_beta
+
+    config, run_dir = job_from_args(args)
+    init_ray(config.ray)
+    summary = search_alpha_beta(config, run_dir, resume=args.resume)
+    print(format_tune_summary(summary, run_dir))
     return 0
 
 
@@ -304,6 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
     train_s2 = train.add_parser("stage2", help="Stage 2: projectors into the frozen LLM")
     add_job_options(train_s2)
     train_s2.set_defaults(func=_cmd_train_stage2)
+
+    tune_cmd = sub.add_parser("tune", help="Ray Tune: search Stage 1's alpha and beta")
+    add_job_options(tune_cmd)
+    tune_cmd.add_argument(
+        "--resume", action="store_true", help="continue an interrupted search (Tuner.restore)"
+    )
+    tune_cmd.set_defaults(func=_cmd_tune)
 
     evaluate = sub.add_parser(
         "evaluate", help="A-LLMRec and the baselines on the same candidates: eval/results.*"

@@ -213,6 +213,34 @@ class EvalConfig(_Section):
     use_gpu: bool = Field(False, description="one GPU per evaluation task")
 
 
+class TuneConfig(_Section):
+    """`allmrec tune`: a Ray Tune search over Stage 1's alpha and beta."""
+
+    search: Literal["grid", "random"] = Field(
+        "grid", description="grid: every (alpha, beta) of the lists; random: num_samples draws"
+    )
+    alpha: list[float] = Field(
+        default_factory=lambda: [0.1, 0.5, 1.0], description="grid values of alpha"
+    )
+    beta: list[float] = Field(
+        default_factory=lambda: [0.05, 0.2], description="grid values of beta"
+    )
+    alpha_range: tuple[float, float] = Field((0.01, 2.0), description="random search: [low, high]")
+    beta_range: tuple[float, float] = Field((0.01, 1.0), description="random search: [low, high]")
+    log_uniform: bool = Field(True, description="random search: log-uniform, else uniform")
+    num_samples: int = Field(8, ge=1, description="random search: trials")
+    metric: str = Field("valid_hit@1", description="Stage 1 validation metric to maximise")
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs")
+    reduction_factor: int = Field(2, ge=2, description="ASHA: keep 1/reduction_factor per rung")
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    max_failures: int = Field(1, ge=0, description="retries of a failed trial")
+    storage: str | None = Field(
+        None,
+        description="where results go: a local path, s3:// or gs:// (default <run_dir>/tune)",
+    )
+    name: str = Field("alpha-beta", description="the experiment's name under storage")
+
+
 class RayConfig(_Section):
     address: str | None = Field(None, description="cluster address; None starts a local Ray")
     object_store_gb: float = Field(2.0, gt=0, description="object store of a local Ray")
@@ -229,6 +257,7 @@ class Config(_Section):
     stage1: Stage1Config = Field(default_factory=Stage1Config)
     stage2: Stage2Config = Field(default_factory=Stage2Config)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
 

@@ -10,9 +10,10 @@ Three deployments, composed with `.bind()` and called through `DeploymentHandle`
   the replica has one, with `@serve.batch` so concurrent requests share generation passes.
 
 Run it with `allmrec serve` (local), `serve run serve_app/config.yaml` or `serve deploy`.
+No `from __future__ import annotations` here: FastAPI reads the route annotations as types,
+and inside a Serve ingress class it cannot resolve them from strings.
 """
 
-from __future__ import annotations
 
 import asyncio
 import hmac

@@ -42,7 +42,6 @@ def _deployment_options() -> list[dict]:
                 "target_ongoing_requests": 1,
                 "upscale_delay_s": 1,
                 "downscale_delay_s": 4,
-                "metrics_interval_s": 0.5,
                 "look_back_period_s": 2,
             },
             "ray_actor_options": {"num_cpus": 0.25},

@@ -61,6 +61,7 @@ def make_trainer(
     name: str,
     datasets: dict,
     checkpoints_to_keep: int,
+    callbacks: list | None = None,
 ) -> TorchTrainer:
     """A TorchTrainer as every allmrec job uses it: gloo on CPU, NCCL on GPUs, a resumable run
     `storage/name`, and `scaling.max_failures` worker failures survived from checkpoints."""
@@ -86,6 +87,7 @@ def make_trainer(
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep),
+            callbacks=callbacks or [],
         ),
         datasets=datasets,
     )

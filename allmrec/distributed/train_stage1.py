@@ -312,8 +312,19 @@ def write_stage1_artifact(
     }
 
 
-def train_stage1(config: Config, run_dir: Path) -> dict:
-    """Stage 1 on `run_dir/data` and `run_dir/cf`; writes `run_dir/stage1/`."""
+def train_stage1(
+    config: Config,
+    run_dir: Path,
+    *,
+    storage: Path | None = None,
+    callbacks: list | None = None,
+    write_artifact: bool = True,
+) -> dict:
+    """Stage 1 on `run_dir/data` and `run_dir/cf`; writes `run_dir/stage1/`.
+
+    A Tune trial passes its own `storage` (the Ray Train run's checkpoints), Tune's report
+    callback, and `write_artifact=False`: it needs the metrics, not another stage1/.
+    """
     cfg = config.stage1
     run_dir = Path(run_dir).resolve()
     data = load_prepared(run_dir)
@@ -326,7 +337,7 @@ def train_stage1(config: Config, run_dir: Path) -> dict:
         )
     ray.data.DataContext.get_current().enable_progress_bars = False  # epoch lines are progress
     train_ds = ray.data.from_items([{"user_idx": int(u)} for u in users]).materialize()
-    storage = run_dir / "checkpoints"
+    storage = Path(storage) if storage is not None else run_dir / "checkpoints"
     settings = config_to_dict(config)
     name = run_name(
         "stage1",
@@ -346,6 +357,7 @@ def train_stage1(config: Config, run_dir: Path) -> dict:
         name,
         {"train": train_ds},
         checkpoints_to_keep=1,
+        callbacks=callbacks,
     )
     log.info(
         "Stage 1 (alpha=%s, beta=%s, ZeRO-%d, %d worker(s)), run %s",
@@ -357,6 +369,8 @@ def train_stage1(config: Config, run_dir: Path) -> dict:
     )
     state, weights = fit_and_load(trainer, WEIGHTS)
     train_seconds = time.perf_counter() - started
+    if not write_artifact:
+        return {"history": state["history"], "epochs_run": state["epoch"]}
 
     aligner = build_aligner(config, cf_model.item_embeddings().shape[1])
     missing, unexpected = aligner.load_state_dict(weights, strict=False)

@@ -1,0 +1,140 @@
+"""Ray Tune: a search over Stage 1's alpha and beta, each trial a Ray Train run of Stage 1.
+
+As Ray 2.60 documents Train + Tune: every trial is a small driver function that builds the
+Stage 1 `TorchTrainer` (the same `train_stage1` as `allmrec train stage1`) with Tune's
+`TuneReportCallback`, so each epoch's validation metric reaches Tune and ASHA can stop a
+poor trial early. The driver needs no CPU of its own (`with_resources(cpu=0)`); the Train
+workers ask for theirs, and `max_concurrent_trials` keeps the trials that fit.
+
+Results go to `tune.storage` (default `<run_dir>/tune`; an s3://, gs:// or shared path on a
+cluster); an interrupted search continues with `Tuner.restore` (`allmrec tune --resume`)
+without repeating finished trials, and a failed trial is retried `tune.max_failures` times.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from allmrec.config import Config, config_to_dict
+from allmrec.tuning import check_search, write_results
+
+log = logging.getLogger(__name__)
+
+
+def stage1_trial(trial: dict) -> None:
+    """The Tune trainable: one Stage 1 run through Ray Train with this trial's alpha, beta."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from allmrec.distributed.train_stage1 import train_stage1
+
+    config = Config.model_validate(trial["config"])
+    config.stage1.alpha = float(trial["alpha"])
+    config.stage1.beta = float(trial["beta"])
+    config.stage1.eval_every = 1  # ASHA compares trials on every epoch's metric
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    train_stage1(
+        config,
+        Path(trial["run_dir"]),
+        storage=trial_dir / "train",
+        callbacks=[TuneReportCallback()],
+        write_artifact=False,
+    )
+
+
+def _space(config: Config) -> dict:
+    cfg = config.tune
+    if cfg.search == "grid":
+        return {"alpha": tune.grid_search(cfg.alpha), "beta": tune.grid_search(cfg.beta)}
+    draw = tune.loguniform if cfg.log_uniform else tune.uniform
+    return {"alpha": draw(*cfg.alpha_range), "beta": draw(*cfg.beta_range)}
+
+
+def _experiment_path(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}"
+
+
+def search_alpha_beta(config: Config, run_dir: Path, resume: bool = False) -> dict:
+    """Run (or resume) the search; writes the tables, the plot and best.yaml to
+    `<run_dir>/tune/`; returns a summary with the best trial."""
+    from allmrec.data.prepared import load_prepared
+    from allmrec.distributed.runtime import check_fits_locally
+    from allmrec.training.cf import load_cf_model
+
+    cfg, scaling = config.tune, config.stage1.scaling
+    check_search(cfg, config.stage1.epochs)
+    run_dir = Path(run_dir).resolve()
+    load_cf_model(run_dir, load_prepared(run_dir))  # a missing input fails now, clearly
+    check_fits_locally("stage1.scaling", scaling.num_workers, scaling.cpus_per_worker)
+    storage = cfg.storage or str(run_dir / "tune")
+    path = _experiment_path(storage, cfg.name)
+    trainable = tune.with_resources(stage1_trial, {"cpu": 0})
+    if resume:
+        if not tune.Tuner.can_restore(path):
+            raise ValueError(f"tune: nothing to resume at {path} (run `allmrec tune` first)")
+        log.info("resuming the search at %s", path)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        per_trial = scaling.num_workers * scaling.cpus_per_worker
+        concurrent = cfg.max_concurrent_trials or max(
+            1, math.floor(ray.cluster_resources().get("CPU", 1) / per_trial)
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space={
+                "config": config_to_dict(config),
+                "run_dir": str(run_dir),
+                **_space(config),
+            },
+            tune_config=tune.TuneConfig(
+                metric=cfg.metric,
+                mode="max",
+                scheduler=ASHAScheduler(
+                    time_attr="training_iteration",
+                    max_t=config.stage1.epochs,
+                    grace_period=cfg.grace_period,
+                    reduction_factor=cfg.reduction_factor,
+                ),
+                num_samples=1 if cfg.search == "grid" else cfg.num_samples,
+                max_concurrent_trials=concurrent,
+            ),
+            run_config=tune.RunConfig(
+                name=cfg.name,
+                storage_path=storage,
+                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            ),
+        )
+        log.info(
+            "searching alpha, beta (%s) into %s, %d trial(s) at a time",
+            cfg.search,
+            path,
+            concurrent,
+        )
+    grid = tuner.fit()
+    rows = []
+    for n, result in enumerate(grid):
+        history = result.metrics_dataframe
+        best = (
+            float(history[cfg.metric].max())
+            if history is not None and cfg.metric in history
+            else None
+        )
+        epochs = int((result.metrics or {}).get("training_iteration", 0))
+        rows.append(
+            {
+                "trial": Path(result.path).name if result.path else str(n),
+                "alpha": float(result.config["alpha"]),
+                "beta": float(result.config["beta"]),
+                "metric": best,
+                "epochs": epochs,
+                "stopped_early": result.error is None and epochs < config.stage1.epochs,
+                "status": "error" if result.error else "done",
+            }
+        )
+    best = write_results(rows, run_dir / "tune", cfg.metric, config.stage1.epochs)
+    return {"experiment": path, "trials": rows, "best": best}

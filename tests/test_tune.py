@@ -1,0 +1,138 @@
+"""Ray Tune over Stage 1's alpha and beta on real MovieLens-100K: ASHA stops a trial early,
+best.yaml feeds the next Stage 1 run, an interrupted search resumes without repeating the
+trials that finished, and a search that cannot run is refused before it starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from allmrec.config import load_config
+
+SEARCH = [
+    "stage1.epochs=4",
+    "stage1.eval_users=100",
+    "stage1.zero_stage=0",
+    "stage1.checkpoint_every=2",
+    "tune.grace_period=1",
+    "tune.reduction_factor=2",
+    "tune.alpha=[0.0, 0.5]",
+    "tune.beta=[0.0, 0.2]",
+]
+
+
+def _copy(cf_run, target: Path) -> Path:
+    shutil.copytree(cf_run, target, ignore=shutil.ignore_patterns("checkpoints", "stage1"))
+    return target
+
+
+@pytest.mark.slow
+def test_search_stops_a_trial_early_and_best_yaml_feeds_stage1(cf_run, tmp_path):
+    from allmrec.distributed.train_stage1 import train_stage1
+    from allmrec.distributed.tune_alpha_beta import search_alpha_beta
+
+    run_dir = _copy(cf_run, tmp_path / "run")
+    summary = search_alpha_beta(load_config(["configs/ml-100k-cpu.yaml"], SEARCH), run_dir)
+    rows = summary["trials"]
+    assert len(rows) == 4
+    assert all(r["status"] == "done" and r["metric"] is not None for r in rows), rows
+    assert any(r["stopped_early"] for r in rows), rows  # ASHA cut at least one
+    assert any(r["epochs"] == 4 for r in rows)
+    out = run_dir / "tune"
+    assert (out / "results.csv").read_text().count("\n") == 5
+    assert "| alpha | beta |" in (out / "results.md").read_text()
+    assert (out / "alpha_beta.png").stat().st_size > 1000
+    best = summary["best"]
+    assert best["metric"] == max(r["metric"] for r in rows)
+
+    overlaid = load_config(
+        ["configs/ml-100k-cpu.yaml", out / "best.yaml"],
+        ["stage1.epochs=1", "stage1.eval_users=50", "stage1.zero_stage=0"],
+    )
+    assert (overlaid.stage1.alpha, overlaid.stage1.beta) == (best["alpha"], best["beta"])
+    manifest = train_stage1(overlaid, run_dir)
+    stage1 = manifest["config"]["stage1"]
+    assert (stage1["alpha"], stage1["beta"]) == (best["alpha"], best["beta"])
+
+
+def _finished_trials(experiment: Path) -> dict[str, bytes]:
+    """result.json of every trial that reported done."""
+    finished = {}
+    for result in experiment.glob("*/result.json"):
+        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if lines and lines[-1].get("done"):
+            finished[result.parent.name] = result.read_bytes()
+    return finished
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_without_repeating_finished_trials(cf_run, tmp_path):
+    from allmrec.distributed.tune_alpha_beta import search_alpha_beta
+
+    run_dir = _copy(cf_run, tmp_path / "run")
+    overrides = [*SEARCH, "tune.max_concurrent_trials=1"]
+    args = [sys.executable, "-m", "allmrec.cli", "tune", "--config", "configs/ml-100k-cpu.yaml"]
+    for o in overrides + ["ray.num_cpus=2"]:
+        args += ["--set", o]
+    driver = subprocess.Popen(
+        [*args, "--run-dir", str(run_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own local Ray: killed with it
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    experiment = run_dir / "tune" / "alpha-beta"
+    try:
+        deadline = time.monotonic() + 600
+        while not _finished_trials(experiment) and time.monotonic() < deadline:
+            assert driver.poll() is None, "the search ended before it could be interrupted"
+            time.sleep(2)
+        finished = _finished_trials(experiment)
+        assert finished, "no trial finished in 10 minutes"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
+        driver.wait()
+    assert len(finished) < 4
+
+    summary = search_alpha_beta(
+        load_config(["configs/ml-100k-cpu.yaml"], overrides), run_dir, resume=True
+    )
+    assert len(summary["trials"]) == 4
+    assert all(r["metric"] is not None for r in summary["trials"]), summary["trials"]
+    after = _finished_trials(experiment)
+    for trial, content in finished.items():
+        assert after[trial] == content, f"{trial} ran again"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("tune.alpha=[]", "tune.alpha: an empty grid"),
+        ("tune.beta=[-0.1]", "tune.beta"),
+        ("tune.metric=loss", "tune.metric"),
+        ("tune.grace_period=99", "tune.grace_period"),
+    ],
+)
+def test_a_bad_search_is_refused_before_it_starts(override, message, tmp_path):
+    from allmrec.distributed.tune_alpha_beta import search_alpha_beta
+
+    with pytest.raises(ValueError, match=message):
+        search_alpha_beta(load_config(["configs/ml-100k-cpu.yaml"], [override]), tmp_path)
+
+
+def test_a_bad_random_range_is_refused(tmp_path):
+    from allmrec.distributed.tune_alpha_beta import search_alpha_beta
+
+    config = load_config(
+        ["configs/ml-100k-cpu.yaml"], ["tune.search=random", "tune.alpha_range=[0.0, 1.0]"]
+    )
+    with pytest.raises(ValueError, match="log-uniform range needs low > 0"):
+        search_alpha_beta(config, tmp_path)
