@@ -3,7 +3,7 @@
 As Ray 2.60 documents Train + Tune: every trial is a small driver function that builds the
 Stage 1 `TorchTrainer` (the same `train_stage1` as `allmrec train stage1`) with Tune's
 `TuneReportCallback`, so each epoch's validation metric reaches Tune and ASHA can stop a
-poor trial early. The driver needs no CPU of its own (`with_resources(cpu=0)`); the Train
+poor trial early. The driver needs almost no CPU (`with_resources(cpu=0.01)`); the Train
 workers ask for theirs, and `max_concurrent_trials` keeps the trials that fit.
 
 Results go to `tune.storage` (default `<run_dir>/tune`; an s3://, gs:// or shared path on a
@@ -73,7 +73,8 @@ def search_alpha_beta(config: Config, run_dir: Path, resume: bool = False) -> di
     check_fits_locally("stage1.scaling", scaling.num_workers, scaling.cpus_per_worker)
     storage = cfg.storage or str(run_dir / "tune")
     path = _experiment_path(storage, cfg.name)
-    trainable = tune.with_resources(stage1_trial, {"cpu": 0})
+    # The trial only drives its Train run; Tune refuses an empty bundle, so a token CPU share.
+    trainable = tune.with_resources(stage1_trial, {"cpu": 0.01})
     if resume:
         if not tune.Tuner.can_restore(path):
             raise ValueError(f"tune: nothing to resume at {path} (run `allmrec tune` first)")
