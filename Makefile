@@ -37,7 +37,7 @@ serve: $(VENV)/.base
 	$(VENV)/bin/allmrec serve --config $(CONFIG)
 
 test: $(VENV)/.dev
-	$(PY) -m pytest -x -q $(PYTEST_ARGS)
+	$(PY) -m pytest -x -q --durations=15 $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check allmrec jobs tune serve_app tests benchmarks

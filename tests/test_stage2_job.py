@@ -44,8 +44,17 @@ def two_worker_run(stage1_run, tiny_llm, tmp_path_factory):
     from allmrec.distributed.train_stage2 import train_stage2
 
     run_dir = _copy(stage1_run, tmp_path_factory.mktemp("stage2") / "two")
+    # Two epochs and a worker that fails once at the start of the second: the same run checks
+    # partitioning and resuming (each Ray Train run costs most of a minute here).
     manifest = train_stage2(
-        _config(tiny_llm, "stage2.scaling.num_workers=2", "stage2.zero_stage=3"), run_dir
+        _config(
+            tiny_llm,
+            "stage2.scaling.num_workers=2",
+            "stage2.zero_stage=3",
+            "stage2.epochs=2",
+            "stage2.fail_at_epoch=2",
+        ),
+        run_dir,
     )
     return run_dir, manifest
 
@@ -77,12 +86,9 @@ def test_zero3_partitions_the_llm_and_matches_one_worker(
 
 
 @pytest.mark.slow
-def test_resume_after_a_worker_failure_and_no_llm_in_checkpoints(stage1_run, tiny_llm, tmp_path):
-    from allmrec.distributed.train_stage2 import train_stage2
-
-    run_dir = _copy(stage1_run, tmp_path / "run")
-    manifest = train_stage2(_config(tiny_llm, "stage2.epochs=2", "stage2.fail_at_epoch=2"), run_dir)
-    assert manifest["resumed_from"] == [[1, 0]]
+def test_resume_after_a_worker_failure_and_no_llm_in_checkpoints(two_worker_run, tiny_llm):
+    run_dir, manifest = two_worker_run
+    assert manifest["resumed_from"] == [[1, 0]]  # resumed after epoch 1 from its checkpoint
     assert manifest["epochs_run"] == 2
     llm_bytes = sum(p.stat().st_size for p in tiny_llm.rglob("*.safetensors"))
     checkpoint_bytes = sum(
