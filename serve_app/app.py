@@ -14,7 +14,6 @@ No `from __future__ import annotations` here: FastAPI reads the route annotation
 and inside a Serve ingress class it cannot resolve them from strings.
 """
 
-
 import asyncio
 import hmac
 import json
