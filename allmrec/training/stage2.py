@@ -275,23 +275,32 @@ def load_trained_stage2(run_dir: Path, device: str = "cpu", inputs_dir: Path | N
     and serving. The LLM, domain and titles are those Stage 2 was trained with (its manifest's
     config). `inputs_dir`: another run directory whose data, CF model and Stage 1 feed the
     projectors (cross-domain); by default `run_dir`'s own, which must be the ones trained on."""
-    from safetensors.torch import load_file
-
     run_dir = Path(run_dir)
     stage2_dir = run_dir / "stage2"
     manifest = read_manifest(stage2_dir, "stage2")
-    trained = Config.model_validate(manifest["config"])
-    if trained.stage2.scaling.use_gpu and device == "cpu":
-        trained.stage2.dtype = "float32"  # trained on GPUs in bf16, evaluated on a CPU
+    trained = _trained_config(manifest, device)
     inputs = load_stage2_inputs(Path(inputs_dir or run_dir), trained)
     if inputs_dir is None and manifest.get("stage1_sha256") != stage1_sha256(run_dir):
         raise ArtifactError(
             f"{stage2_dir / 'manifest.json'}: Stage 1 changed after Stage 2 was trained; "
             "rerun `allmrec train stage2`"
         )
-    model = build_stage2_model(trained, inputs.d_cf, inputs.d_joint, device=device)
-    load_projectors(model, load_file(str(stage2_dir / PROJECTORS_FILE)), str(stage2_dir))
-    return model.eval(), inputs
+    model, _ = load_projected_llm(run_dir, device)
+    sized = (model.user_projector.net[0].in_features, model.item_projector.net[0].in_features)
+    if sized != (inputs.d_cf, inputs.d_joint):
+        raise ArtifactError(
+            f"{stage2_dir}: projectors take (x_u, z_i) of sizes {sized}, but the inputs in "
+            f"{inputs_dir or run_dir} give {(inputs.d_cf, inputs.d_joint)} "
+            "(another CF backbone or Stage 1?)"
+        )
+    return model, inputs
+
+
+def _trained_config(manifest: dict, device: str) -> Config:
+    trained = Config.model_validate(manifest["config"])
+    if trained.stage2.scaling.use_gpu and device == "cpu":
+        trained.stage2.dtype = "float32"  # trained on GPUs in bf16, evaluated on a CPU
+    return trained
 
 
 def load_projected_llm(run_dir: Path, device: str = "cpu") -> tuple[ALLMRecLM, Config]:
@@ -300,10 +309,7 @@ def load_projected_llm(run_dir: Path, device: str = "cpu") -> tuple[ALLMRecLM, C
     from safetensors.torch import load_file
 
     stage2_dir = Path(run_dir) / "stage2"
-    manifest = read_manifest(stage2_dir, "stage2")
-    trained = Config.model_validate(manifest["config"])
-    if trained.stage2.scaling.use_gpu and device == "cpu":
-        trained.stage2.dtype = "float32"
+    trained = _trained_config(read_manifest(stage2_dir, "stage2"), device)
     weights = load_file(str(stage2_dir / PROJECTORS_FILE))
     d_cf = weights["user_projector.net.0.weight"].shape[1]
     d_joint = weights["item_projector.net.0.weight"].shape[1]
