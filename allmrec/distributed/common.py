@@ -7,6 +7,7 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -24,6 +25,43 @@ def quiet_worker_warnings() -> None:
         message=r".*is deprecated\. Please use `torch\.distributed",
         category=FutureWarning,
     )
+
+
+def deepspeed_worker(scaling: TrainScaling) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of a DeepSpeed Train worker, its threads and process group
+    set up: gloo on CPU, NCCL on GPUs (reusing the group Ray Train made)."""
+    import math
+
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+
+    quiet_worker_warnings()
+    context = ray.train.get_context()
+    torch.set_num_threads(max(1, math.ceil(scaling.cpus_per_worker)))
+    deepspeed.init_distributed(dist_backend="nccl" if scaling.use_gpu else "gloo")
+    return context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
+
+
+def restore_deepspeed(engine) -> dict | None:
+    """The `state.json` of the Ray checkpoint this worker resumes from, after loading the
+    engine's shard of it; None on a fresh start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return None
+    with checkpoint.as_directory() as ckpt:
+        engine.load_checkpoint(ckpt, tag="deepspeed", load_module_strict=False)
+        return json.loads((Path(ckpt) / "state.json").read_text())
+
+
+def shard_user_ids(name: str = "train") -> np.ndarray:
+    """The sorted user ids of this worker's Ray Data shard `name`."""
+    import ray.train
+
+    batches = ray.train.get_dataset_shard(name).iter_batches(batch_size=4096, batch_format="numpy")
+    return np.sort(np.concatenate([b["user_idx"] for b in batches])).astype(np.int64)
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:

@@ -9,9 +9,7 @@ Every epoch: a DeepSpeed checkpoint (each worker its shard) plus the gathered we
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -30,12 +28,14 @@ from allmrec.config import Config, Stage1Config, config_to_dict
 from allmrec.data.prepared import load_prepared
 from allmrec.distributed.common import (
     all_reduce_sum,
+    deepspeed_worker,
     fit_and_load,
     make_trainer,
     maybe_fail,
     print_epoch,
-    quiet_worker_warnings,
+    restore_deepspeed,
     run_name,
+    shard_user_ids,
 )
 from allmrec.manifest import staged_output, write_manifest
 from allmrec.models.alignment import CollabTextAligner, set_text_encoder_trainable
@@ -117,14 +117,9 @@ def stage1_train_loop(loop_config: dict) -> None:
     """`train_loop_per_worker` of the Stage 1 TorchTrainer."""
     import deepspeed
 
-    quiet_worker_warnings()
     config = Config.model_validate(loop_config["config"])
     cfg, seed = config.stage1, config.seed
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(max(1, math.ceil(cfg.scaling.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
+    rank, world, device = deepspeed_worker(cfg.scaling)
 
     setup_started = time.perf_counter()
     data = load_prepared(loop_config["run_dir"])
@@ -151,26 +146,14 @@ def stage1_train_loop(loop_config: dict) -> None:
             flush=True,
         )
 
-    state = {"epoch": 0, "history": [], "best_hit1": -1.0, "best_epoch": 0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt:
-            engine.load_checkpoint(ckpt, tag="deepspeed", load_module_strict=False)
-            state = json.loads((Path(ckpt) / "state.json").read_text())
+    state = restore_deepspeed(engine)
+    if state is None:
+        state = {"epoch": 0, "history": [], "best_hit1": -1.0, "best_epoch": 0}
+    else:
         state.setdefault("resumed_from", []).append(state["epoch"])
         print(f"[stage1] rank {rank}: resumed from epoch {state['epoch']}", flush=True)
 
-    # Each worker trains on its Ray Data shard of users.
-    shard_users = np.sort(
-        np.concatenate(
-            [
-                b["user_idx"]
-                for b in ray.train.get_dataset_shard("train").iter_batches(
-                    batch_size=4096, batch_format="numpy"
-                )
-            ]
-        )
-    ).astype(np.int64)
+    shard_users = shard_user_ids("train")  # each worker trains on its Ray Data shard of users
     all_users = training_users(data)
     if state["epoch"] == 0:
         state["probe"] = _probe_loss(

@@ -13,7 +13,6 @@ its shard of the projectors and their optimizer state), the gathered projector w
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import tempfile
@@ -32,12 +31,14 @@ from safetensors.torch import save_file
 from allmrec.config import Config, config_to_dict
 from allmrec.distributed.common import (
     all_reduce_sum,
+    deepspeed_worker,
     fit_and_load,
     make_trainer,
     maybe_fail,
     print_epoch,
-    quiet_worker_warnings,
+    restore_deepspeed,
     run_name,
+    shard_user_ids,
 )
 from allmrec.manifest import staged_output, write_manifest
 from allmrec.plots import plot_curves
@@ -68,14 +69,9 @@ def stage2_train_loop(loop_config: dict) -> None:
     """`train_loop_per_worker` of the Stage 2 TorchTrainer."""
     import deepspeed
 
-    quiet_worker_warnings()
     config = Config.model_validate(loop_config["config"])
     cfg, seed = config.stage2, config.seed
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(max(1, math.ceil(cfg.scaling.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
+    rank, world, device = deepspeed_worker(cfg.scaling)
 
     setup_started = time.perf_counter()
     inputs = load_stage2_inputs(Path(loop_config["run_dir"]), config)
@@ -107,12 +103,10 @@ def stage2_train_loop(loop_config: dict) -> None:
             flush=True,
         )
 
-    state = {"epoch": 0, "step": 0, "history": []}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt:
-            engine.load_checkpoint(ckpt, tag="deepspeed", load_module_strict=False)
-            state = json.loads((Path(ckpt) / "state.json").read_text())
+    state = restore_deepspeed(engine)
+    if state is None:
+        state = {"epoch": 0, "step": 0, "history": []}
+    else:
         state.setdefault("resumed_from", []).append([state["epoch"], state["step"]])
         print(
             f"[stage2] rank {rank}: resumed after epoch {state['epoch']}, step {state['step']}",
@@ -121,16 +115,7 @@ def stage2_train_loop(loop_config: dict) -> None:
 
     # Each worker trains on its Ray Data shard of users (equal shards: ZeRO-3's collectives
     # need every worker to take the same number of steps).
-    shard_users = np.sort(
-        np.concatenate(
-            [
-                b["user_idx"]
-                for b in ray.train.get_dataset_shard("train").iter_batches(
-                    batch_size=4096, batch_format="numpy"
-                )
-            ]
-        )
-    ).astype(np.int64)
+    shard_users = shard_user_ids("train")
     steps_per_epoch = math.ceil(len(shard_users) / cfg.batch_size)
     if "probe" not in state:
         state["probe"] = _probe_loss(engine, model, inputs, config, loop_config["probe_users"])
@@ -221,6 +206,7 @@ def train_stage2(config: Config, run_dir: Path) -> dict:
     if cfg.max_train_users is not None:
         users = users[: cfg.max_train_users]
     users = np.sort(users)
+    stage1_hash = stage1_sha256(run_dir)
     ray.data.DataContext.get_current().enable_progress_bars = False
     train_ds = ray.data.from_items([{"user_idx": int(u)} for u in users]).materialize()
     settings = config_to_dict(config)
@@ -232,7 +218,7 @@ def train_stage2(config: Config, run_dir: Path) -> dict:
             "seed": config.seed,
             "data": inputs.data.fingerprint,
             "cf": inputs.cf_manifest["model_sha256"],
-            "stage1": stage1_sha256(run_dir),
+            "stage1": stage1_hash,
         },
     )
     trainer = make_trainer(
@@ -271,7 +257,7 @@ def train_stage2(config: Config, run_dir: Path) -> dict:
             config=settings,
             data_fingerprint=inputs.data.fingerprint,
             cf_model_sha256=inputs.cf_manifest["model_sha256"],
-            stage1_sha256=stage1_sha256(run_dir),
+            stage1_sha256=stage1_hash,
             llm={"name": cfg.llm, "dtype": str(llm_dtype(config)).removeprefix("torch.")},
             projector_shapes={k: list(v.shape) for k, v in weights.items()},
             train_users=len(users),
