@@ -173,14 +173,9 @@ class StackRecommender:
                 raise BadRequest("user_id", f"unknown user id {request.user_id!r}", 404)
             history = [int(i) for i in self.data.history(user, "test")]
         else:
-            if not request.history:
-                raise BadRequest("history", "empty: give at least one item id")
-            if len(request.history) > self.limits.max_history:
-                raise BadRequest(
-                    "history",
-                    f"{len(request.history)} items, more than the limit of "
-                    f"{self.limits.max_history}",
-                )
+            _check_length(
+                "history", request.history, self.limits.max_history, "at least one item id"
+            )
             if not self.sequential:
                 raise BadRequest(
                     "history", "this stack's CF backbone (NCF) needs a user_id, not a history"
@@ -188,14 +183,12 @@ class StackRecommender:
             history = [self._item(i, f"history[{n}]") for n, i in enumerate(request.history)]
         candidates = None
         if request.candidates is not None:
-            if not request.candidates:
-                raise BadRequest("candidates", "empty: give item ids, or leave it out")
-            if len(request.candidates) > self.limits.max_candidates:
-                raise BadRequest(
-                    "candidates",
-                    f"{len(request.candidates)} items, more than the limit of "
-                    f"{self.limits.max_candidates}",
-                )
+            _check_length(
+                "candidates",
+                request.candidates,
+                self.limits.max_candidates,
+                "item ids, or leave it out",
+            )
             candidates = [
                 self._item(i, f"candidates[{n}]") for n, i in enumerate(request.candidates)
             ]
@@ -283,6 +276,13 @@ class StackRecommender:
         self.source.append("added")
         self.item_index[item_id] = idx
         return self.item_info(item_id)
+
+
+def _check_length(field: str, ids: list[str], limit: int, wanted: str) -> None:
+    if not ids:
+        raise BadRequest(field, f"empty: give {wanted}")
+    if len(ids) > limit:
+        raise BadRequest(field, f"{len(ids)} items, more than the limit of {limit}")
 
 
 def _autoencoder(path: Path) -> Autoencoder:
