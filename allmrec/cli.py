@@ -11,10 +11,12 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from allmrec.config import Config, ConfigError, load_config
-from allmrec.manifest import ArtifactError, default_run_dir
+from allmrec.manifest import ArtifactError
+from allmrec.storage import RunStorage, StorageError, join, leave_job_working_dir
 
 log = logging.getLogger("allmrec")
 
@@ -45,17 +47,15 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--run-dir",
-        type=Path,
         default=None,
-        help="where the run's outputs go (default runs/<config name>)",
+        help="the run's home, a path or a URI (default <storage>/<name> of the config)",
     )
     parser.add_argument("-v", "--verbose", action="store_true")
 
 
-def job_from_args(args: argparse.Namespace) -> tuple[Config, Path]:
+def job_from_args(args: argparse.Namespace) -> tuple[Config, RunStorage]:
     config = load_config(args.config, args.overrides)
-    run_dir = args.run_dir or default_run_dir(config.name)
-    return config, Path(run_dir)
+    return config, RunStorage.open(args.run_dir or join(config.storage, config.name))
 
 
 def parse_job_args(
@@ -64,16 +64,33 @@ def parse_job_args(
     extra: list[tuple[tuple, dict]] | None = None,
     return_args: bool = False,
 ):
-    """For `jobs/*.py`: the standard options, parsed into a config and a run directory (and
+    """For `jobs/*.py`: the standard options, parsed into a config and the run's storage (and
     the parsed arguments, for the `extra` ones, with `return_args`)."""
+    leave_job_working_dir()
     parser = argparse.ArgumentParser(description=description)
     add_job_options(parser)
     for flags, kwargs in extra or []:
         parser.add_argument(*flags, **kwargs)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    config, run_dir = job_from_args(args)
-    return (config, run_dir, args) if return_args else (config, run_dir)
+    config, run = job_from_args(args)
+    return (config, run, args) if return_args else (config, run)
+
+
+# Errors a user can fix: one clear message as the last line, no traceback, exit status 2.
+USER_ERRORS = (ConfigError, ArtifactError, StorageError, ValueError, FileNotFoundError)
+
+
+def run_job(main, argv: list[str] | None = None) -> int:
+    """The `__main__` of a `jobs/*.py` script: its exit status is the Ray Job's status, its
+    last line says why it failed."""
+    try:
+        return main(argv)
+    except USER_ERRORS as exc:
+        if not isinstance(exc, (ConfigError, ArtifactError, StorageError)):
+            traceback.print_exc()  # ours or a library's: where it came from matters too
+        print(f"allmrec: error: {exc}", file=sys.stderr, flush=True)
+        return 2
 
 
 def _cmd_data_fetch(args: argparse.Namespace) -> int:
@@ -95,12 +112,12 @@ def _cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_stage(stage: str, config: Config, run_dir: Path) -> dict:
+def run_stage(stage: str, config: Config, run: RunStorage) -> dict:
     """One stage, run even when its outputs are current (the chain skips those; `demo`)."""
     from allmrec.distributed.pipeline import run_pipeline
 
-    manifest = run_pipeline(config, run_dir, stages=(stage,), force=True)[stage]
-    log.info("wrote %s", run_dir / stage)
+    manifest = run_pipeline(config, run, stages=(stage,), force=True)[stage]
+    log.info("wrote %s", run.uri(stage))
     return manifest
 
 
@@ -183,19 +200,19 @@ def _cmd_train_stage2(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     config, run_dir = job_from_args(args)
     run_stage("eval", config, run_dir)
-    print((run_dir / "eval" / "results.md").read_text())
+    print((run_dir.local / "eval" / "results.md").read_text())
     return 0
 
 
-def format_tune_summary(summary: dict, run_dir: Path) -> str:
-    lines = [(run_dir / "tune" / "results.md").read_text()]
+def format_tune_summary(summary: dict, run: RunStorage) -> str:
+    lines = [(run.local / "tune" / "results.md").read_text()]
     best = summary["best"]
     if best is None:
         lines.append("no trial reported the metric; see the trials' errors above")
     else:
         lines.append(
             f"best: alpha={best['alpha']:.4g} beta={best['beta']:.4g} ({best['metric']:.4f}); "
-            f"overlay: {run_dir / 'tune' / 'best.yaml'}"
+            f"overlay: {run.uri('tune', 'best.yaml')}"
         )
     return "\n".join(lines)
 
@@ -211,10 +228,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_config(args: argparse.Namespace, run_dir: Path) -> dict:
+def _serve_config(args: argparse.Namespace, run: RunStorage) -> dict:
     from serve_app.launch import load_serve_config
 
-    return load_serve_config(args.serve_config, run_dir, args.host, args.port)
+    return load_serve_config(args.serve_config, run.home, args.host, args.port)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -231,7 +248,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     init_ray(config.ray)
     url = start(serve_config)
     token_env = serve_config["applications"][0]["args"].get("token_env", "ALLMREC_SERVE_TOKEN")
-    print(f"allmrec is serving {run_dir} at {url} (API docs: {url}/docs)")
+    print(f"allmrec is serving {run_dir.home} at {url} (API docs: {url}/docs)")
     print(f"bearer token: {'required (' + token_env + ')' if os.environ.get(token_env) else 'off'}")
     print(
         f"try: curl -s -X POST {url}/recommend -H 'Content-Type: application/json' "
@@ -248,7 +265,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_serve(args: argparse.Namespace, run_dir: Path) -> None:
+def _demo_serve(args: argparse.Namespace, run_dir: RunStorage) -> None:
     """The demo's last step: Serve on the stack just trained, one real HTTP request."""
     import os
 
@@ -275,14 +292,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     manifests = run_pipeline(config, run_dir, force=args.force)
     counts = manifests["data"]["counts"]
     print(
-        f"\ndata: {manifests['data']['source']['name']} in {run_dir / 'data'}: "
+        f"\ndata: {manifests['data']['source']['name']} in {run_dir.uri('data')}: "
         f"{counts['users']} users, {counts['items']} items, "
         f"{counts['interactions']} interactions {counts['splits']}"
     )
-    print(f"\nCF pre-training ({run_dir / 'cf'}):\n" + format_cf_metrics(manifests["cf"]))
-    print(f"\nStage 1 ({run_dir / 'stage1'}):\n" + format_stage1_metrics(manifests["stage1"]))
-    print(f"\nStage 2 ({run_dir / 'stage2'}):\n" + format_stage2_metrics(manifests["stage2"]))
-    print(f"\nEvaluation ({run_dir / 'eval'}):\n" + (run_dir / "eval" / "results.md").read_text())
+    print(f"\nCF pre-training ({run_dir.uri('cf')}):\n" + format_cf_metrics(manifests["cf"]))
+    print(f"\nStage 1 ({run_dir.uri('stage1')}):\n" + format_stage1_metrics(manifests["stage1"]))
+    print(f"\nStage 2 ({run_dir.uri('stage2')}):\n" + format_stage2_metrics(manifests["stage2"]))
+    results = (run_dir.local / "eval" / "results.md").read_text()
+    print(f"\nEvaluation ({run_dir.uri('eval')}):\n" + results)
     if not args.no_serve:
         _demo_serve(args, run_dir)
     return 0
@@ -366,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(getattr(args, "verbose", False))
     try:
         return args.func(args)
-    except (ConfigError, ArtifactError, ValueError, FileNotFoundError) as exc:
+    except USER_ERRORS as exc:
         # Errors a user can fix: one clear message, no traceback.
         print(f"allmrec: error: {exc}", file=sys.stderr)
         return 2

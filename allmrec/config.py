@@ -250,7 +250,13 @@ class RayConfig(_Section):
 class Config(_Section):
     """The root: one object per job, every section with defaults."""
 
-    name: str = Field("allmrec", description="names the default run directory runs/<name>")
+    name: str = Field("allmrec", description="names the run: its home is <storage>/<name>")
+    storage: str = Field(
+        "runs",
+        description="where runs live: a local directory (default), a path every node of the "
+        "cluster mounts, or an s3:// / gs:// (any pyarrow or fsspec) URI; every artifact, "
+        "checkpoint and Tune result of the run goes under <storage>/<name>",
+    )
     seed: int = 42
     data: DataConfig = Field(default_factory=DataConfig)
     cf: CFConfig = Field(default_factory=CFConfig)

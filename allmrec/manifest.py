@@ -139,7 +139,3 @@ def staged_output(final_dir: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final_dir)
-
-
-def default_run_dir(config_name: str) -> Path:
-    return Path("runs") / config_name

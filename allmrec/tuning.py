@@ -52,6 +52,9 @@ def check_search(cfg: TuneConfig, epochs: int) -> None:
 COLUMNS = ("trial", "alpha", "beta", "metric", "epochs", "stopped_early", "status")
 
 
+RESULT_FILES = ("results.csv", "results.md", "alpha_beta.png", "best.yaml")
+
+
 def write_results(rows: list[dict], out: Path, metric: str, max_epochs: int) -> dict | None:
     """results.csv/.md, alpha_beta.png and best.yaml from one row per trial; returns the best
     row (None when no trial reported the metric)."""

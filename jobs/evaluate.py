@@ -6,18 +6,18 @@ ray job submit --working-dir . -- python jobs/evaluate.py --config configs/ml-1m
 
 import sys
 
-from allmrec.cli import parse_job_args
+from allmrec.cli import parse_job_args, run_job
 from allmrec.distributed.evaluate import evaluate_stack
 from allmrec.distributed.runtime import init_ray
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, run_dir = parse_job_args(__doc__, argv)
+    config, run = parse_job_args(__doc__, argv)
     init_ray(config.ray)
-    evaluate_stack(config, run_dir)
-    print((run_dir / "eval" / "results.md").read_text())
+    evaluate_stack(config, run)
+    print((run.local / "eval" / "results.md").read_text())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

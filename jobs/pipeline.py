@@ -7,18 +7,18 @@ ray job submit --working-dir . -- python jobs/pipeline.py --config configs/ml-1m
 
 import sys
 
-from allmrec.cli import parse_job_args
+from allmrec.cli import parse_job_args, run_job
 from allmrec.distributed.pipeline import run_pipeline
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, run_dir = parse_job_args(__doc__, argv)
-    manifests = run_pipeline(config, run_dir)
+    config, run = parse_job_args(__doc__, argv)
+    manifests = run_pipeline(config, run)
     for stage, manifest in manifests.items():
-        print(f"{stage}: {run_dir / stage} ({manifest.get('created_at')})")
-    print((run_dir / "eval" / "results.md").read_text())
+        print(f"{stage}: {run.uri(stage)} ({manifest.get('created_at')})")
+    print((run.local / "eval" / "results.md").read_text())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

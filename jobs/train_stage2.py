@@ -6,18 +6,18 @@ ray job submit --working-dir . -- python jobs/train_stage2.py --config configs/m
 
 import sys
 
-from allmrec.cli import format_stage2_metrics, parse_job_args
+from allmrec.cli import format_stage2_metrics, parse_job_args, run_job
 from allmrec.distributed.runtime import init_ray
 from allmrec.distributed.train_stage2 import train_stage2
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, run_dir = parse_job_args(__doc__, argv)
+    config, run = parse_job_args(__doc__, argv)
     init_ray(config.ray)
-    manifest = train_stage2(config, run_dir)
+    manifest = train_stage2(config, run)
     print(format_stage2_metrics(manifest))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

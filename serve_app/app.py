@@ -3,9 +3,9 @@
 Three deployments, composed with `.bind()` and called through `DeploymentHandle`s:
 - `Ingress` (FastAPI): routes, validation, the body-size limit, the optional bearer token;
 - `Recommender` (CPU): the CF backbone, Stage 1's text path, the joint item embeddings and the
-  catalogue (`allmrec.serving.StackRecommender`); items added at run time are appended to
-  `<run_dir>/serve/added_items.jsonl`, which every replica replays, so any replica can
-  recommend an item that another one added;
+  catalogue (`allmrec.serving.StackRecommender`); items added at run time are written to
+  the run's storage, one record each under `<run>/serve/added_items/`, which every replica
+  replays, so any replica on any node can recommend an item that another one added;
 - `LLM`: the frozen LLM with the trained projectors (`allmrec.serving.StackLLM`), on a GPU when
   the replica has one, with `@serve.batch` so concurrent requests share generation passes.
 
@@ -16,12 +16,10 @@ and inside a Serve ingress class it cannot resolve them from strings.
 
 import asyncio
 import hmac
-import json
 import logging
 import os
 import time
 import uuid
-from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,6 +39,8 @@ from allmrec.serving import (
     StackLLM,
     StackRecommender,
 )
+from allmrec.storage import RecordLog, RunStorage
+from allmrec.training.stage2 import STACK
 
 log = logging.getLogger("allmrec.serve")
 
@@ -48,24 +48,16 @@ log = logging.getLogger("allmrec.serve")
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 class Recommender:
     def __init__(self, run_dir: str, limits: dict) -> None:
-        self.core = StackRecommender(run_dir, Limits(**limits))
-        self.added_log = Path(run_dir) / "serve" / "added_items.jsonl"
-        self.added_log.parent.mkdir(parents=True, exist_ok=True)
-        self.replayed = 0  # bytes of the log already applied
+        run = RunStorage.open(run_dir)
+        self.core = StackRecommender(run.pull(*STACK), Limits(**limits))
+        self.added = RecordLog(run.uri("serve", "added_items"))
 
     def _replay(self) -> None:
-        """Apply items that any replica added since the last request (the log is append-only)."""
-        if not self.added_log.exists() or self.added_log.stat().st_size == self.replayed:
-            return
-        with self.added_log.open("rb") as f:
-            f.seek(self.replayed)
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break  # a line still being written
-                item = NewItem(**json.loads(line))
-                if item.item_id not in self.core.item_index:
-                    self.core.add_item(item)
-                self.replayed += len(line)
+        """Apply the items that any replica added since the last request."""
+        for record in self.added.new_records():
+            item = NewItem(**record)
+            if item.item_id not in self.core.item_index:
+                self.core.add_item(item)
 
     def prepare(self, request: dict) -> dict:
         self._replay()
@@ -82,11 +74,7 @@ class Recommender:
             info = self.core.add_item(new)
         except BadRequest as err:
             return {"error": err.payload(), "status": err.status}
-        line = (json.dumps(new.model_dump()) + "\n").encode()
-        with self.added_log.open("ab") as f:  # one write of one line: atomic with O_APPEND
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        self.added.append(new.model_dump())
         return {"ok": info.model_dump()}
 
     def item(self, item_id: str) -> dict:
@@ -106,7 +94,7 @@ class LLM:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.core = StackLLM(run_dir, device)
+        self.core = StackLLM(RunStorage.open(run_dir).pull(*STACK), device)
         self.max_new_tokens = max_new_tokens
         self.answer.set_max_batch_size(max_batch_size)
 
@@ -257,7 +245,7 @@ class Ingress:
 def build_app(args: dict) -> serve.Application:
     """The application builder of `serve run` / `serve deploy` (`args` from the config file)
     and of `allmrec serve`."""
-    run_dir = str(Path(args["run_dir"]).resolve())
+    run_dir = RunStorage.open(args["run_dir"]).home
     limits = {k: int(args[k]) for k in ("max_history", "max_candidates", "shortlist") if k in args}
     options = {d["name"]: d for d in args.get("deployments", [])}
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import yaml
 from ray import serve
 
+from allmrec.storage import RunStorage
+
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
 
 
@@ -33,7 +35,7 @@ def load_serve_config(
     config = copy.deepcopy(config)
     app = config["applications"][0]
     if run_dir is not None:
-        app["args"]["run_dir"] = str(Path(run_dir).resolve())
+        app["args"]["run_dir"] = RunStorage.open(run_dir).home
     http = config.setdefault("http_options", {})
     if host is not None:
         http["host"] = host
@@ -47,10 +49,10 @@ def start(config: dict, timeout_s: float = 300) -> str:
     from serve_app.app import build_app
 
     app_config = config["applications"][0]
-    run_dir = Path(app_config["args"]["run_dir"])
-    if not (run_dir / "stage2" / "manifest.json").is_file():
+    run = RunStorage.open(app_config["args"]["run_dir"])
+    if not run.has("stage2"):
         raise FileNotFoundError(
-            f"{run_dir / 'stage2' / 'manifest.json'}: no trained stack in {run_dir}; run "
+            f"{run.uri('stage2', 'manifest.json')}: no trained stack in {run.home}; run "
             "`make demo` or `allmrec train stage2` first, or pass --run-dir"
         )
     http = config.get("http_options", {})

@@ -80,30 +80,31 @@ def run_name(stage: str, settings: dict) -> str:
 
 
 def maybe_fail(fail_at_epoch: int | None, epoch: int, rank: int, marker_dir: str) -> None:
-    """Test hook: raise once in a real worker at `fail_at_epoch` (a marker file makes it once)."""
+    """Test hook: raise once in a real worker at `fail_at_epoch` (a marker file in the run's
+    storage, seen by the restarted worker on any node, makes it once)."""
+    from allmrec.storage import create_once, join
+
     if fail_at_epoch != epoch or rank != 0:
         return
-    marker = Path(marker_dir) / f"injected-failure-epoch-{epoch}"
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text("failed here once\n")
-    raise RuntimeError(f"injected failure at epoch {epoch} (fail_at_epoch)")
+    if create_once(join(marker_dir, f"injected-failure-epoch-{epoch}"), "failed here once\n"):
+        raise RuntimeError(f"injected failure at epoch {epoch} (fail_at_epoch)")
 
 
 def make_trainer(
     train_loop,
     loop_config: dict,
     scaling: TrainScaling,
-    storage: Path,
+    storage: str,
     name: str,
     datasets: dict,
     checkpoints_to_keep: int,
     callbacks: list | None = None,
 ) -> TorchTrainer:
     """A TorchTrainer as every allmrec job uses it: gloo on CPU, NCCL on GPUs, a resumable run
-    `storage/name`, and `scaling.max_failures` worker failures survived from checkpoints."""
+    `storage/name` (a path or URI: Ray Train persists checkpoints there itself), and
+    `scaling.max_failures` worker failures survived from checkpoints."""
     from allmrec.distributed.runtime import check_fits_locally
+    from allmrec.storage import join
 
     check_fits_locally(
         f"{name.split('-')[0]}.scaling",
@@ -113,7 +114,7 @@ def make_trainer(
     )
     return TorchTrainer(
         train_loop,
-        train_loop_config={**loop_config, "marker_dir": str(storage / name)},
+        train_loop_config={**loop_config, "marker_dir": join(storage, name)},
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
@@ -122,7 +123,7 @@ def make_trainer(
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=storage,
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep),
             callbacks=callbacks or [],

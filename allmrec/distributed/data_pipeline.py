@@ -29,6 +29,7 @@ from allmrec.data.readers import BadLine, iter_interaction_batches, read_items
 from allmrec.data.schema import ITEMS_SCHEMA, USERS_SCHEMA, item_text_emb_schema
 from allmrec.data.sources import ResolvedSource, resolve_source
 from allmrec.manifest import staged_output, tree_sha256, write_manifest
+from allmrec.storage import RunStorage, open_run
 from allmrec.text_encoder import ItemTextEmbedder
 
 log = logging.getLogger(__name__)
@@ -283,8 +284,20 @@ def _raise_on_bad_lines(bad: list[str], total: int, limit: int, what: str) -> No
         )
 
 
-def prepare_data(config: Config, run_dir: Path) -> dict:
-    """Read, filter, split and embed the configured source into `run_dir/data/`."""
+def _on_this_node() -> dict:
+    """Ray remote args that keep a task on the driver's node: the source files were fetched
+    to this node's disk and the output is written to it, so nothing assumes that another
+    node sees this disk (the finished stage then goes to the run's storage)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+
+
+def prepare_data(config: Config, run_dir: str | Path | RunStorage) -> dict:
+    """Read, filter, split and embed the configured source into the run's `data/`."""
+    run = open_run(run_dir)
+    run_dir = run.local
     cfg = config.data
     started = time.perf_counter()
     source = resolve_source(cfg)
@@ -295,6 +308,7 @@ def prepare_data(config: Config, run_dir: Path) -> dict:
         # Ray's default splits the output into 200 blocks; on a small cluster each later pass
         # then schedules 200 tiny tasks. A few blocks per CPU is plenty.
         override_num_blocks=max(len(source.interaction_paths), 2 * _shuffle_partitions()),
+        ray_remote_args=_on_this_node(),
     ).materialize()
     bad_ds = raw.map_batches(_only_bad, batch_format="pyarrow").materialize()
     bad_total = bad_ds.count()
@@ -336,7 +350,7 @@ def prepare_data(config: Config, run_dir: Path) -> dict:
     )
 
     with staged_output(run_dir / "data") as out:
-        split.write_parquet(str(out / "interactions"))
+        split.write_parquet(str(out / "interactions"), ray_remote_args=_on_this_node())
         interactions = pq.read_table(out / "interactions").sort_by(
             [("user_idx", "ascending"), ("position", "ascending")]
         )
@@ -423,4 +437,5 @@ def prepare_data(config: Config, run_dir: Path) -> dict:
             outputs=tree_sha256(out),
             seconds=round(time.perf_counter() - started, 2),
         )
+    run.push("data")
     return manifest

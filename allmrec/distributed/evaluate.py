@@ -32,8 +32,9 @@ from allmrec.llm_evaluation import (
     summarize,
 )
 from allmrec.manifest import file_sha256, read_manifest, staged_output, write_manifest
+from allmrec.storage import RunStorage, open_run
 from allmrec.training.cf import write_json
-from allmrec.training.stage2 import PROJECTORS_FILE
+from allmrec.training.stage2 import PROJECTORS_FILE, STACK, STAGE2_INPUTS
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,10 @@ def _evaluate_shard(
     config = Config.model_validate(settings)
     torch.set_num_threads(max(1, int(config.evaluate.cpus_per_worker)))
     device = "cuda" if config.evaluate.use_gpu else "cpu"
-    model, inputs = load_trained_stage2(Path(stack_dir), device, inputs_dir=inputs_dir)
+    stack = RunStorage.open(stack_dir).pull(*STACK)
+    if inputs_dir is not None:
+        inputs_dir = RunStorage.open(inputs_dir).pull(*STAGE2_INPUTS)
+    model, inputs = load_trained_stage2(stack, device, inputs_dir=inputs_dir)
     cases = eval_cases(
         np.asarray(users), inputs, config.evaluate.split, config.stage2.num_negatives, config.seed
     )
@@ -65,8 +69,16 @@ def _evaluate_shard(
 
 
 def _run_sharded(
-    config: Config, stack_dir: Path, inputs_dir: Path | None, users, rows, baselines, tag: str
+    config: Config,
+    stack: RunStorage,
+    inputs: RunStorage | None,
+    users,
+    rows,
+    baselines,
+    tag: str,
 ) -> list[dict]:
+    """`users` split over Ray tasks, each evaluating the stack of `stack` (on the users and
+    items of `inputs`, default the stack's own) on whatever node it lands."""
     cfg = config.evaluate
     # one task at a time must fit; more queue for their turn
     check_fits_locally("evaluate", 1, cfg.cpus_per_worker, int(cfg.use_gpu))
@@ -76,8 +88,8 @@ def _run_sharded(
     refs = [
         task.remote(
             settings,
-            str(stack_dir),
-            None if inputs_dir is None else str(inputs_dir),
+            stack.home,
+            None if inputs is None else inputs.home,
             [int(u) for u in shard],
             rows,
             baselines,
@@ -89,12 +101,13 @@ def _run_sharded(
     return sorted(records, key=lambda r: r["user"])
 
 
-def evaluate_stack(config: Config, run_dir: Path) -> dict:
-    """Evaluate `run_dir`'s trained stack; writes `run_dir/eval/`."""
+def evaluate_stack(config: Config, run_dir: str | Path | RunStorage) -> dict:
+    """Evaluate the run's trained stack; writes its `eval/`."""
     from allmrec.data.prepared import load_prepared
 
     cfg = config.evaluate
-    run_dir = Path(run_dir).resolve()
+    run = open_run(run_dir)
+    run_dir = run.pull(*STACK)
     stage2 = read_manifest(run_dir / "stage2", "stage2")
     data = load_prepared(run_dir)
     users = seeded_users(data.eval_users(cfg.split), cfg.max_users, config.seed)
@@ -108,30 +121,31 @@ def evaluate_stack(config: Config, run_dir: Path) -> dict:
         ", ".join(m for m, on in (("ranking", cfg.ranking), ("generation", cfg.generation)) if on),
         cfg.num_workers,
     )
-    records = _run_sharded(config, run_dir, None, users, rows, True, "evaluate")
+    records = _run_sharded(config, run, None, users, rows, True, "evaluate")
     tables = scenario_tables(records)
     sections = {}
     for other in cfg.few_shot:
-        other = Path(other).resolve()
-        share = read_manifest(other / "stage2", "stage2")["config"]["stage2"]["train_user_share"]
-        part = _run_sharded(config, other, run_dir, users, [ALLMREC], False, f"few-shot {other}")
+        other = open_run(other)
+        stage2_of_other = read_manifest(other.pull("stage2") / "stage2", "stage2")
+        share = stage2_of_other["config"]["stage2"]["train_user_share"]
+        part = _run_sharded(config, other, run, users, [ALLMREC], False, f"few-shot {other.home}")
         name = f"few-shot: Stage 2 on {share:.0%} of the users ({other.name})"
         tables[name] = summarize(part)
         sections[name] = part
     for other in cfg.cross_domain:
-        other = Path(other).resolve()
+        other = open_run(other)
         other_users = seeded_users(
-            load_prepared(other).eval_users(cfg.split), cfg.max_users, config.seed
+            load_prepared(other.pull("data")).eval_users(cfg.split), cfg.max_users, config.seed
         )
         part = _run_sharded(
-            config, run_dir, other, other_users, rows, True, f"cross-domain {other}"
+            config, run, other, other_users, rows, True, f"cross-domain {other.home}"
         )
         name = f"cross-domain: evaluated on {other.name}"
         tables[name] = summarize(part)
         sections[name] = part
     seconds = time.perf_counter() - started
 
-    title = f"A-LLMRec on {run_dir.name}: {cfg.split} split, 20 candidates per user"
+    title = f"A-LLMRec on {run.name}: {cfg.split} split, 20 candidates per user"
     notes = [
         f"LLM {stage2['llm']['name']}; Stage 2 trained on {stage2['train_users']} users x "
         f"{stage2['epochs_run']} epoch(s). Every row ranks or generates over the same seeded "
@@ -144,7 +158,7 @@ def evaluate_stack(config: Config, run_dir: Path) -> dict:
     ]
     with staged_output(run_dir / "eval") as out:
         (out / "results.md").write_text(markdown_tables(tables, title, notes))
-        plot_hit1(tables, out / "results.png", title=f"Hit@1, {run_dir.name}")
+        plot_hit1(tables, out / "results.png", title=f"Hit@1, {run.name}")
         write_json(
             out / "results.json",
             {"tables": tables, "records": records, "sections": sections},
@@ -160,4 +174,5 @@ def evaluate_stack(config: Config, run_dir: Path) -> dict:
             seconds=round(seconds, 1),
             users_per_second=round(len(users) / max(seconds, 1e-9), 4),
         )
+    run.push("eval")
     return manifest

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from allmrec.config import Config, config_to_dict
 from allmrec.manifest import MANIFEST, file_sha256
+from allmrec.storage import RunStorage, open_run
 
 log = logging.getLogger(__name__)
 STAGES = ("data", "cf", "stage1", "stage2", "eval")
@@ -68,9 +69,13 @@ def stage_is_current(stage: str, config: Config, run_dir: Path) -> bool:
 
 
 def run_pipeline(
-    config: Config, run_dir: Path, stages: tuple[str, ...] = STAGES, force: bool = False
+    config: Config,
+    run_dir: str | Path | RunStorage,
+    stages: tuple[str, ...] = STAGES,
+    force: bool = False,
 ) -> dict[str, dict]:
-    """Run `stages` in order on one Ray; returns each stage's manifest."""
+    """Run `stages` in order on one Ray; returns each stage's manifest. The run's finished
+    stages are pulled from its storage first: what is current there is not redone."""
     from allmrec.distributed.data_pipeline import prepare_data
     from allmrec.distributed.evaluate import evaluate_stack
     from allmrec.distributed.runtime import init_ray
@@ -86,6 +91,8 @@ def run_pipeline(
         "eval": evaluate_stack,
     }
     init_ray(config.ray)
+    run = open_run(run_dir)
+    run_dir = run.pull(*STAGES)
     manifests = {}
     for stage in stages:
         if not force and stage_is_current(stage, config, run_dir):
@@ -93,5 +100,5 @@ def run_pipeline(
             manifests[stage] = _manifest(run_dir / stage)
             continue
         log.info("%s: running", stage)
-        manifests[stage] = runners[stage](config, run_dir)
+        manifests[stage] = runners[stage](config, run)
     return manifests

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -49,14 +50,43 @@ def check_fits_locally(section: str, num_workers: int, cpus: float, gpus: int = 
             )
 
 
+def _inside_ray_job() -> bool:
+    """True in the entry point of a submitted Ray Job (its supervisor sets this variable)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def _job_env_vars() -> dict:
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    except json.JSONDecodeError:
+        return {}
+    return (job.get("runtime_env") or {}).get("env_vars") or {}
+
+
 def init_ray(cfg: RayConfig) -> None:
     """Join `cfg.address` (or $RAY_ADDRESS, as `ray job submit` sets), else start locally."""
     if ray.is_initialized():
         return
+    unset_on_node = [k for k in WORKER_ENV if k not in os.environ]
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
     runtime_env = {"env_vars": {k: os.environ[k] for k in WORKER_ENV}}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address and _inside_ray_job():
+        # Under `ray job submit` the job's runtime env (its working dir, the submitter's
+        # env_vars) is every worker's. Ray 2.60 re-extracts the working dir when a driver adds
+        # a runtime env of its own - deleting the directory this driver runs in - so add
+        # nothing and say what the cluster should set instead.
+        missing = [k for k in unset_on_node if k not in _job_env_vars()]
+        if missing:
+            log.warning(
+                "the job's runtime env and this node do not set %s; set them on the cluster's "
+                "nodes or in --runtime-env-json (see cluster/README.md)",
+                ", ".join(missing),
+            )
+        log.info("joining the Ray job's cluster at %s", address)
+        ray.init(address=address)
+        return
     if address:
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, runtime_env=runtime_env)

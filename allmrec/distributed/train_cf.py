@@ -45,6 +45,7 @@ from allmrec.evaluation import (
 )
 from allmrec.manifest import staged_output, write_manifest
 from allmrec.plots import plot_curves
+from allmrec.storage import RunStorage, open_run
 from allmrec.training.cf import (
     MODEL_FILE,
     backbone_spec,
@@ -106,7 +107,7 @@ def cf_train_loop(loop_config: dict) -> None:
     torch.set_num_threads(max(1, math.ceil(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(seed)  # the same initial weights on every worker
 
-    data = load_prepared(loop_config["run_dir"])
+    data = load_prepared(RunStorage.open(loop_config["run"]).pull("data"))
     model = build_cf_model(cfg, data.num_users, data.num_items)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
     state = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": 0, "bad_evals": 0, "history": []}
@@ -180,10 +181,11 @@ def cf_train_loop(loop_config: dict) -> None:
             break
 
 
-def train_cf(config: Config, run_dir: Path) -> dict:
-    """Pre-train the CF backbone on `run_dir/data`, write `run_dir/cf/`; return its manifest."""
+def train_cf(config: Config, run_dir: str | Path | RunStorage) -> dict:
+    """Pre-train the CF backbone on the run's `data/`, write its `cf/`; return the manifest."""
     cfg = config.cf
-    run_dir = Path(run_dir).resolve()
+    run = open_run(run_dir)
+    run_dir = run.pull("data")
     data = load_prepared(run_dir)
     started = time.perf_counter()
     users = [u for u in range(1, data.num_users + 1) if len(data.train[u]) >= 2]
@@ -192,13 +194,13 @@ def train_cf(config: Config, run_dir: Path) -> dict:
     train_ds = ray.data.from_items(
         [{"user_idx": u, "items": data.train[u].astype(np.int64)} for u in users]
     ).materialize()
-    storage = run_dir / "checkpoints"
+    storage = run.uri("checkpoints")
     name = run_name(
         "cf", {"cf": config_to_dict(config)["cf"], "seed": config.seed, "data": data.fingerprint}
     )
     trainer = make_trainer(
         cf_train_loop,
-        {"cf": config_to_dict(config)["cf"], "seed": config.seed, "run_dir": str(run_dir)},
+        {"cf": config_to_dict(config)["cf"], "seed": config.seed, "run": run.home},
         cfg.scaling,
         storage,
         name,
@@ -243,6 +245,7 @@ def train_cf(config: Config, run_dir: Path) -> dict:
             train_seconds=round(train_seconds, 1),
             workers=cfg.scaling.num_workers,
         )
+    run.push("cf")
     return manifest
 
 

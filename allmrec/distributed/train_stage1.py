@@ -40,6 +40,7 @@ from allmrec.distributed.common import (
 from allmrec.manifest import staged_output, write_manifest
 from allmrec.models.alignment import CollabTextAligner, set_text_encoder_trainable
 from allmrec.plots import plot_curves
+from allmrec.storage import RunStorage, open_run
 from allmrec.text_encoder import load_sentence_encoder
 from allmrec.training.cf import load_cf_model, write_json
 from allmrec.training.stage1 import (
@@ -122,8 +123,9 @@ def stage1_train_loop(loop_config: dict) -> None:
     rank, world, device = deepspeed_worker(cfg.scaling)
 
     setup_started = time.perf_counter()
-    data = load_prepared(loop_config["run_dir"])
-    cf_model, _ = load_cf_model(loop_config["run_dir"], data)
+    run_dir = RunStorage.open(loop_config["run"]).pull("data", "cf")
+    data = load_prepared(run_dir)
+    cf_model, _ = load_cf_model(run_dir, data)
     frozen = frozen_cf_inputs(cf_model, data, cf_model.config.max_len)
     texts, no_train, cold_label = item_texts(data)
     torch.manual_seed(seed)  # the same initial autoencoders on every worker
@@ -297,19 +299,20 @@ def write_stage1_artifact(
 
 def train_stage1(
     config: Config,
-    run_dir: Path,
+    run_dir: str | Path | RunStorage,
     *,
-    storage: Path | None = None,
+    storage: str | None = None,
     callbacks: list | None = None,
     write_artifact: bool = True,
 ) -> dict:
-    """Stage 1 on `run_dir/data` and `run_dir/cf`; writes `run_dir/stage1/`.
+    """Stage 1 on the run's `data/` and `cf/`; writes its `stage1/`.
 
     A Tune trial passes its own `storage` (the Ray Train run's checkpoints), Tune's report
     callback, and `write_artifact=False`: it needs the metrics, not another stage1/.
     """
     cfg = config.stage1
-    run_dir = Path(run_dir).resolve()
+    run = open_run(run_dir)
+    run_dir = run.pull("data", "cf")
     data = load_prepared(run_dir)
     cf_model, cf_manifest = load_cf_model(run_dir, data)  # fail early, with a clear message
     started = time.perf_counter()
@@ -320,7 +323,7 @@ def train_stage1(
         )
     ray.data.DataContext.get_current().enable_progress_bars = False  # epoch lines are progress
     train_ds = ray.data.from_items([{"user_idx": int(u)} for u in users]).materialize()
-    storage = Path(storage) if storage is not None else run_dir / "checkpoints"
+    storage = storage or run.uri("checkpoints")
     settings = config_to_dict(config)
     name = run_name(
         "stage1",
@@ -334,7 +337,7 @@ def train_stage1(
     )
     trainer = make_trainer(
         stage1_train_loop,
-        {"config": settings, "run_dir": str(run_dir)},
+        {"config": settings, "run": run.home},
         cfg.scaling,
         storage,
         name,
@@ -402,4 +405,5 @@ def train_stage1(
             local_param_share=last.get("local_param_share"),
             train_seconds=round(train_seconds, 1),
         )
+    run.push("stage1")
     return manifest

@@ -42,9 +42,11 @@ from allmrec.distributed.common import (
 )
 from allmrec.manifest import staged_output, write_manifest
 from allmrec.plots import plot_curves
+from allmrec.storage import RunStorage, open_run
 from allmrec.training.cf import write_json
 from allmrec.training.stage2 import PROJECTORS_FILE as WEIGHTS
 from allmrec.training.stage2 import (
+    STAGE2_INPUTS,
     build_stage2_model,
     llm_dtype,
     load_stage2_inputs,
@@ -74,7 +76,8 @@ def stage2_train_loop(loop_config: dict) -> None:
     rank, world, device = deepspeed_worker(cfg.scaling)
 
     setup_started = time.perf_counter()
-    inputs = load_stage2_inputs(Path(loop_config["run_dir"]), config)
+    run_dir = RunStorage.open(loop_config["run"]).pull(*STAGE2_INPUTS)
+    inputs = load_stage2_inputs(run_dir, config)
     torch.manual_seed(seed)  # the same initial projectors on every worker
     model = build_stage2_model(config, inputs.d_cf, inputs.d_joint)
     projector_params = [
@@ -189,12 +192,13 @@ def _probe_loss(engine, model, inputs, config: Config, users: list[int]) -> floa
     return loss
 
 
-def train_stage2(config: Config, run_dir: Path) -> dict:
-    """Stage 2 on `run_dir`'s data, CF model and Stage 1; writes `run_dir/stage2/`."""
+def train_stage2(config: Config, run_dir: str | Path | RunStorage) -> dict:
+    """Stage 2 on the run's data, CF model and Stage 1; writes its `stage2/`."""
     from allmrec.llm import EMBEDDED_PREFIX, embedded_llm_path
 
     cfg = config.stage2
-    run_dir = Path(run_dir).resolve()
+    run = open_run(run_dir)
+    run_dir = run.pull(*STAGE2_INPUTS)
     inputs = load_stage2_inputs(run_dir, config)  # fail early, with a clear message
     if cfg.llm.startswith(EMBEDDED_PREFIX):
         embedded_llm_path(cfg.llm)  # dequantize once here, not in every worker at once
@@ -225,11 +229,11 @@ def train_stage2(config: Config, run_dir: Path) -> dict:
         stage2_train_loop,
         {
             "config": settings,
-            "run_dir": str(run_dir),
+            "run": run.home,
             "probe_users": [int(u) for u in users[: cfg.batch_size]],
         },
         cfg.scaling,
-        run_dir / "checkpoints",
+        run.uri("checkpoints"),
         name,
         {"train": train_ds},
         checkpoints_to_keep=1,
@@ -269,4 +273,5 @@ def train_stage2(config: Config, run_dir: Path) -> dict:
             zero_stage=cfg.zero_stage,
             train_seconds=round(train_seconds, 1),
         )
+    run.push("stage2")
     return manifest

@@ -22,7 +22,8 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from allmrec.config import Config, config_to_dict
-from allmrec.tuning import check_search, write_results
+from allmrec.storage import RunStorage, join, open_run
+from allmrec.tuning import RESULT_FILES, check_search, write_results
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,11 @@ def stage1_trial(trial: dict) -> None:
     config.stage1.alpha = float(trial["alpha"])
     config.stage1.beta = float(trial["beta"])
     config.stage1.eval_every = 1  # ASHA compares trials on every epoch's metric
-    trial_dir = Path(tune.get_context().get_trial_dir())
     train_stage1(
         config,
-        Path(trial["run_dir"]),
-        storage=trial_dir / "train",
+        trial["run"],
+        # beside the experiment, in its storage: a restored trial finds its Train run there
+        storage=join(trial["train_storage"], tune.get_context().get_trial_id()),
         callbacks=[TuneReportCallback()],
         write_artifact=False,
     )
@@ -55,24 +56,23 @@ def _space(config: Config) -> dict:
     return {"alpha": draw(*cfg.alpha_range), "beta": draw(*cfg.beta_range)}
 
 
-def _experiment_path(storage: str, name: str) -> str:
-    return f"{storage.rstrip('/')}/{name}"
-
-
-def search_alpha_beta(config: Config, run_dir: Path, resume: bool = False) -> dict:
-    """Run (or resume) the search; writes the tables, the plot and best.yaml to
-    `<run_dir>/tune/`; returns a summary with the best trial."""
+def search_alpha_beta(
+    config: Config, run_dir: str | Path | RunStorage, resume: bool = False
+) -> dict:
+    """Run (or resume) the search; writes the tables, the plot and best.yaml to the run's
+    `tune/`; returns a summary with the best trial."""
     from allmrec.data.prepared import load_prepared
     from allmrec.distributed.runtime import check_fits_locally
     from allmrec.training.cf import load_cf_model
 
     cfg, scaling = config.tune, config.stage1.scaling
     check_search(cfg, config.stage1.epochs)
-    run_dir = Path(run_dir).resolve()
+    run = open_run(run_dir)
+    run_dir = run.pull("data", "cf")
     load_cf_model(run_dir, load_prepared(run_dir))  # a missing input fails now, clearly
     check_fits_locally("stage1.scaling", scaling.num_workers, scaling.cpus_per_worker)
-    storage = cfg.storage or str(run_dir / "tune")
-    path = _experiment_path(storage, cfg.name)
+    storage = cfg.storage or run.uri("tune")
+    path = join(storage, cfg.name)
     # The trial only drives its Train run; Tune refuses an empty bundle, so a token CPU share.
     trainable = tune.with_resources(stage1_trial, {"cpu": 0.01})
     if resume:
@@ -89,7 +89,8 @@ def search_alpha_beta(config: Config, run_dir: Path, resume: bool = False) -> di
             trainable,
             param_space={
                 "config": config_to_dict(config),
-                "run_dir": str(run_dir),
+                "run": run.home,
+                "train_storage": join(storage, f"{cfg.name}-train"),
                 **_space(config),
             },
             tune_config=tune.TuneConfig(
@@ -138,4 +139,5 @@ def search_alpha_beta(config: Config, run_dir: Path, resume: bool = False) -> di
             }
         )
     best = write_results(rows, run_dir / "tune", cfg.metric, config.stage1.epochs)
+    run.push("tune", files=[f for f in RESULT_FILES if (run_dir / "tune" / f).is_file()])
     return {"experiment": path, "trials": rows, "best": best}

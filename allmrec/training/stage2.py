@@ -239,6 +239,9 @@ def llm_dtype(config: Config) -> torch.dtype:
 
 
 PROJECTOR_PREFIXES = ("user_projector.", "item_projector.")
+# The run stages Stage 2 reads, and the whole stack that evaluation and serving read.
+STAGE2_INPUTS = ("data", "cf", "stage1")
+STACK = (*STAGE2_INPUTS, "stage2")
 PROJECTORS_FILE = "projectors.safetensors"  # F_U and F_I: all that Stage 2 trains
 
 

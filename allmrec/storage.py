@@ -1,0 +1,306 @@
+"""Where a run lives: a local directory, a shared filesystem path, or an object store.
+
+A run has one durable home, `<storage>/<name>` (e.g. `runs/ml-100k-cpu`,
+`s3://bucket/allmrec/ml-1m`). Library code only ever reads and writes a local directory, so
+every process that touches a run - the driver, a Train worker, an evaluation task, a Serve
+replica, on whatever node - works in its own node's copy of the run (`RunStorage.local`) and
+moves finished stage directories between that copy and the home:
+
+- `pull(*stages)` before reading: a stage whose manifest in the home differs from the local
+  one is downloaded (into a temporary directory, then swapped in, under a file lock, so two
+  workers on one node download it once);
+- `push(stage)` after writing: the stage's files, then its manifest last, so in the home too
+  a stage directory with a manifest is finished and one without is not.
+
+A home that is a plain path is its own local copy and both are no-ops: that is the default,
+and on a cluster it must be a filesystem every node mounts (NFS, EFS, Filestore). A URI home
+(s3://, gs://, file://, or any fsspec protocol) assumes nothing shared between nodes: each
+node keeps its copy under `$ALLMREC_CACHE/runs/`. Filesystems come from pyarrow, and from
+fsspec for protocols pyarrow does not know.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from allmrec.data.fetch import cache_dir
+from allmrec.manifest import MANIFEST
+
+log = logging.getLogger(__name__)
+
+
+class StorageError(RuntimeError):
+    """A storage location that cannot be used (unknown protocol, unreachable, refused)."""
+
+
+def is_uri(location: str | Path) -> bool:
+    return "://" in str(location)
+
+
+def join(root: str, *parts: str) -> str:
+    """`root/part/...` for a path or a URI (pathlib would collapse `s3://` to `s3:/`)."""
+    if not is_uri(root):
+        return str(Path(root, *parts))
+    return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem of `uri` and the path inside it: pyarrow's, else fsspec's."""
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, ValueError) as pyarrow_error:
+        try:
+            import fsspec.core
+        except ImportError:
+            raise StorageError(f"{uri}: pyarrow cannot open it ({pyarrow_error})") from None
+        try:
+            fs, path = fsspec.core.url_to_fs(uri)
+        except (ImportError, ValueError) as fsspec_error:
+            raise StorageError(
+                f"{uri}: neither pyarrow ({pyarrow_error}) nor fsspec ({fsspec_error}) can open "
+                "it; install the fsspec package of its protocol (e.g. adlfs for abfs://)"
+            ) from None
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+JOB_COPY_ENV = "ALLMREC_JOB_WORKING_COPY"
+
+
+def _inside_job_working_dir() -> bool:
+    # `ray job submit --working-dir` runs the entry point in an unpacked copy under the
+    # session's runtime_resources: anything written relative to it is lost with the session.
+    return JOB_COPY_ENV in os.environ or "runtime_resources" in Path.cwd().parts
+
+
+def leave_job_working_dir() -> None:
+    """Move a submitted job's driver into a private copy of its working dir.
+
+    Ray 2.60 deletes and re-extracts a job's working dir on a node whenever it sets up a new
+    runtime env that carries it (Ray Train's workers and Ray Data's actors add env vars of
+    their own), which pulls the directory out from under the driver running in it: the next
+    `os.getcwd()` fails. A copy that Ray does not manage keeps the driver's relative paths
+    (`--config configs/x.yaml`) working for the whole job.
+    """
+    cwd = Path.cwd()
+    if "runtime_resources" not in cwd.parts or JOB_COPY_ENV in os.environ:
+        return
+    import atexit
+
+    copy = Path(tempfile.mkdtemp(prefix="allmrec-job-"))
+    shutil.copytree(cwd, copy, symlinks=True, dirs_exist_ok=True)
+    os.chdir(copy)
+    os.environ[JOB_COPY_ENV] = str(copy)
+    atexit.register(shutil.rmtree, copy, ignore_errors=True)
+    log.debug("job driver runs in %s, a copy of %s", copy, cwd)
+
+
+@dataclass(frozen=True)
+class RunStorage:
+    """A run's home (`home`, a path or URI) and this node's working copy (`local`)."""
+
+    home: str
+    local: Path
+
+    @classmethod
+    def open(cls, home: str | Path) -> RunStorage:
+        home = str(home)
+        if not is_uri(home):
+            if not Path(home).is_absolute() and _inside_job_working_dir():
+                raise StorageError(
+                    f"storage: the run directory {home!r} is relative, and this job runs from a "
+                    "temporary copy of its working dir, which Ray deletes: give an absolute "
+                    "path every node mounts or an s3:// / gs:// URI (--set storage=... or "
+                    "--run-dir ...)"
+                )
+            path = Path(home).resolve()
+            return cls(home=str(path), local=path)
+        home = home.rstrip("/")
+        digest = hashlib.sha256(home.encode()).hexdigest()[:12]
+        name = home.rsplit("/", 1)[-1] or "run"
+        return cls(home=home, local=cache_dir() / "runs" / f"{name}-{digest}")
+
+    @property
+    def name(self) -> str:
+        """The run's name: the last part of its home."""
+        return self.home.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def remote(self) -> bool:
+        return is_uri(self.home)
+
+    def uri(self, *parts: str) -> str:
+        """A location under the home, for what Ray writes itself (Train checkpoints, Tune)."""
+        return join(self.home, *parts)
+
+    def _fs(self) -> tuple[pafs.FileSystem, str]:
+        return filesystem(self.home)
+
+    def remote_manifest(self, stage: str) -> bytes | None:
+        fs, base = self._fs()
+        try:
+            with fs.open_input_stream(f"{base}/{stage}/{MANIFEST}") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            if "not found" in str(err).lower() or "does not exist" in str(err).lower():
+                return None
+            raise StorageError(f"{self.uri(stage, MANIFEST)}: {err}") from err
+
+    def has(self, stage: str) -> bool:
+        """Whether the home holds a finished `stage`."""
+        if not self.remote:
+            return (self.local / stage / MANIFEST).is_file()
+        return self.remote_manifest(stage) is not None
+
+    def pull(self, *stages: str) -> Path:
+        """Bring the finished `stages` of the home into the local copy; returns `local`."""
+        if not self.remote:
+            return self.local
+        from filelock import FileLock
+
+        self.local.mkdir(parents=True, exist_ok=True)
+        fs, base = self._fs()
+        for stage in stages:
+            with FileLock(str(self.local / f".{stage}.lock")):
+                remote = self.remote_manifest(stage)
+                target = self.local / stage
+                if remote is None:
+                    # not made (or removed) in the home: a copy here would be stale; the
+                    # stage that reads it says that it is missing
+                    shutil.rmtree(target, ignore_errors=True)
+                    continue
+                mine = target / MANIFEST
+                if mine.is_file() and mine.read_bytes() == remote:
+                    continue
+                log.info("pulling %s into %s", self.uri(stage), target)
+                tmp = Path(tempfile.mkdtemp(prefix=f".{stage}.pull-", dir=self.local))
+                try:
+                    pafs.copy_files(
+                        f"{base}/{stage}",
+                        str(tmp),
+                        source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem(),
+                    )
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+                if target.exists():
+                    old = self.local / f".{stage}.old-{os.getpid()}"
+                    os.replace(target, old)
+                    os.replace(tmp, target)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, target)
+        return self.local
+
+    def push(self, stage: str, files: list[str] | None = None) -> None:
+        """Upload the local `stage` directory to the home, its manifest last. With `files`,
+        upload only those (paths inside the stage) and leave the rest of the home's copy."""
+        if not self.remote:
+            return
+        source = self.local / stage
+        fs, base = self._fs()
+        target = f"{base}/{stage}"
+        if files is None:
+            # the old manifest first: from here until the new one lands the stage is unfinished
+            fs.delete_dir_contents(target, missing_dir_ok=True)
+            files = sorted(
+                str(p.relative_to(source))
+                for p in source.rglob("*")
+                if p.is_file() and p.name != MANIFEST
+            )
+            if (source / MANIFEST).is_file():
+                files.append(MANIFEST)
+        log.info("pushing %s (%d files) to %s", source, len(files), self.uri(stage))
+        local_fs = pafs.LocalFileSystem()
+        for name in files:
+            parent = f"{target}/{name}".rsplit("/", 1)[0]
+            fs.create_dir(parent, recursive=True)
+            pafs.copy_files(
+                str(source / name),
+                f"{target}/{name}",
+                source_filesystem=local_fs,
+                destination_filesystem=fs,
+            )
+
+
+def open_run(run: str | Path | RunStorage) -> RunStorage:
+    """A run given as its storage, a path or a URI."""
+    return run if isinstance(run, RunStorage) else RunStorage.open(run)
+
+
+def create_once(uri: str, text: str) -> bool:
+    """Create the file at `uri` (a path or URI) unless it exists; True when this call made it."""
+    fs, path = filesystem(uri) if is_uri(uri) else (pafs.LocalFileSystem(), str(Path(uri)))
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        return False
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+    return True
+
+
+class RecordLog:
+    """An append-only log of JSON records kept as one file each under `location` (a path or
+    URI): writers on any node append without a shared file or lock, readers replay the
+    records in the order they were written (names start with the writer's clock)."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+        if is_uri(location):
+            self.fs, self.path = filesystem(location)
+        else:
+            self.fs, self.path = pafs.LocalFileSystem(), str(Path(location).resolve())
+        self.seen: set[str] = set()
+
+    def append(self, record: dict) -> None:
+        import json
+
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+        self.fs.create_dir(self.path, recursive=True)
+        data = json.dumps(record).encode()
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            # a local file appears whole: written under a hidden name, then renamed
+            tmp = f"{self.path}/.{name}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, f"{self.path}/{name}")
+        else:  # an object store's object appears whole when its upload completes
+            with self.fs.open_output_stream(f"{self.path}/{name}") as f:
+                f.write(data)
+        self.seen.add(name)
+
+    def new_records(self) -> list[dict]:
+        """The records written since the last call (by anyone but this log), oldest first."""
+        import json
+
+        selector = pafs.FileSelector(self.path, allow_not_found=True)
+        names = sorted(
+            info.base_name
+            for info in self.fs.get_file_info(selector)
+            if info.is_file
+            and info.base_name.endswith(".json")
+            and not info.base_name.startswith(".")
+        )
+        records = []
+        for name in names:
+            if name in self.seen:
+                continue
+            with self.fs.open_input_stream(f"{self.path}/{name}") as f:
+                records.append(json.loads(f.read()))
+            self.seen.add(name)
+        return records

@@ -1,0 +1,117 @@
+"""The run's storage: a local home is used in place; a URI home is mirrored per node, stage by
+stage, manifest last, and nothing is read from another process's local copy."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from allmrec.manifest import MANIFEST, read_manifest
+from allmrec.storage import RecordLog, RunStorage, StorageError, join
+
+
+def _stage(directory: Path, marker: str) -> None:
+    (directory / "parts").mkdir(parents=True)
+    (directory / "parts" / "a.bin").write_bytes(os.urandom(1000))
+    (directory / "note.txt").write_text(marker)
+    (directory / MANIFEST).write_text(
+        json.dumps({"format_version": 1, "stage": "data", "marker": marker})
+    )
+
+
+def test_local_home_is_its_own_copy(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = RunStorage.open("runs/x")
+    assert not run.remote
+    assert run.local == tmp_path / "runs" / "x" and run.home == str(run.local)
+    assert run.pull("data") == run.local  # nothing to move
+    assert join("s3://bucket/root/", "x", "cf") == "s3://bucket/root/x/cf"
+    assert join("runs", "x") == "runs/x"
+
+
+def test_uri_home_push_then_pull_on_another_node(tmp_path, monkeypatch):
+    home = f"file://{tmp_path / 'bucket'}/runs/r1"
+    monkeypatch.setenv("ALLMREC_CACHE", str(tmp_path / "node-a"))
+    writer = RunStorage.open(home)
+    assert writer.remote and writer.local.is_relative_to(tmp_path / "node-a")
+    _stage(writer.local / "data", "first")
+    writer.push("data")
+    stored = tmp_path / "bucket" / "runs" / "r1" / "data"
+    assert (stored / MANIFEST).is_file() and (stored / "parts" / "a.bin").is_file()
+    assert writer.has("data") and not writer.has("cf")
+
+    # another node: its own cache, nothing shared but the home
+    monkeypatch.setenv("ALLMREC_CACHE", str(tmp_path / "node-b"))
+    reader = RunStorage.open(home)
+    assert reader.local != writer.local
+    local = reader.pull("data", "cf")
+    assert (local / "data" / "note.txt").read_text() == "first"
+    assert (local / "data" / "parts" / "a.bin").read_bytes() == (
+        writer.local / "data" / "parts" / "a.bin"
+    ).read_bytes()
+    assert not (local / "cf").exists()
+    read_manifest(local / "data", "data")
+
+    # current copy: not downloaded again; a new version in the home: replaced
+    before = (local / "data" / "note.txt").stat().st_mtime_ns
+    reader.pull("data")
+    assert (local / "data" / "note.txt").stat().st_mtime_ns == before
+    shutil.rmtree(writer.local / "data")
+    _stage(writer.local / "data", "second")
+    writer.push("data")
+    reader.pull("data")
+    assert (local / "data" / "note.txt").read_text() == "second"
+
+    # removed from the home: the copy goes too (it would be stale)
+    shutil.rmtree(stored)
+    reader.pull("data")
+    assert not (local / "data").exists()
+
+
+def test_push_replaces_the_stage_and_manifest_marks_it_finished(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALLMREC_CACHE", str(tmp_path / "cache"))
+    run = RunStorage.open(f"file://{tmp_path / 'bucket'}/r")
+    _stage(run.local / "cf", "old")
+    (run.local / "cf" / "stale.txt").write_text("from an older run")
+    run.push("cf")
+    (run.local / "cf" / "stale.txt").unlink()
+    (run.local / "cf" / MANIFEST).unlink()  # an unfinished stage: its files only
+    run.push("cf")
+    stored = tmp_path / "bucket" / "r" / "cf"
+    assert not (stored / "stale.txt").exists()
+    assert not (stored / MANIFEST).exists() and not run.has("cf")
+
+
+def test_relative_home_inside_a_job_working_dir_is_refused(tmp_path, monkeypatch):
+    job_dir = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "x"
+    job_dir.mkdir(parents=True)
+    monkeypatch.chdir(job_dir)
+    with pytest.raises(StorageError, match="relative.*absolute path every node mounts"):
+        RunStorage.open("runs/demo")
+    assert RunStorage.open(str(tmp_path / "shared")).home == str(tmp_path / "shared")
+
+
+def test_unknown_protocol_is_a_clear_error(tmp_path):
+    from allmrec.storage import filesystem
+
+    with pytest.raises(StorageError, match="nosuchfs://"):
+        filesystem("nosuchfs://bucket/x")
+
+
+@pytest.mark.parametrize("scheme", ["path", "uri"])
+def test_record_log_between_replicas(tmp_path, scheme):
+    location = str(tmp_path / "log") if scheme == "path" else f"file://{tmp_path / 'log'}"
+    first, second = RecordLog(location), RecordLog(location)
+    assert second.new_records() == []  # nothing yet, and no directory needed
+    first.append({"item_id": "a"})
+    first.append({"item_id": "b"})
+    assert first.new_records() == []  # its own records are applied already
+    assert [r["item_id"] for r in second.new_records()] == ["a", "b"]
+    assert second.new_records() == []
+    second.append({"item_id": "c"})
+    assert [r["item_id"] for r in first.new_records()] == ["c"]
+    assert [r["item_id"] for r in RecordLog(location).new_records()] == ["a", "b", "c"]
