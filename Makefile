@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_TRAIN_ENABLE_PRINT_PATCH := 0
 
-.PHONY: demo serve test lint format install install-dev clean-venv
+.PHONY: demo serve test lint format install install-dev clean-venv cluster-up cluster-down cluster-status
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,16 @@ demo: $(VENV)/.base
 # The stack `make demo` trained, over HTTP on 127.0.0.1:8000 until Ctrl-C.
 serve: $(VENV)/.base
 	$(VENV)/bin/allmrec serve --config $(CONFIG)
+
+# A two-node Ray cluster on 127.0.0.1 for `ray job submit` (cluster/README.md).
+cluster-up: $(VENV)/.base
+	cluster/local.sh start
+
+cluster-down:
+	cluster/local.sh stop
+
+cluster-status:
+	cluster/local.sh status
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -x -q --durations=15 $(PYTEST_ARGS)

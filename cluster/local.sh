@@ -74,6 +74,14 @@ wait_for_nodes() {
     done
 }
 
+# Each node's agents get ports of their own, derived from DASHBOARD_PORT: both nodes - and any
+# other Ray on this machine, which takes Ray's default ports - share one port space.
+agent_ports() {
+    local base=$((DASHBOARD_PORT + $1))
+    echo "--dashboard-agent-listen-port=$base --dashboard-agent-grpc-port=$((base + 1))" \
+        "--metrics-export-port=$((base + 2)) --runtime-env-agent-port=$((base + 3))"
+}
+
 start() {
     if alive head || alive worker; then
         echo "cluster: already running (cluster/local.sh status; cluster/local.sh stop)" >&2
@@ -87,17 +95,13 @@ start() {
     RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=5 nohup ray start --head --block --node-ip-address=127.0.0.1 --port="$RAY_PORT" \
         --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --include-dashboard=true \
         --num-cpus="$HEAD_CPUS" --object-store-memory="$store" --temp-dir="$RAY_TMP" \
-        --disable-usage-stats >"$CLUSTER_DIR/head.log" 2>&1 &
+        $(agent_ports 200) --disable-usage-stats >"$CLUSTER_DIR/head.log" 2>&1 &
     echo $! >"$CLUSTER_DIR/head.pid"
     wait_for_nodes 1
-    # The worker node gets ports of its own: two nodes share this machine's port space.
     env ${WORKER_CACHE:+ALLMREC_CACHE="$WORKER_CACHE"} nohup ray start --block \
         --address="127.0.0.1:$RAY_PORT" --node-ip-address=127.0.0.1 \
         --num-cpus="$WORKER_CPUS" --object-store-memory="$store" \
-        --dashboard-agent-listen-port=$((DASHBOARD_PORT + 100)) \
-        --metrics-export-port=$((DASHBOARD_PORT + 101)) \
-        --runtime-env-agent-port=$((DASHBOARD_PORT + 102)) \
-        --disable-usage-stats >"$CLUSTER_DIR/worker.log" 2>&1 &
+        $(agent_ports 100) --disable-usage-stats >"$CLUSTER_DIR/worker.log" 2>&1 &
     echo $! >"$CLUSTER_DIR/worker.pid"
     wait_for_nodes 2
     echo "cluster: 2 nodes up (head: $HEAD_CPUS CPU, worker: $WORKER_CPUS CPU), token auth on"

@@ -178,7 +178,7 @@ def local_cluster(tmp_path_factory):
 
 def _submit(client_env: dict, submission_id: str, args: list[str], timeout: float):
     """`ray job submit` (waits for the end), then its status and logs as a user reads them."""
-    _run(
+    submitted = _run(
         [
             RAY_CLI,
             "job",
@@ -196,7 +196,7 @@ def _submit(client_env: dict, submission_id: str, args: list[str], timeout: floa
     )
     status = _run([RAY_CLI, "job", "status", submission_id], client_env, 60)
     logs = _run([RAY_CLI, "job", "logs", submission_id], client_env, 60).stdout
-    return status.stdout + status.stderr, logs
+    return status.stdout + status.stderr + submitted.stderr[-3000:], logs
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ import ray
 from ray.data import ActorPoolStrategy
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from allmrec.config import Config, DataConfig, config_to_dict
 from allmrec.data import prepare
@@ -284,14 +285,11 @@ def _raise_on_bad_lines(bad: list[str], total: int, limit: int, what: str) -> No
         )
 
 
-def _on_this_node() -> dict:
-    """Ray remote args that keep a task on the driver's node: the source files were fetched
+def _this_node() -> str:
+    """The driver's node. Reading and writing tasks stay on it: the source files were fetched
     to this node's disk and the output is written to it, so nothing assumes that another
     node sees this disk (the finished stage then goes to the run's storage)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    node = ray.get_runtime_context().get_node_id()
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+    return ray.get_runtime_context().get_node_id()
 
 
 def prepare_data(config: Config, run_dir: str | Path | RunStorage) -> dict:
@@ -308,7 +306,7 @@ def prepare_data(config: Config, run_dir: str | Path | RunStorage) -> dict:
         # Ray's default splits the output into 200 blocks; on a small cluster each later pass
         # then schedules 200 tiny tasks. A few blocks per CPU is plenty.
         override_num_blocks=max(len(source.interaction_paths), 2 * _shuffle_partitions()),
-        ray_remote_args=_on_this_node(),
+        label_selector={"ray.io/node-id": _this_node()},
     ).materialize()
     bad_ds = raw.map_batches(_only_bad, batch_format="pyarrow").materialize()
     bad_total = bad_ds.count()
@@ -350,7 +348,12 @@ def prepare_data(config: Config, run_dir: str | Path | RunStorage) -> dict:
     )
 
     with staged_output(run_dir / "data") as out:
-        split.write_parquet(str(out / "interactions"), ray_remote_args=_on_this_node())
+        split.write_parquet(
+            str(out / "interactions"),
+            ray_remote_args={
+                "scheduling_strategy": NodeAffinitySchedulingStrategy(_this_node(), soft=False)
+            },
+        )
         interactions = pq.read_table(out / "interactions").sort_by(
             [("user_idx", "ascending"), ("position", "ascending")]
         )
