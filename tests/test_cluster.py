@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -226,21 +227,34 @@ def test_a_job_with_a_bad_config_fails_with_the_reason_in_its_logs(local_cluster
     assert "unknown key 'cf.epoch'" in logs
 
 
+# The settings of the session's `stage1_run` fixture: its data, CF and Stage 1 are current for
+# this config, so the pipeline takes them from the storage and runs Stage 2 and evaluation.
+CURRENT = [
+    "cf.epochs=8",
+    "cf.lr=0.002",
+    "cf.eval_every=8",
+    "stage1.epochs=4",
+    "stage1.eval_every=4",
+    "stage1.checkpoint_every=4",
+]
+
+
 @pytest.mark.slow
-def test_the_pipeline_as_a_ray_job_on_two_nodes(local_cluster, tiny_llm):
+def test_the_pipeline_as_a_ray_job_on_two_nodes(local_cluster, stage1_run, tiny_llm):
     base, client_env = local_cluster
-    storage = f"file://{base / 'bucket'}"
+    run = base / "bucket" / "tiny"
+    for stage in ("data", "cf", "stage1"):  # a run in the bucket, as an earlier job left it
+        shutil.copytree(stage1_run / stage, run / stage)
+    before = {s: (run / s / "manifest.json").read_bytes() for s in ("data", "cf", "stage1")}
     overrides = [
         "name=tiny",
-        f"storage={storage}",
-        "cf.epochs=2",
-        "cf.eval_every=2",
-        "cf.scaling.num_workers=2",  # 1 CPU on the head: the second worker is on node 2
-        "stage1.epochs=2",
-        "stage1.eval_every=2",
-        "stage1.checkpoint_every=2",
+        f"storage=file://{base / 'bucket'}",
+        *CURRENT,
         f"stage2.llm={tiny_llm}",
         "stage2.max_train_users=4",
+        "stage2.zero_stage=3",
+        # 1 CPU on the head: ZeRO-3 partitions the LLM over a worker on each node
+        "stage2.scaling.num_workers=2",
         "stage2.scaling.cpus_per_worker=1",
         "evaluate.max_users=4",
         "evaluate.num_workers=2",
@@ -253,15 +267,18 @@ def test_the_pipeline_as_a_ray_job_on_two_nodes(local_cluster, tiny_llm):
     assert "Job 'pipeline' succeeded" in status, status + logs[-3000:]
     assert "| A-LLMRec (likelihood) |" in logs  # the results table, printed by the job
 
-    run = base / "bucket" / "tiny"
-    for stage in ("data", "cf", "stage1", "stage2", "eval"):
-        manifest = json.loads((run / stage / "manifest.json").read_text())
-        assert manifest["stage"] == stage
-    assert (run / "eval" / "results.md").is_file()
+    for stage in ("data", "cf", "stage1"):  # current: taken as they were
+        assert (run / stage / "manifest.json").read_bytes() == before[stage], stage
+    stage2 = json.loads((run / "stage2" / "manifest.json").read_text())
+    assert stage2["workers"] == 2 and stage2["zero_stage"] == 3
+    assert stage2["metrics"]["llm_local_param_share"] == pytest.approx(0.5, abs=0.02)
     assert (run / "stage2" / "projectors.safetensors").is_file()
+    assert json.loads((run / "eval" / "manifest.json").read_text())["users"] == 4
+    assert (run / "eval" / "results.md").is_file()
     assert any((run / "checkpoints").iterdir())  # Ray Train wrote its checkpoints there too
     # The worker node read its inputs from the storage into its own cache, never from the
     # head's disk.
     mirrors = list((base / "worker-cache" / "runs").glob("tiny-*"))
-    assert mirrors and (mirrors[0] / "data" / "manifest.json").is_file()
+    assert mirrors, "nothing ran on the worker node"
+    assert all((mirrors[0] / s / "manifest.json").is_file() for s in ("data", "cf", "stage1"))
     assert not (REPO / "runs" / "tiny").exists()

@@ -1,6 +1,6 @@
-"""Ray Tune over Stage 1's alpha and beta on real MovieLens-100K: ASHA stops a trial early,
-best.yaml feeds the next Stage 1 run, an interrupted search resumes without repeating the
-trials that finished, and a search that cannot run is refused before it starts."""
+"""Ray Tune over Stage 1's alpha and beta on real MovieLens-100K: an interrupted search
+resumes without repeating the trials that finished, ASHA stops a trial early, best.yaml feeds
+the next Stage 1 run, and a search that cannot run is refused before it starts."""
 
 from __future__ import annotations
 
@@ -37,12 +37,59 @@ def _copy(cf_run, target: Path) -> Path:
     return target
 
 
+def _finished_trials(experiment: Path) -> dict[str, bytes]:
+    """result.json of every trial that reported done."""
+    finished = {}
+    for result in experiment.glob("*/result.json"):
+        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if lines and lines[-1].get("done"):
+            finished[result.parent.name] = result.read_bytes()
+    return finished
+
+
+def _search_until_a_trial_finishes(run_dir: Path) -> dict[str, bytes]:
+    """Start the search in a driver process of its own (with its own local Ray), wait until a
+    trial has finished, then SIGKILL the driver and its Ray: an interrupted search."""
+    args = [sys.executable, "-m", "allmrec.cli", "tune", "--config", "configs/ml-100k-cpu.yaml"]
+    for o in [*SEARCH, "ray.num_cpus=2"]:
+        args += ["--set", o]
+    driver = subprocess.Popen(
+        [*args, "--run-dir", str(run_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own local Ray: killed with it
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    experiment = run_dir / "tune" / "alpha-beta"
+    try:
+        deadline = time.monotonic() + 600
+        while not _finished_trials(experiment) and time.monotonic() < deadline:
+            assert driver.poll() is None, "the search ended before it could be interrupted"
+            time.sleep(2)
+        finished = _finished_trials(experiment)
+        assert finished, "no trial finished in 10 minutes"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
+        driver.wait()
+    return finished
+
+
 @pytest.mark.slow
-def test_search_stops_a_trial_early_and_best_yaml_feeds_stage1(cf_run, tmp_path):
+def test_a_killed_search_resumes_stops_trials_early_and_feeds_stage1(cf_run, tmp_path):
+    """One search, interrupted and resumed: the finished trials are not run again, ASHA stops
+    a trial early, and best.yaml feeds the next Stage 1 run."""
     from allmrec.distributed.tune_alpha_beta import search_alpha_beta
 
     run_dir = _copy(cf_run, tmp_path / "run")
-    summary = search_alpha_beta(load_config(["configs/ml-100k-cpu.yaml"], SEARCH), run_dir)
+    finished = _search_until_a_trial_finishes(run_dir)
+    assert len(finished) < 4
+
+    config = load_config(["configs/ml-100k-cpu.yaml"], SEARCH)
+    summary = search_alpha_beta(config, run_dir, resume=True)
+    after = _finished_trials(run_dir / "tune" / "alpha-beta")
+    for trial, content in finished.items():
+        assert after[trial] == content, f"{trial} ran again"
+
     rows = summary["trials"]
     assert len(rows) == 4
     assert all(r["status"] == "done" and r["metric"] is not None for r in rows), rows
@@ -64,56 +111,6 @@ def test_search_stops_a_trial_early_and_best_yaml_feeds_stage1(cf_run, tmp_path)
     assert overlaid.stage1.model_dump(exclude={"alpha", "beta"}) == base.stage1.model_dump(
         exclude={"alpha", "beta"}
     )
-
-
-def _finished_trials(experiment: Path) -> dict[str, bytes]:
-    """result.json of every trial that reported done."""
-    finished = {}
-    for result in experiment.glob("*/result.json"):
-        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        if lines and lines[-1].get("done"):
-            finished[result.parent.name] = result.read_bytes()
-    return finished
-
-
-@pytest.mark.slow
-def test_a_killed_search_resumes_without_repeating_finished_trials(cf_run, tmp_path):
-    from allmrec.distributed.tune_alpha_beta import search_alpha_beta
-
-    run_dir = _copy(cf_run, tmp_path / "run")
-    # two trials, one at a time: the first finishes, the driver dies during the second
-    overrides = [*SEARCH, "tune.beta=[0.2]", "tune.max_concurrent_trials=1"]
-    args = [sys.executable, "-m", "allmrec.cli", "tune", "--config", "configs/ml-100k-cpu.yaml"]
-    for o in overrides + ["ray.num_cpus=2"]:
-        args += ["--set", o]
-    driver = subprocess.Popen(
-        [*args, "--run-dir", str(run_dir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own local Ray: killed with it
-        env={**os.environ, "RAY_ADDRESS": ""},
-    )
-    experiment = run_dir / "tune" / "alpha-beta"
-    try:
-        deadline = time.monotonic() + 600
-        while not _finished_trials(experiment) and time.monotonic() < deadline:
-            assert driver.poll() is None, "the search ended before it could be interrupted"
-            time.sleep(2)
-        finished = _finished_trials(experiment)
-        assert finished, "no trial finished in 10 minutes"
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
-        driver.wait()
-    assert len(finished) < 2
-
-    summary = search_alpha_beta(
-        load_config(["configs/ml-100k-cpu.yaml"], overrides), run_dir, resume=True
-    )
-    assert len(summary["trials"]) == 2
-    assert all(r["metric"] is not None for r in summary["trials"]), summary["trials"]
-    after = _finished_trials(experiment)
-    for trial, content in finished.items():
-        assert after[trial] == content, f"{trial} ran again"
 
 
 @pytest.mark.parametrize(
