@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from allmrec.data.fetch import cache_dir
-from allmrec.manifest import MANIFEST
+from allmrec.manifest import MANIFEST, staged_output
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,10 @@ def join(root: str, *parts: str) -> str:
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem of `uri` and the path inside it: pyarrow's, else fsspec's."""
+    """The filesystem of `uri` and the path inside it: pyarrow's, else fsspec's; a plain path
+    is on the local filesystem."""
+    if not is_uri(uri):
+        return pafs.LocalFileSystem(), str(Path(uri).resolve())
     try:
         return pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, ValueError) as pyarrow_error:
@@ -185,24 +188,13 @@ class RunStorage:
                 if mine.is_file() and mine.read_bytes() == remote:
                     continue
                 log.info("pulling %s into %s", self.uri(stage), target)
-                tmp = Path(tempfile.mkdtemp(prefix=f".{stage}.pull-", dir=self.local))
-                try:
+                with staged_output(target) as tmp:  # swapped in whole, or not at all
                     pafs.copy_files(
                         f"{base}/{stage}",
                         str(tmp),
                         source_filesystem=fs,
                         destination_filesystem=pafs.LocalFileSystem(),
                     )
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
-                if target.exists():
-                    old = self.local / f".{stage}.old-{os.getpid()}"
-                    os.replace(target, old)
-                    os.replace(tmp, target)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(tmp, target)
         return self.local
 
     def push(self, stage: str, files: list[str] | None = None) -> None:
@@ -243,7 +235,7 @@ def open_run(run: str | Path | RunStorage) -> RunStorage:
 
 def create_once(uri: str, text: str) -> bool:
     """Create the file at `uri` (a path or URI) unless it exists; True when this call made it."""
-    fs, path = filesystem(uri) if is_uri(uri) else (pafs.LocalFileSystem(), str(Path(uri)))
+    fs, path = filesystem(uri)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         return False
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
@@ -259,10 +251,7 @@ class RecordLog:
 
     def __init__(self, location: str) -> None:
         self.location = location
-        if is_uri(location):
-            self.fs, self.path = filesystem(location)
-        else:
-            self.fs, self.path = pafs.LocalFileSystem(), str(Path(location).resolve())
+        self.fs, self.path = filesystem(location)
         self.seen: set[str] = set()
 
     def append(self, record: dict) -> None:
