@@ -158,6 +158,50 @@ class Stage2Config(_Section):
     )
     max_history: int = Field(10, ge=0, description="history titles in the prompt (paper: 10)")
     num_negatives: int = Field(19, ge=1, description="negatives among the candidates (paper: 19)")
+    objective: Literal["generate", "rank"] = Field(
+        "generate",
+        description="generate: the paper's (LM loss on the true title; generation and "
+        "likelihood ranking at evaluation); rank: one forward pass scores every candidate "
+        "through a small readout head, cross-entropy over the candidates",
+    )
+    readout: Literal["candidate", "user_item"] = Field(
+        "user_item",
+        description="rank objective: 'candidate' scores each candidate by the LLM's hidden "
+        "state at its [CandidateEmb] token against the last position; 'user_item' reads a "
+        "user vector at the last position (x_u plus the LLM's correction) and scores any item "
+        "of the catalogue by it (allmrec.models.readout)",
+    )
+    readout_layer: int | None = Field(
+        None,
+        ge=1,
+        description="rank objective: read the hidden states after this many decoder blocks; "
+        "the blocks after it cannot change them and are not run (None: all blocks)",
+    )
+    readout_dim: int = Field(128, ge=1, description="rank objective: the 'candidate' head's width")
+    bypass: bool = Field(
+        True,
+        description="rank objective: also train the same readout on F_U(x_u) and F_I(z_i) "
+        "without the LLM, on the same examples (the 'LLM bypassed' ablation row)",
+    )
+    examples_per_user: int = Field(
+        1, ge=1, description="training examples per user and epoch (paper: 1)"
+    )
+    targets: Literal["last", "sequence"] = Field(
+        "last",
+        description="which training items are targets: 'last', the user's last "
+        "examples_per_user training items (1: the paper's); 'sequence', examples_per_user "
+        "positions drawn afresh every epoch along the whole training sequence, each with the "
+        "items before it as history and x_u over that history",
+    )
+    validate_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="validation Hit@1 (valid split, seeded candidates) every this many steps "
+        "and at the end of every epoch: the learning curve in stage2/ (None: only at the end)",
+    )
+    validation_users: int = Field(
+        200, ge=1, description="a seeded sample of this many valid-split users for the curve"
+    )
     lr: float = Field(1e-4, gt=0, description="Adam lr of the projectors F_U and F_I")
     batch_size: int = Field(2, ge=1, description="prompts per worker and step (reference: 2)")
     epochs: int = Field(1, ge=1, description="passes over the training users (paper: 5)")
@@ -190,6 +234,12 @@ class EvalConfig(_Section):
     generation: bool = Field(True, description="the paper's protocol: greedy generation")
     ranking: bool = Field(True, description="likelihood ranking of the 20 candidates")
     llm_only: bool = Field(True, description="also the LLM alone: same prompt, no embeddings")
+    llm_only_max_users: int | None = Field(
+        None,
+        ge=1,
+        description="the LLM-only rows on a seeded subset of this many of the evaluated users "
+        "(None: all of them); the table says so",
+    )
     max_new_tokens: int = Field(24, ge=1)
     generation_batch_size: int = Field(8, ge=1)
     cold_user_max_train: int | None = Field(

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -181,6 +182,45 @@ def add_special_tokens(model, tokenizer) -> dict[str, int]:
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
     return ids
+
+
+def decoder_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """(parent, attribute, ModuleList) of a causal LM's decoder blocks: `layers` (Llama,
+    Qwen, Mistral), `decoder.layers` (OPT) or `h` (GPT-2)."""
+    base = getattr(model, "base_model", model)
+    for parent in (base, getattr(base, "decoder", None)):
+        for name in ("layers", "h"):
+            blocks = getattr(parent, name, None) if parent is not None else None
+            if isinstance(blocks, nn.ModuleList):
+                return parent, name, blocks
+    raise ValueError(f"{type(model).__name__}: cannot find its decoder blocks")
+
+
+@contextmanager
+def first_layers(model: nn.Module, count: int | None):
+    """Inside the context, `model` runs its first `count` decoder blocks only (None: all).
+
+    The hidden states after block k do not depend on the blocks after it, so a readout at
+    layer k need not run them: that cost is saved in both the forward and the backward pass.
+    The output is the model's final norm applied to block k's output (`last_hidden_state`).
+    """
+    if count is None:
+        yield model
+        return
+    parent, name, blocks = decoder_layers(model)
+    if not 1 <= count <= len(blocks):
+        raise ValueError(f"stage2.readout_layer {count}: the LLM has {len(blocks)} blocks")
+    config = model.config
+    layers_before = getattr(config, "num_hidden_layers", None)
+    setattr(parent, name, nn.ModuleList(list(blocks)[:count]))
+    if layers_before is not None:
+        config.num_hidden_layers = count  # Llama slices its blocks by the config
+    try:
+        yield model
+    finally:
+        setattr(parent, name, blocks)
+        if layers_before is not None:
+            config.num_hidden_layers = layers_before
 
 
 def freeze(model: nn.Module) -> nn.Module:

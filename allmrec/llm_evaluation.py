@@ -1,16 +1,26 @@
 """The evaluation table of A-LLMRec: every model on the same 20 candidates per user.
 
 For each evaluated user: the held-out item and 19 seeded negatives (`eval_cases`), and rows
-- A-LLMRec (generation): the paper's protocol, greedy generation with `max_new_tokens`; a hit
-  by the reference's rule (the true title, lowercased, contained in the output) and by exact
-  match of the first title in the output after normalisation;
-- A-LLMRec (likelihood): the 20 candidates ranked by the log-likelihood of their titles after
-  the prompt: Hit@1/3/5, NDCG@5/10;
-- the same two for the LLM alone (the same prompt, titles without embeddings);
+- for a stack trained with the `rank` objective: A-LLMRec (rank), the readout over the frozen
+  LLM's hidden states, and A-LLMRec (rank, LLM bypassed), the same readout trained on
+  F_U(x_u) and F_I(z_i) alone (the ablation that shows what the LLM adds);
+- for one trained with the paper's `generate` objective: A-LLMRec (generation), greedy
+  generation with `max_new_tokens`, a hit by the reference's rule (the true title, lowercased,
+  contained in the output) and by exact match of the first title in the output after
+  normalisation; A-LLMRec (likelihood), the 20 candidates ranked by the log-likelihood of
+  their titles after the prompt: Hit@1/3/5, NDCG@5/10;
+- the same two for the LLM alone (the same prompt, titles without embeddings), on a seeded
+  subset of the users when `evaluate.llm_only_max_users` is set;
 - the CF backbone alone, popularity and random (Hit@1 0.05 expected), ranking the candidates.
 
+Rows that can score any item (the CF backbone, popularity, and the `user_item` readout) also
+rank the whole catalogue (every item the user has not interacted with before the held-out
+one): full-catalogue HR@10 and NDCG@10.
+
 Scenarios are subsets of the users: all, warm and cold true items, cold users; cross-domain
-and few-shot sections come from other run directories (`allmrec.distributed.evaluate`).
+and few-shot sections come from other run directories (`allmrec.distributed.evaluate`). In
+each, the rank row's Hit@1 minus the CF backbone's and minus the bypass's, paired by user,
+with a 95% bootstrap interval (`paired_differences`).
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 
 from allmrec.config import Config
 from allmrec.evaluation import metrics_from_ranks, popularity_scorer, random_scorer
@@ -32,7 +43,15 @@ log = logging.getLogger(__name__)
 ALLMREC = "A-LLMRec"
 LLM_ONLY = "LLM-only"
 GENERATION, LIKELIHOOD = "generation", "likelihood"
+RANK_ROW = f"{ALLMREC} (rank)"
+BYPASS_ROW = f"{ALLMREC} (rank, LLM bypassed)"
+CF_PREFIX = "CF backbone"
 RANK_KS = (1, 3, 5, 10)
+CATALOGUE_KS = (10,)
+
+
+def cf_row(inputs: Stage2Inputs) -> str:
+    return f"{CF_PREFIX} ({inputs.cf_manifest.get('backbone', {}).get('name', 'cf')})"
 
 
 def _ranking_rows(inputs: Stage2Inputs, cases: Sequence[EvalCase], seed: int) -> dict:
@@ -42,9 +61,8 @@ def _ranking_rows(inputs: Stage2Inputs, cases: Sequence[EvalCase], seed: int) ->
     users = np.array([c.user for c in cases])
     candidates = np.stack([c.candidates for c in cases])
     seqs = left_pad([c.history for c in cases], inputs.cf_model.config.max_len)
-    backbone = inputs.cf_manifest.get("backbone", {}).get("name", "cf")
     scorers = {
-        f"CF backbone ({backbone})": model_scorer(inputs.cf_model),
+        cf_row(inputs): model_scorer(inputs.cf_model),
         "Popularity": popularity_scorer(inputs.data),
         "Random": random_scorer(seed),
     }
@@ -52,6 +70,110 @@ def _ranking_rows(inputs: Stage2Inputs, cases: Sequence[EvalCase], seed: int) ->
         name: ranks_of_true(np.asarray(scorer(users, seqs, candidates), np.float64), seed)
         for name, scorer in scorers.items()
     }
+
+
+def catalogue_rank(scores: np.ndarray, case: EvalCase) -> int:
+    """0-based rank of the held-out item among every item of `scores` [num_items + 1] that the
+    user has not interacted with before it (padding 0 and the history left out)."""
+    keep = np.ones(len(scores), dtype=bool)
+    keep[0] = False
+    keep[np.asarray(case.history, dtype=np.int64)] = False
+    true = int(case.candidates[0])
+    keep[true] = True
+    return int((scores[keep] > scores[true]).sum())
+
+
+def _catalogue_baselines(inputs: Stage2Inputs, cases: Sequence[EvalCase], chunk: int = 64):
+    """Full-catalogue ranks of the true item for the CF backbone and popularity."""
+    from allmrec.evaluation import model_scorer
+
+    every_item = np.arange(inputs.data.num_items + 1)
+    counts = inputs.data.item_train_counts.astype(np.float64)
+    cf = model_scorer(inputs.cf_model)
+    ranks = {cf_row(inputs): [], "Popularity": []}
+    for start in range(0, len(cases), chunk):
+        part = cases[start : start + chunk]
+        users = np.array([c.user for c in part])
+        seqs = left_pad([c.history for c in part], inputs.cf_model.config.max_len)
+        scores = np.asarray(cf(users, seqs, np.tile(every_item, (len(part), 1))), np.float64)
+        for case, row in zip(part, scores, strict=True):
+            ranks[cf_row(inputs)].append(catalogue_rank(row, case))
+            ranks["Popularity"].append(catalogue_rank(counts, case))
+    return ranks
+
+
+@torch.no_grad()
+def _rank_rows(
+    model: ALLMRecLM,
+    inputs: Stage2Inputs,
+    cases: Sequence[EvalCase],
+    records: list[dict],
+    config: Config,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """The rank objective's rows: the readout and the bypass, batched; with the `user_item`
+    readout also their full-catalogue ranks (one forward pass gives both)."""
+    size = config.evaluate.generation_batch_size
+    catalogue = model.readout.scores_any_item
+    z = inputs.z.to(model.device)
+    for start in range(0, len(cases), size):
+        part = list(range(start, min(start + size, len(cases))))
+        examples = [eval_example(cases[i], inputs, config) for i in part]
+        batch = model.collate(examples).to(model.device)
+        scores, query = model.rank_forward(batch)
+        rows = {RANK_ROW: scores}
+        if model.bypass is not None:
+            rows[BYPASS_ROW] = model.bypass(batch)
+        for name, scores in rows.items():
+            for b, i in enumerate(part):
+                order = torch.argsort(scores[b], descending=True, stable=True).tolist()
+                shown = examples[b].prompt.candidate_items
+                records[i]["ranks"][name] = [shown[j] for j in order].index(records[i]["true_item"])
+        if catalogue:
+            full = {RANK_ROW: query @ model.readout.item_keys(z).T}
+            if model.bypass is not None:
+                full[BYPASS_ROW] = model.bypass.catalogue_scores(batch.user_vectors, z)
+            for name, scores in full.items():
+                scores = scores.cpu().double().numpy()
+                for b, i in enumerate(part):
+                    records[i]["catalogue_ranks"][name] = catalogue_rank(scores[b], cases[i])
+        if progress:
+            progress(part[-1] + 1, len(cases))
+
+
+def _llm_rows(
+    model: ALLMRecLM,
+    inputs: Stage2Inputs,
+    cases: Sequence[EvalCase],
+    records: list[dict],
+    config: Config,
+    row: str,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Likelihood ranking and greedy generation through the LLM: the `generate` objective's
+    rows (`row` A-LLMRec, with embeddings) and the LLM-only baseline (no embeddings)."""
+    cfg = config.evaluate
+    examples = [eval_example(c, inputs, config, with_embeddings=row == ALLMREC) for c in cases]
+    total, done = len(cases) * (cfg.ranking + cfg.generation), 0
+    if cfg.ranking:
+        for record, example in zip(records, examples, strict=True):
+            titles = [inputs.titles[i] for i in example.prompt.candidate_items]
+            result = model.rank_candidates(
+                example.prompt, example.user_vector, example.item_vectors, titles
+            )
+            record["ranks"][f"{row} ({LIKELIHOOD})"] = result.items.index(record["true_item"])
+            done += 1
+            if progress:
+                progress(done, total)
+    if cfg.generation:
+        size = cfg.generation_batch_size
+        for start in range(0, len(examples), size):
+            texts = model.generate(examples[start : start + size], cfg.max_new_tokens)
+            for record, text in zip(records[start : start + size], texts, strict=True):
+                record["generated"][f"{row} ({GENERATION})"] = text
+            done += len(texts)
+            if progress:
+                progress(done, total)
 
 
 def evaluate_cases(
@@ -62,9 +184,14 @@ def evaluate_cases(
     rows: Sequence[str] = (ALLMREC, LLM_ONLY),
     baselines: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    llm_only_users: set[int] | None = None,
 ) -> list[dict]:
-    """One record per case: the true item, its labels, each row's rank or generated text."""
-    cfg = config.evaluate
+    """One record per case: the true item, its labels, each row's rank (among the candidates
+    and, where the row can score any item, in the whole catalogue) or generated text.
+
+    `rows`: ALLMREC (the rank or the generate objective's rows, by how `model` was trained)
+    and LLM_ONLY (on the cases of `llm_only_users` only, when given).
+    """
     records = [
         {
             "user": c.user,
@@ -72,6 +199,7 @@ def evaluate_cases(
             "true_title": inputs.titles[int(c.candidates[0])],
             "candidates": [int(i) for i in c.candidates],
             "ranks": {},
+            "catalogue_ranks": {},
             "generated": {},
         }
         for c in cases
@@ -80,29 +208,27 @@ def evaluate_cases(
         for name, ranks in _ranking_rows(inputs, cases, config.seed).items():
             for record, rank in zip(records, ranks, strict=True):
                 record["ranks"][name] = int(rank)
-    done = 0
-    for row in rows:
-        with_embeddings = row == ALLMREC
-        examples = [eval_example(c, inputs, config, with_embeddings) for c in cases]
-        if cfg.ranking:
-            for record, example in zip(records, examples, strict=True):
-                titles = [inputs.titles[i] for i in example.prompt.candidate_items]
-                result = model.rank_candidates(
-                    example.prompt, example.user_vector, example.item_vectors, titles
-                )
-                record["ranks"][f"{row} ({LIKELIHOOD})"] = result.items.index(record["true_item"])
-                done += 1
-                if progress:
-                    progress(done, len(cases) * len(rows) * (cfg.ranking + cfg.generation))
-        if cfg.generation:
-            size = cfg.generation_batch_size
-            for start in range(0, len(examples), size):
-                texts = model.generate(examples[start : start + size], cfg.max_new_tokens)
-                for record, text in zip(records[start : start + size], texts, strict=True):
-                    record["generated"][f"{row} ({GENERATION})"] = text
-                done += len(texts)
-                if progress:
-                    progress(done, len(cases) * len(rows) * (cfg.ranking + cfg.generation))
+        for name, ranks in _catalogue_baselines(inputs, cases).items():
+            for record, rank in zip(records, ranks, strict=True):
+                record["catalogue_ranks"][name] = int(rank)
+    if ALLMREC in rows:
+        if model.objective == "rank":
+            _rank_rows(model, inputs, cases, records, config, progress)
+        else:
+            _llm_rows(model, inputs, cases, records, config, ALLMREC, progress)
+    if LLM_ONLY in rows:
+        keep = [
+            i for i, c in enumerate(cases) if llm_only_users is None or c.user in llm_only_users
+        ]
+        _llm_rows(
+            model,
+            inputs,
+            [cases[i] for i in keep],
+            [records[i] for i in keep],
+            config,
+            LLM_ONLY,
+            progress,
+        )
     return records
 
 
@@ -114,26 +240,70 @@ def _row_order(row: str) -> tuple:
     return (len(ROW_PREFIXES), row)
 
 
-ROW_PREFIXES = (ALLMREC, "CF backbone", LLM_ONLY, "Popularity", "Random")
+ROW_PREFIXES = (ALLMREC, CF_PREFIX, LLM_ONLY, "Popularity", "Random")
 
 
 def summarize(records: Sequence[dict]) -> dict[str, dict]:
-    """{row: metrics} over `records`: ranking rows Hit@k/NDCG@k, generation rows Hit@1 by
+    """{row: metrics} over `records`, each row over the records that have it: ranking rows
+    Hit@k/NDCG@k (and full-catalogue HR@10/NDCG@10 where scored), generation rows Hit@1 by
     both rules."""
     table: dict[str, dict] = {}
-    if not records:
-        return table
-    for row in records[0]["ranks"]:
-        ranks = np.array([r["ranks"][row] for r in records])
+    ranked = dict.fromkeys(row for r in records for row in r["ranks"])
+    for row in ranked:
+        ranks = np.array([r["ranks"][row] for r in records if row in r["ranks"]])
         table[row] = metrics_from_ranks(ranks, RANK_KS)
-    for row in records[0]["generated"]:
-        outputs = [(r["generated"][row], r["true_title"]) for r in records]
+        full = [r["catalogue_ranks"][row] for r in records if row in r.get("catalogue_ranks", {})]
+        if full:
+            table[row] |= metrics_from_ranks(np.array(full), CATALOGUE_KS, prefix="full_")
+            del table[row]["full_users"]
+    for row in dict.fromkeys(row for r in records for row in r["generated"]):
+        outputs = [(r["generated"][row], r["true_title"]) for r in records if row in r["generated"]]
         table[row] = {
             "hit@1": float(np.mean([hit_contains(g, t) for g, t in outputs])),
             "hit@1_exact": float(np.mean([hit_exact(g, t) for g, t in outputs])),
             "users": len(outputs),
         }
     return {row: table[row] for row in sorted(table, key=_row_order)}
+
+
+def paired_difference(
+    records: Sequence[dict], row: str, baseline: str, resamples: int = 2000, seed: int = 0
+) -> dict | None:
+    """Hit@1 of `row` minus that of `baseline` over the users that have both, with a 95%
+    percentile bootstrap interval (users resampled with replacement); None if no user has
+    both."""
+    pairs = [
+        (r["ranks"][row] == 0, r["ranks"][baseline] == 0)
+        for r in records
+        if row in r["ranks"] and baseline in r["ranks"]
+    ]
+    if not pairs:
+        return None
+    hits = np.asarray(pairs, dtype=np.float64)
+    differences = hits[:, 0] - hits[:, 1]
+    draws = np.random.default_rng(seed).integers(0, len(differences), (resamples, len(pairs)))
+    low, high = np.percentile(differences[draws].mean(axis=1), [2.5, 97.5])
+    return {
+        "row": row,
+        "baseline": baseline,
+        "difference": float(differences.mean()),
+        "low": float(low),
+        "high": float(high),
+        "users": len(pairs),
+        "wins": int((differences > 0).sum()),
+        "losses": int((differences < 0).sum()),
+    }
+
+
+def paired_differences(records: Sequence[dict], seed: int = 0) -> list[dict]:
+    """The rank row against the CF backbone and against the bypass, where the rows exist."""
+    rows = {row for r in records for row in r["ranks"]}
+    if RANK_ROW not in rows:
+        return []
+    baselines = sorted(row for row in rows if row.startswith(CF_PREFIX))
+    baselines += [BYPASS_ROW] if BYPASS_ROW in rows else []
+    found = [paired_difference(records, RANK_ROW, b, seed=seed) for b in baselines]
+    return [d for d in found if d is not None]
 
 
 def label_records(records: list[dict], inputs: Stage2Inputs, cold_user_max_train: int | None):
@@ -171,20 +341,49 @@ def scenario_tables(records: list[dict]) -> dict[str, dict]:
     return {name: summarize([r for r in records if keep(r)]) for name, keep in SCENARIOS.items()}
 
 
+def scenario_differences(records: list[dict], seed: int = 0) -> dict[str, list[dict]]:
+    return {
+        name: paired_differences([r for r in records if keep(r)], seed)
+        for name, keep in SCENARIOS.items()
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing the table.
 
 COLUMNS = (
+    ("users", "users"),
     ("hit@1", "Hit@1"),
     ("hit@1_exact", "Hit@1 exact"),
     ("hit@3", "Hit@3"),
     ("hit@5", "Hit@5"),
     ("ndcg@5", "NDCG@5"),
     ("ndcg@10", "NDCG@10"),
+    ("full_hit@10", "HR@10 all items"),
+    ("full_ndcg@10", "NDCG@10 all items"),
 )
 
 
-def markdown_tables(tables: dict[str, dict], title: str, notes: Sequence[str] = ()) -> str:
+def _cell(metrics: dict, key: str) -> str:
+    if key not in metrics:
+        return ""
+    return str(metrics[key]) if key == "users" else f"{metrics[key]:.4f}"
+
+
+def format_difference(d: dict) -> str:
+    return (
+        f"{d['row']} - {d['baseline']}: Hit@1 {d['difference']:+.4f}, 95% bootstrap interval "
+        f"[{d['low']:+.4f}, {d['high']:+.4f}] over {d['users']} users "
+        f"({d['wins']} won, {d['losses']} lost)"
+    )
+
+
+def markdown_tables(
+    tables: dict[str, dict],
+    title: str,
+    notes: Sequence[str] = (),
+    differences: dict[str, list[dict]] | None = None,
+) -> str:
     lines = [f"# {title}", ""]
     lines += [f"{n}" for n in notes]
     for scenario, table in tables.items():
@@ -193,11 +392,13 @@ def markdown_tables(tables: dict[str, dict], title: str, notes: Sequence[str] = 
         if not table:
             lines.append("no user in this scenario")
             continue
-        lines.append("| model | " + " | ".join(c for _, c in COLUMNS) + " |")
-        lines.append("|---|" + "---|" * len(COLUMNS))
+        columns = [(k, c) for k, c in COLUMNS if any(k in m for m in table.values())]
+        lines.append("| model | " + " | ".join(c for _, c in columns) + " |")
+        lines.append("|---|" + "---|" * len(columns))
         for row, m in table.items():
-            cells = [f"{m[k]:.4f}" if k in m else "" for k, _ in COLUMNS]
-            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+            lines.append(f"| {row} | " + " | ".join(_cell(m, k) for k, _ in columns) + " |")
+        for d in (differences or {}).get(scenario, []):
+            lines += ["", f"- paired: {format_difference(d)}"]
     return "\n".join(lines) + "\n"
 
 

@@ -26,3 +26,24 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_learning_curve(curve: list[dict], path: Path, title: str) -> None:
+    """Validation Hit@1 of each row against the training prompts seen (`curve` entries:
+    {"prompts": n, "valid_hit@1": ..., "valid_bypass_hit@1": ...})."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for point in curve for k in point if k.startswith("valid_")})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in keys:
+        points = [(p["prompts"], p[key]) for p in curve if key in p]
+        ax.plot(*zip(*points, strict=True), marker="o", label=key)
+    ax.axhline(0.05, color="grey", linestyle=":", linewidth=1)  # random among 20
+    ax.set(title=title, xlabel="training prompts", ylabel="validation Hit@1 (20 candidates)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -6,8 +6,11 @@ puts in separate deployments (`serve_app/`). Plain PyTorch; nothing here knows R
   request into item indices, computes x_u, retrieves a shortlist from the whole catalogue by
   <x_u, dec_I(z_i)> (Stage 1's scoring, which covers items added at run time), and adds new
   items from their text alone: z = enc_T(q), the paper's cold-item route, no retraining.
-- `StackLLM`: the frozen LLM with the trained projectors; ranks a user's candidates by
-  likelihood or generates the paper's answer, for a batch of requests at once.
+- `StackLLM`: the frozen LLM with the trained projectors; for a batch of requests at once,
+  ranks a user's candidates (by the readout of a stack trained with the `rank` objective, else
+  by the likelihood of their titles) or generates the paper's answer. With the `user_item`
+  readout it also returns the user vector u, with which `StackRecommender.catalogue_top`
+  ranks the whole catalogue (items added at run time too) when a request lists no candidates.
 
 Artifacts are read from safetensors, Parquet and JSON only.
 """
@@ -48,24 +51,31 @@ class RecommendRequest(_Strict):
     )
     candidates: list[str] | None = Field(
         None,
-        description="item ids to rank; absent: a shortlist retrieved from the whole catalogue",
+        description="item ids to rank; absent: the whole catalogue when the stack's readout "
+        "scores any item (user_item), else a shortlist retrieved from the whole catalogue",
     )
     k: int = Field(10, ge=1, description="how many ranked items to return")
     mode: Literal["rank", "generate"] = Field(
-        "rank", description="rank: likelihood ranking; generate: the paper's greedy generation"
+        "rank",
+        description="rank: the readout of a stack trained with the rank objective (else the "
+        "likelihood of each title); generate: the paper's greedy generation",
     )
 
 
 class RankedItem(_Strict):
     item_id: str
     title: str
-    score: float | None = Field(None, description="log-likelihood of the title (rank mode)")
+    score: float | None = Field(
+        None,
+        description="rank mode: the readout's score (rank objective) or the title's "
+        "log-likelihood (generate objective); higher is better",
+    )
 
 
 class RecommendResponse(_Strict):
     items: list[RankedItem]
     generated: str | None = None
-    candidates_from: Literal["request", "retrieval"]
+    candidates_from: Literal["request", "retrieval", "catalogue"]
     model_version: str
     seconds: float
 
@@ -150,6 +160,7 @@ class StackRecommender:
         self.item_ae = _autoencoder(stage1 / "item_autoencoder.safetensors")
         with torch.no_grad():
             self.decoded = self.item_ae.decoder(self.z)  # dec_I(z_i): retrieval keys
+        self.item_map = _item_map(self.run_dir)  # g of the user_item readout, or None
         self.template = self.config.data.text_template
         self.max_tokens = self.config.stage1.max_text_tokens
         self.sequential = isinstance(self.cf_model, SequentialBackbone)
@@ -218,6 +229,25 @@ class StackRecommender:
         n = min(n, int(torch.isfinite(scores).sum()))
         return torch.topk(scores, n).indices.tolist()
 
+    @property
+    def ranks_catalogue(self) -> bool:
+        """True when the stack's readout scores any item: requests without candidates then
+        rank the whole catalogue."""
+        return self.item_map is not None
+
+    @torch.no_grad()
+    def catalogue_top(self, query: list[float], history: list[int], k: int) -> list[tuple]:
+        """The top `k` (item index, score) of the whole catalogue (added items too) by
+        <u, g(z_i)>, the user_item readout's score; the history left out."""
+        scores = self.item_map(self.z) @ torch.tensor(query)
+        scores[0] = -torch.inf
+        scores[torch.as_tensor(history, dtype=torch.long)] = -torch.inf
+        top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
+        return list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+
+    def titles_of(self, items: list[int]) -> dict:
+        return {i: {"item_id": self.item_ids[i], "title": self.titles[i]} for i in items}
+
     def llm_request(self, request: RecommendRequest) -> dict:
         """Everything the LLM half needs for one request (small: titles and vectors)."""
         user, history, candidates = self.resolve(request)
@@ -225,7 +255,8 @@ class StackRecommender:
         source = "request"
         if candidates is None:
             candidates = self.shortlist(x_u, history, self.limits.shortlist)
-            source = "retrieval"
+            catalogue = self.ranks_catalogue and request.mode == "rank"
+            source = "catalogue" if catalogue else "retrieval"
         shown = history[-self.config.stage2.max_history :] if self.config.stage2.max_history else []
         needed = sorted(set(shown) | set(candidates))
         return {
@@ -235,6 +266,7 @@ class StackRecommender:
             "item_ids": {i: self.item_ids[i] for i in candidates},
             "z": {i: self.z[i].tolist() for i in needed},
             "x_u": x_u.tolist(),
+            "history_all": history,
             "k": request.k,
             "mode": request.mode,
             "candidates_from": source,
@@ -285,6 +317,21 @@ def _check_length(field: str, ids: list[str], limit: int, wanted: str) -> None:
         raise BadRequest(field, f"{len(ids)} items, more than the limit of {limit}")
 
 
+def _item_map(run_dir: Path) -> torch.nn.Linear | None:
+    """The user_item readout's g: Linear(d_joint -> d_cf), from the Stage 2 weights."""
+    from allmrec.training.stage2 import PROJECTORS_FILE
+
+    weights = load_file(str(run_dir / "stage2" / PROJECTORS_FILE))
+    if "readout.item_map.weight" not in weights:
+        return None
+    d_cf, d_joint = weights["readout.item_map.weight"].shape
+    item_map = torch.nn.Linear(d_joint, d_cf)
+    item_map.load_state_dict(
+        {"weight": weights["readout.item_map.weight"], "bias": weights["readout.item_map.bias"]}
+    )
+    return item_map.eval()
+
+
 def _autoencoder(path: Path) -> Autoencoder:
     weights = load_file(str(path))
     latent, in_dim = weights["encoder.0.weight"].shape
@@ -322,12 +369,17 @@ class StackLLM:
         return Stage2Example(prompt, torch.tensor(req["x_u"]), z)
 
     def answer(self, requests: list[dict], max_new_tokens: int = 24) -> list[dict]:
-        """Ranked items (and generated text) for each request; generation is batched."""
+        """Ranked items (and generated text, and the readout's user vector) for each request;
+        rank-objective scoring and generation are batched."""
         out: list[dict] = [{} for _ in requests]
         examples = [self._example(r) for r in requests]
-        for n, (req, example) in enumerate(zip(requests, examples, strict=True)):
-            if req["mode"] == "rank":
-                titles = [req["titles"][i] for i in example.prompt.candidate_items]
+        ranked = [n for n, r in enumerate(requests) if r["mode"] == "rank"]
+        if ranked and self.model.objective == "rank":
+            self._rank_by_readout([examples[n] for n in ranked], [out[n] for n in ranked])
+        else:
+            for n in ranked:
+                example = examples[n]
+                titles = [requests[n]["titles"][i] for i in example.prompt.candidate_items]
                 result = self.model.rank_candidates(
                     example.prompt, example.user_vector, example.item_vectors, titles
                 )
@@ -346,3 +398,14 @@ class StackLLM:
                 out[n]["items"] = [(i, None) for i in named + rest]
                 out[n]["generated"] = text
         return out
+
+    @torch.no_grad()
+    def _rank_by_readout(self, examples: list[Stage2Example], out: list[dict]) -> None:
+        batch = self.model.collate(examples).to(self.model.device)
+        scores, query = self.model.rank_forward(batch)
+        for b, example in enumerate(examples):
+            shown = example.prompt.candidate_items
+            order = torch.argsort(scores[b, : len(shown)], descending=True, stable=True)
+            out[b]["items"] = [(int(shown[j]), float(scores[b, j])) for j in order.tolist()]
+            if query is not None:
+                out[b]["query"] = query[b].float().cpu().tolist()

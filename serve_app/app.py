@@ -84,6 +84,15 @@ class Recommender:
         except BadRequest as err:
             return {"error": err.payload(), "status": err.status}
 
+    def catalogue(self, query: list[float], history: list[int], k: int) -> list[dict]:
+        """The top `k` of the whole catalogue by the readout's user vector `query`."""
+        self._replay()
+        top = self.core.catalogue_top(query, history, k)
+        return [
+            {"item_id": self.core.item_ids[i], "title": self.core.titles[i], "score": score}
+            for i, score in top
+        ]
+
     def version(self) -> str:
         return self.core.version
 
@@ -196,18 +205,27 @@ class Ingress:
         started = time.perf_counter()
         prepared = self._unwrap(await self._call(self.recommender, "prepare", request.model_dump()))
         answer = await self._call(self.llm, "answer", prepared)
-        items = [
-            RankedItem(
-                item_id=prepared["item_ids"][i],
-                title=prepared["titles"][i],
-                score=score,
+        source = prepared["candidates_from"]
+        if source == "catalogue" and "query" in answer:
+            # The readout scores any item: rank the whole catalogue with its user vector.
+            found = await self._call(
+                self.recommender, "catalogue", answer["query"], prepared["history_all"], request.k
             )
-            for i, score in answer["items"][: request.k]
-        ]
+            items = [RankedItem(**item) for item in found]
+        else:
+            source = "retrieval" if source == "catalogue" else source
+            items = [
+                RankedItem(
+                    item_id=prepared["item_ids"][i],
+                    title=prepared["titles"][i],
+                    score=score,
+                )
+                for i, score in answer["items"][: request.k]
+            ]
         return RecommendResponse(
             items=items,
             generated=answer.get("generated"),
-            candidates_from=prepared["candidates_from"],
+            candidates_from=source,
             model_version=await self._call(self.recommender, "version"),
             seconds=round(time.perf_counter() - started, 4),
         )

@@ -26,7 +26,9 @@ from allmrec.llm_evaluation import (
     evaluate_cases,
     label_records,
     markdown_tables,
+    paired_differences,
     plot_hit1,
+    scenario_differences,
     scenario_tables,
     seeded_users,
     summarize,
@@ -47,8 +49,10 @@ def _evaluate_shard(
     rows: list[str],
     baselines: bool,
     tag: str,
+    llm_only_users: list[int] | None = None,
 ) -> list[dict]:
-    """Runs in a Ray task: load the stack once, evaluate `users`."""
+    """Runs in a Ray task: load the stack once, evaluate `users` (the LLM-only rows on
+    `llm_only_users` of them only, when given)."""
     import torch
 
     from allmrec.training.stage2 import eval_cases, load_trained_stage2
@@ -64,7 +68,10 @@ def _evaluate_shard(
         np.asarray(users), inputs, config.evaluate.split, config.stage2.num_negatives, config.seed
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    records = evaluate_cases(model, inputs, cases, config, rows, baselines, progress=Progress(tag))
+    subset = None if llm_only_users is None else set(llm_only_users)
+    records = evaluate_cases(
+        model, inputs, cases, config, rows, baselines, Progress(tag), llm_only_users=subset
+    )
     return label_records(records, inputs, config.evaluate.cold_user_max_train)
 
 
@@ -76,6 +83,7 @@ def _run_sharded(
     rows,
     baselines,
     tag: str,
+    llm_only_users: np.ndarray | None = None,
 ) -> list[dict]:
     """`users` split over Ray tasks, each evaluating the stack of `stack` (on the users and
     items of `inputs`, default the stack's own) on whatever node it lands."""
@@ -94,6 +102,7 @@ def _run_sharded(
             rows,
             baselines,
             f"{tag} [{k + 1}/{len(shards)}]",
+            None if llm_only_users is None else [int(u) for u in llm_only_users],
         )
         for k, shard in enumerate(shards)
     ]
@@ -112,6 +121,9 @@ def evaluate_stack(config: Config, run_dir: str | Path | RunStorage) -> dict:
     data = load_prepared(run_dir)
     users = seeded_users(data.eval_users(cfg.split), cfg.max_users, config.seed)
     rows = [ALLMREC] + ([LLM_ONLY] if cfg.llm_only else [])
+    llm_only_users = None
+    if cfg.llm_only and cfg.llm_only_max_users is not None:
+        llm_only_users = seeded_users(users, cfg.llm_only_max_users, config.seed)
     started = time.perf_counter()
     log.info(
         "evaluating %d %s users (%s; %s) with %d worker(s)",
@@ -121,8 +133,9 @@ def evaluate_stack(config: Config, run_dir: str | Path | RunStorage) -> dict:
         ", ".join(m for m, on in (("ranking", cfg.ranking), ("generation", cfg.generation)) if on),
         cfg.num_workers,
     )
-    records = _run_sharded(config, run, None, users, rows, True, "evaluate")
+    records = _run_sharded(config, run, None, users, rows, True, "evaluate", llm_only_users)
     tables = scenario_tables(records)
+    differences = scenario_differences(records, config.seed)
     sections = {}
     for other in cfg.few_shot:
         other = open_run(other)
@@ -131,6 +144,7 @@ def evaluate_stack(config: Config, run_dir: str | Path | RunStorage) -> dict:
         part = _run_sharded(config, other, run, users, [ALLMREC], False, f"few-shot {other.home}")
         name = f"few-shot: Stage 2 on {share:.0%} of the users ({other.name})"
         tables[name] = summarize(part)
+        differences[name] = paired_differences(part, config.seed)
         sections[name] = part
     for other in cfg.cross_domain:
         other = open_run(other)
@@ -142,26 +156,23 @@ def evaluate_stack(config: Config, run_dir: str | Path | RunStorage) -> dict:
         )
         name = f"cross-domain: evaluated on {other.name}"
         tables[name] = summarize(part)
+        differences[name] = paired_differences(part, config.seed)
         sections[name] = part
     seconds = time.perf_counter() - started
 
     title = f"A-LLMRec on {run.name}: {cfg.split} split, 20 candidates per user"
-    notes = [
-        f"LLM {stage2['llm']['name']}; Stage 2 trained on {stage2['train_users']} users x "
-        f"{stage2['epochs_run']} epoch(s). Every row ranks or generates over the same seeded "
-        "candidates (the true item + 19 negatives) per user.",
-        "",
-        "Generation rows: the paper's protocol (greedy); Hit@1 = the true title is contained "
-        "in the output (the reference's rule), Hit@1 exact = the first title of the output "
-        "equals it. Likelihood rows rank the candidates by the log-likelihood of their titles "
-        "after the prompt. Random's expected Hit@1 is 0.05.",
-    ]
+    notes = _table_notes(stage2, cfg, llm_only_users)
     with staged_output(run_dir / "eval") as out:
-        (out / "results.md").write_text(markdown_tables(tables, title, notes))
+        (out / "results.md").write_text(markdown_tables(tables, title, notes, differences))
         plot_hit1(tables, out / "results.png", title=f"Hit@1, {run.name}")
         write_json(
             out / "results.json",
-            {"tables": tables, "records": records, "sections": sections},
+            {
+                "tables": tables,
+                "differences": differences,
+                "records": records,
+                "sections": sections,
+            },
         )
         manifest = write_manifest(
             out,
@@ -171,8 +182,49 @@ def evaluate_stack(config: Config, run_dir: str | Path | RunStorage) -> dict:
             projectors_sha256=file_sha256(run_dir / "stage2" / PROJECTORS_FILE),
             users=len(users),
             tables=tables,
+            differences=differences,
             seconds=round(seconds, 1),
             users_per_second=round(len(users) / max(seconds, 1e-9), 4),
         )
     run.push("eval")
     return manifest
+
+
+def _table_notes(stage2: dict, cfg, llm_only_users) -> list[str]:
+    """What the rows of the table are, for this stack."""
+    prompts = stage2.get("train_prompts")
+    trained = f"{prompts} training prompts" if prompts else f"{stage2['train_users']} users"
+    notes = [
+        f"LLM {stage2['llm']['name']}; Stage 2 ({stage2.get('objective', 'generate')} objective) "
+        f"trained on {trained}, {stage2['epochs_run']} epoch(s). Every row ranks or generates "
+        "over the same seeded candidates (the true item + 19 negatives) per user.",
+        "",
+    ]
+    if stage2.get("objective") == "rank":
+        readout = stage2.get("readout") or {}
+        layer = readout.get("layer")
+        notes.append(
+            f"A-LLMRec (rank): the {readout.get('kind')} readout over the frozen LLM's hidden "
+            f"states{f' after block {layer}' if layer else ''}, one forward pass per user; "
+            "A-LLMRec (rank, LLM bypassed): the same readout trained on F_U(x_u) and F_I(z_i) "
+            "without the LLM, on the same examples. 'paired' lines: Hit@1 differences by user "
+            "with 95% bootstrap intervals."
+        )
+    else:
+        notes.append(
+            "Generation rows: the paper's protocol (greedy); Hit@1 = the true title is "
+            "contained in the output (the reference's rule), Hit@1 exact = the first title of "
+            "the output equals it. Likelihood rows rank the candidates by the log-likelihood of "
+            "their titles after the prompt."
+        )
+    notes.append(
+        "LLM-only rows: the same prompt without embeddings"
+        + (
+            f", on a seeded subset of {len(llm_only_users)} of the users"
+            if llm_only_users is not None
+            else ""
+        )
+        + ". 'all items' columns rank the whole catalogue (the items the user has not "
+        "interacted with before the held-out one). Random's expected Hit@1 is 0.05."
+    )
+    return notes

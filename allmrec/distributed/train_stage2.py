@@ -17,6 +17,7 @@ import logging
 import math
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,18 +42,26 @@ from allmrec.distributed.common import (
     shard_user_ids,
 )
 from allmrec.manifest import staged_output, write_manifest
-from allmrec.plots import plot_curves
+from allmrec.models.projection import ALLMRecLM
+from allmrec.plots import plot_curves, plot_learning_curve
 from allmrec.storage import RunStorage, open_run
 from allmrec.training.cf import write_json
 from allmrec.training.stage2 import PROJECTORS_FILE as WEIGHTS
 from allmrec.training.stage2 import (
     STAGE2_INPUTS,
+    TRAINED_MODULES,
+    EvalCase,
+    Stage2Inputs,
     build_stage2_model,
     llm_dtype,
     load_stage2_inputs,
     stage1_sha256,
     stage2_training_users,
+    start_readouts,
     training_examples,
+    training_targets,
+    validation_cases,
+    validation_hits,
 )
 from allmrec.training.zero import deepspeed_config, full_state_dict, local_share
 
@@ -67,26 +76,125 @@ def memory_stats(device: torch.device) -> dict:
     return stats
 
 
-def stage2_train_loop(loop_config: dict) -> None:
-    """`train_loop_per_worker` of the Stage 2 TorchTrainer."""
+@dataclass
+class _Worker:
+    """One Ray Train worker of Stage 2: its engine, model, data and resumable state."""
+
+    config: Config
+    engine: object  # the DeepSpeed engine around `model`
+    model: ALLMRecLM
+    inputs: Stage2Inputs
+    rank: int
+    world: int
+    device: torch.device
+    state: dict
+    llm_share: float = 1.0  # of the frozen LLM's parameter elements this worker holds
+    validation: list[EvalCase] = field(default_factory=list)  # this worker's share, padded
+    validation_weights: np.ndarray | None = None  # 0 for the padding cases
+
+    def save(self, metrics: dict) -> None:
+        """A DeepSpeed checkpoint (each worker its shard), the gathered trained weights and
+        `state.json`, reported to Ray Train with `metrics`."""
+        weights = {}  # collective under ZeRO-3: every rank gathers
+        for name in TRAINED_MODULES:
+            module = getattr(self.model, name, None)
+            if module is not None:
+                weights |= full_state_dict(module, f"{name}.")
+        with tempfile.TemporaryDirectory() as tmp:
+            self.engine.save_checkpoint(tmp, tag="deepspeed", exclude_frozen_parameters=True)
+            if self.rank == 0:
+                save_file(weights, str(Path(tmp) / WEIGHTS))
+                write_json(Path(tmp) / "state.json", self.state)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+    def validate(self) -> dict:
+        """Validation Hit@1 over every worker's share of the cases: a point of the curve."""
+        if not self.validation:
+            return {}
+        started = time.perf_counter()
+        self.engine.eval()
+        hits = validation_hits(self.model, self.inputs, self.validation, self.config)
+        self.engine.train()
+        keys = sorted(hits)
+        weights = self.validation_weights
+        totals = all_reduce_sum(
+            [float(np.dot(hits[k], weights)) for k in keys] + [float(weights.sum())]
+        )
+        point = {"prompts": self.state["prompts"]}
+        point |= {k: totals[i] / totals[-1] for i, k in enumerate(keys)}
+        point["validation_seconds"] = time.perf_counter() - started
+        self.state["curve"].append(point)
+        return point
+
+    def train_epoch(self, epoch: int, shard_users: np.ndarray) -> dict:
+        """One epoch over this worker's users (resuming at `state['step']`), validating every
+        `stage2.validate_every_steps`; the epoch's metrics, summed over the workers."""
+        cfg, seed, rank = self.config.stage2, self.config.seed, self.rank
+        pairs = training_targets(shard_users, self.inputs.data, self.config, epoch)
+        order = np.random.default_rng([seed, epoch, rank]).permutation(len(pairs))
+        steps = math.ceil(len(pairs) / cfg.batch_size)
+        started = time.perf_counter()
+        sums = np.zeros(5)  # loss sum, bypass loss sum, steps, prompts, tokens
+        self.engine.train()
+        for step in range(self.state["step"], steps):
+            take = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            # a generator per step: a resumed epoch draws the same negatives and orders
+            rng = np.random.default_rng([seed, epoch, rank, step])
+            examples = training_examples([pairs[i] for i in take], self.inputs, self.config, rng)
+            batch = self.model.collate(examples).to(self.device)
+            losses = self.engine(batch)
+            self.engine.backward(losses["loss"])
+            self.engine.step()
+            main = float(losses.get("rank", losses["loss"]).detach())
+            bypass = float(losses["bypass"].detach()) if "bypass" in losses else 0.0
+            sums += [main, bypass, 1, len(examples), int(batch.attention_mask.sum())]
+            self.state["step"] = step + 1
+            self.state["prompts"] += len(examples) * self.world  # equal shards
+            if rank == 0 and (step + 1) % 10 == 0:
+                print(
+                    f"[stage2] epoch {epoch} step {step + 1}/{steps} loss {sums[0] / sums[2]:.4f} "
+                    f"({sums[3] / (time.perf_counter() - started):.2f} prompts/s on this worker)",
+                    flush=True,
+                )
+            every = cfg.validate_every_steps
+            if every and (step + 1) % every == 0 and step + 1 < steps:
+                point = self.validate()
+                if rank == 0:
+                    print_epoch("stage2 validation", point)
+            every = cfg.checkpoint_every_steps
+            if every and (step + 1) % every == 0 and step + 1 < steps:
+                self.save({"epoch": epoch, "step": step + 1, "loss": sums[0] / sums[2]})
+        totals = all_reduce_sum(sums.tolist())
+        seconds = time.perf_counter() - started
+        metrics = {
+            "epoch": epoch,
+            "loss": totals[0] / max(totals[2], 1),
+            "samples_per_second": totals[3] / seconds,
+            "tokens_per_second": totals[4] / seconds,
+            "epoch_seconds": seconds,
+        }
+        if self.model.bypass is not None:
+            metrics["bypass_loss"] = totals[1] / max(totals[2], 1)
+        return metrics
+
+
+def _set_up(loop_config: dict) -> _Worker:
+    """The worker's inputs, the model in its DeepSpeed engine, and the restored state."""
     import deepspeed
 
     config = Config.model_validate(loop_config["config"])
-    cfg, seed = config.stage2, config.seed
+    cfg = config.stage2
     rank, world, device = deepspeed_worker(cfg.scaling)
-
-    setup_started = time.perf_counter()
+    started = time.perf_counter()
     run_dir = RunStorage.open(loop_config["run"]).pull(*STAGE2_INPUTS)
     inputs = load_stage2_inputs(run_dir, config)
-    torch.manual_seed(seed)  # the same initial projectors on every worker
+    torch.manual_seed(config.seed)  # the same initial weights on every worker
     model = build_stage2_model(config, inputs.d_cf, inputs.d_joint)
-    projector_params = [
-        *model.user_projector.parameters(),
-        *model.item_projector.parameters(),
-    ]
+    fit_errors = start_readouts(model, inputs)
+    trained = [p for name in TRAINED_MODULES for p in _parameters(model, name)]
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        optimizer=torch.optim.Adam(projector_params, lr=cfg.lr),
+        optimizer=torch.optim.Adam(trained, lr=cfg.lr),
         config=deepspeed_config(
             cfg.zero_stage,
             cfg.batch_size,
@@ -97,99 +205,78 @@ def stage2_train_loop(loop_config: dict) -> None:
     model = engine.module
     llm_share = local_share(list(model.llm.parameters()))
     if rank == 0:
+        layers = f", read at block {cfg.readout_layer}" if cfg.readout_layer else ""
         print(
-            f"[stage2] set up in {time.perf_counter() - setup_started:.1f} s: "
-            f"{type(model.llm).__name__}, "
+            f"[stage2] set up in {time.perf_counter() - started:.1f} s: {cfg.objective} "
+            f"objective{layers}, {type(model.llm).__name__}, "
             f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.llm.parameters()) / 1e6:.1f}M "
             f"frozen parameters, ZeRO-{cfg.zero_stage}, this worker holds {llm_share:.1%} of "
             f"them; {memory_stats(device)['rss_gib']:.2f} GiB resident",
             flush=True,
         )
-
     state = restore_deepspeed(engine)
     if state is None:
-        state = {"epoch": 0, "step": 0, "history": []}
+        state = {"epoch": 0, "step": 0, "prompts": 0, "history": [], "curve": []}
+        state["readout_fit_error"] = fit_errors
     else:
         state.setdefault("resumed_from", []).append([state["epoch"], state["step"]])
         print(
             f"[stage2] rank {rank}: resumed after epoch {state['epoch']}, step {state['step']}",
             flush=True,
         )
+    worker = _Worker(config, engine, model, inputs, rank, world, device, state, llm_share)
+    cases = validation_cases(inputs, config)
+    share = math.ceil(len(cases) / world)
+    mine = cases[rank::world]
+    # Equal shares (ZeRO-3 forwards are collective): pad with the first case, weight 0.
+    worker.validation = mine + mine[:1] * (share - len(mine))
+    worker.validation_weights = np.r_[np.ones(len(mine)), np.zeros(share - len(mine))]
+    return worker
 
+
+def _parameters(model: ALLMRecLM, name: str) -> list:
+    module = getattr(model, name, None)
+    return list(module.parameters()) if module is not None else []
+
+
+def stage2_train_loop(loop_config: dict) -> None:
+    """`train_loop_per_worker` of the Stage 2 TorchTrainer: set up, restore, then per epoch
+    train, validate, save."""
+    worker = _set_up(loop_config)
+    cfg, state = worker.config.stage2, worker.state
     # Each worker trains on its Ray Data shard of users (equal shards: ZeRO-3's collectives
     # need every worker to take the same number of steps).
     shard_users = shard_user_ids("train")
-    steps_per_epoch = math.ceil(len(shard_users) / cfg.batch_size)
     if "probe" not in state:
-        state["probe"] = _probe_loss(engine, model, inputs, config, loop_config["probe_users"])
-
-    def save(metrics: dict) -> None:
-        weights = full_state_dict(model.user_projector, "user_projector.") | full_state_dict(
-            model.item_projector, "item_projector."
-        )  # collective under ZeRO-3: every rank gathers
-        with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(tmp, tag="deepspeed", exclude_frozen_parameters=True)
-            if rank == 0:
-                save_file(weights, str(Path(tmp) / WEIGHTS))
-                write_json(Path(tmp) / "state.json", state)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-
+        state["probe"] = _probe_loss(worker, loop_config["probe_users"])
+    if not state["curve"]:
+        worker.validate()  # the untrained model: the curve's first point
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        maybe_fail(cfg.fail_at_epoch, epoch, rank, loop_config["marker_dir"])
-        started = time.perf_counter()
-        order = np.random.default_rng([seed, epoch, rank]).permutation(shard_users)
-        sums = np.zeros(4)  # loss sum, steps, samples, tokens
-        engine.train()
-        for step in range(state["step"], steps_per_epoch):
-            batch_users = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            # a generator per step: a resumed epoch draws the same negatives and orders
-            rng = np.random.default_rng([seed, epoch, rank, step])
-            examples = training_examples(batch_users, inputs, config, rng)
-            batch = model.collate(examples).to(device)
-            loss = engine(batch)
-            engine.backward(loss)
-            engine.step()
-            sums += [loss.item(), 1, len(examples), int(batch.attention_mask.sum())]
-            state["step"] = step + 1
-            if rank == 0 and (step + 1) % 10 == 0:
-                print(
-                    f"[stage2] epoch {epoch} step {step + 1}/{steps_per_epoch} "
-                    f"loss {sums[0] / sums[1]:.4f} "
-                    f"({sums[2] / (time.perf_counter() - started):.2f} samples/s on this worker)",
-                    flush=True,
-                )
-            every = cfg.checkpoint_every_steps
-            if every and (step + 1) % every == 0 and step + 1 < steps_per_epoch:
-                save({"epoch": epoch, "step": step + 1, "loss": sums[0] / sums[1]})
-        totals = all_reduce_sum(sums.tolist())
-        seconds = time.perf_counter() - started
-        memory = all_reduce_sum([memory_stats(device)["rss_gib"]])[0] / world
-        metrics = {
-            "epoch": epoch,
-            "loss": totals[0] / max(totals[1], 1),
-            "samples_per_second": totals[2] / seconds,
-            "tokens_per_second": totals[3] / seconds,
-            "epoch_seconds": seconds,
-            "llm_local_param_share": llm_share,
-            "mean_worker_rss_gib": memory,
-            **{f"rank0_{k}": v for k, v in memory_stats(device).items() if rank == 0},
-        }
+        maybe_fail(cfg.fail_at_epoch, epoch, worker.rank, loop_config["marker_dir"])
+        metrics = worker.train_epoch(epoch, shard_users)
+        metrics |= {k: v for k, v in worker.validate().items() if k.startswith("valid_")}
+        memory = all_reduce_sum([memory_stats(worker.device)["rss_gib"]])[0] / worker.world
+        metrics |= {"llm_local_param_share": worker.llm_share, "mean_worker_rss_gib": memory}
+        if worker.rank == 0:
+            metrics |= {f"rank0_{k}": v for k, v in memory_stats(worker.device).items()}
+            print_epoch("stage2", metrics)
         state.update(epoch=epoch, step=0)
         state["history"].append(metrics)
-        if rank == 0:
-            print_epoch("stage2", metrics)
-        save(metrics)
+        worker.save(metrics)
 
 
 @torch.no_grad()
-def _probe_loss(engine, model, inputs, config: Config, users: list[int]) -> float:
+def _probe_loss(worker: _Worker, users: list[int]) -> float:
     """The loss on a fixed first batch before training: the same for any number of workers."""
+    config = worker.config
     rng = np.random.default_rng([config.seed, 0])
-    batch = model.collate(training_examples(np.asarray(users), inputs, config, rng))
-    engine.eval()
-    loss = float(engine(batch.to(model.device)))
-    engine.train()
-    return loss
+    pairs = training_targets(np.asarray(users), worker.inputs.data, config, epoch=0)
+    pairs = pairs[: config.stage2.batch_size]
+    batch = worker.model.collate(training_examples(pairs, worker.inputs, config, rng))
+    worker.engine.eval()
+    losses = worker.engine(batch.to(worker.device))
+    worker.engine.train()
+    return float(losses.get("rank", losses["loss"]))
 
 
 def train_stage2(config: Config, run_dir: str | Path | RunStorage) -> dict:
@@ -253,7 +340,10 @@ def train_stage2(config: Config, run_dir: str | Path | RunStorage) -> dict:
     with staged_output(run_dir / "stage2") as out:
         save_file(weights, str(out / WEIGHTS))
         plot_curves(state["history"], out / "curves.png", title=f"Stage 2 ({cfg.llm})")
-        write_json(out / "history.json", {"history": state["history"]})
+        plot_learning_curve(
+            state["curve"], out / "learning_curve.png", f"Stage 2, {cfg.objective} objective"
+        )
+        write_json(out / "history.json", {"history": state["history"], "curve": state["curve"]})
         last = state["history"][-1]
         manifest = write_manifest(
             out,
@@ -263,6 +353,15 @@ def train_stage2(config: Config, run_dir: str | Path | RunStorage) -> dict:
             cf_model_sha256=inputs.cf_manifest["model_sha256"],
             stage1_sha256=stage1_hash,
             llm={"name": cfg.llm, "dtype": str(llm_dtype(config)).removeprefix("torch.")},
+            objective=cfg.objective,
+            readout=(
+                {"kind": cfg.readout, "layer": cfg.readout_layer, "bypass": cfg.bypass}
+                if cfg.objective == "rank"
+                else None
+            ),
+            readout_fit_error=state.get("readout_fit_error", {}),
+            train_prompts=state["prompts"],
+            curve=state["curve"],
             projector_shapes={k: list(v.shape) for k, v in weights.items()},
             train_users=len(users),
             epochs_run=state["epoch"],

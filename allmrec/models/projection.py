@@ -15,6 +15,11 @@ target is tokenized without special tokens, so no BOS lands inside the sequence.
 Evaluation: `generate` is the paper's protocol (greedy, a hit when the true title is in the
 output, `hit_contains`); `rank_candidates` scores the 20 candidates by their likelihood after
 the prompt, which gives Hit@k for any k (the reference's users asked for Hit@3/Hit@5).
+
+The `rank` objective (`allmrec.models.readout`) keeps the same prompt and projectors but adds
+a small head over the LLM's hidden states: one forward pass scores every candidate
+(`candidate_scores`) and the loss is the cross-entropy over them. The `LLM bypassed` ablation
+(`BypassRanker`) trains the same head on F_U(x_u) and F_I(z_i) without the LLM.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from allmrec.llm import SPECIAL_TOKENS, freeze
+from allmrec.llm import SPECIAL_TOKENS, first_layers, freeze
+from allmrec.models.readout import RankReadout, listwise_loss
 from allmrec.prompts import CANDIDATE_TOKEN, HISTORY_TOKEN, USER_TOKEN, Prompt, quote_title
 
 IGNORE_INDEX = -100
@@ -67,12 +73,14 @@ class ItemProjector(nn.Module):
 
 
 class Stage2Example(NamedTuple):
-    """One user: the prompt, x_u, z_i by item id, and the true title (None at inference)."""
+    """One user: the prompt, x_u, z_i by item id, and the training target (None at inference):
+    the true title for the `generate` objective, the true item id for `rank`."""
 
     prompt: Prompt
     user_vector: Tensor  # x_u, [d_cf]
     item_vectors: Mapping[int, Tensor] | Tensor  # z_i by item id: a dict or a [n_items, 128] table
     target_title: str | None = None
+    target_item: int | None = None
 
 
 @dataclass
@@ -82,6 +90,9 @@ class Stage2Batch:
     labels: Tensor | None  # [B, T], IGNORE_INDEX on the prompt and the padding
     user_vectors: Tensor  # x_u, [B, d_cf]
     item_vectors: list[Tensor]  # per row: z_i of its [HistoryEmb]/[CandidateEmb] tokens, in order
+    candidate_vectors: Tensor  # z_i of each row's candidates in prompt order, [B, C, d_joint]
+    candidate_mask: Tensor  # [B, C], False where a row has fewer candidates than C
+    targets: Tensor | None = None  # [B], the true item's index among the row's candidates
 
     def to(self, device: torch.device | str) -> Stage2Batch:
         moved = {}
@@ -132,6 +143,9 @@ def collate_stage2(
     with_targets = all(e.target_title is not None for e in examples)
     if not with_targets and any(e.target_title is not None for e in examples):
         raise ValueError("collate_stage2: either every example has a target_title or none has")
+    with_items = all(e.target_item is not None for e in examples)
+    if not with_items and any(e.target_item is not None for e in examples):
+        raise ValueError("collate_stage2: either every example has a target_item or none has")
     rows, label_rows = [], []
     for e in examples:
         prompt_ids = encode_prompt(tokenizer, e.prompt.text)
@@ -152,9 +166,39 @@ def collate_stage2(
         [torch.as_tensor(e.user_vector, dtype=torch.float32) for e in examples]
     )
     item_vectors = [_item_vectors(e.item_vectors, e.prompt.items) for e in examples]
+    candidate_vectors, candidate_mask = _candidate_table(examples)
+    targets = None
+    if with_items:
+        for e in examples:
+            if e.target_item not in e.prompt.candidate_items:
+                raise ValueError(f"target_item {e.target_item} is not among the candidates")
+        targets = torch.tensor(
+            [e.prompt.candidate_items.index(e.target_item) for e in examples], dtype=torch.long
+        )
     return Stage2Batch(
-        input_ids, attention_mask, labels if with_targets else None, user_vectors, item_vectors
+        input_ids,
+        attention_mask,
+        labels if with_targets else None,
+        user_vectors,
+        item_vectors,
+        candidate_vectors,
+        candidate_mask,
+        targets,
     )
+
+
+def _candidate_table(examples: Sequence[Stage2Example]) -> tuple[Tensor, Tensor]:
+    """z_i of every row's candidates, padded to the longest row, and the mask of real ones."""
+    width = max(len(e.prompt.candidate_items) for e in examples)
+    rows = [_item_vectors(e.item_vectors, e.prompt.candidate_items) for e in examples]
+    dim = max((r.shape[1] for r in rows if r.numel()), default=0)
+    table = torch.zeros(len(rows), width, dim)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        if r.numel():
+            table[b, : len(r)] = r
+            mask[b, : len(r)] = True
+    return table, mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,16 +221,54 @@ def _drop_llm_state(module: nn.Module, state_dict: dict, prefix: str, local_meta
         del state_dict[key]
 
 
+class BypassRanker(nn.Module):
+    """The `rank` readout without the LLM: its own F_U and F_I feed the same head directly
+    (F_U(x_u) in place of the LLM's last hidden state, F_I(z_c) in place of the state at c)."""
+
+    def __init__(self, kind: str, d_cf: int, d_joint: int, d_llm: int, dim: int = 128) -> None:
+        super().__init__()
+        self.user_projector = UserProjector(d_cf, d_llm)
+        self.item_projector = ItemProjector(d_joint, d_llm)
+        self.readout = RankReadout(kind, d_llm, d_cf, d_joint, dim)
+
+    def forward(self, batch: Stage2Batch) -> Tensor:
+        """Scores [B, C] of each row's candidates, -inf on padding."""
+        x_u, z = batch.user_vectors, batch.candidate_vectors
+        scores = self.readout(self.user_projector(x_u), self.item_projector(z), x_u, z)
+        return scores.masked_fill(~batch.candidate_mask, float("-inf"))
+
+    def catalogue_scores(self, x_u: Tensor, z: Tensor) -> Tensor:
+        """`user_item` readout: scores [B, N] of every item of `z` [N, d_joint]."""
+        query = self.readout.user_query(self.user_projector(x_u), x_u)
+        return query @ self.readout.item_keys(z).T
+
+
 class ALLMRecLM(nn.Module):
-    """The frozen LLM with the two trainable projectors F_U and F_I.
+    """The frozen LLM with the two trainable projectors F_U and F_I (and, for the `rank`
+    objective, the readout head and the LLM-bypassed ablation).
 
     The LLM is a submodule (not a plain attribute), so a DeepSpeed ZeRO-3 engine around this
     module partitions it; it stays frozen and in eval mode whatever `train()` is called with.
     `llm` and `tokenizer` must already carry the special tokens (`allmrec.llm.add_special_tokens`).
+    `readout_layer`: the `rank` objective reads the hidden states after that many decoder
+    blocks and does not run the rest (None: all of them).
     """
 
-    def __init__(self, llm: nn.Module, tokenizer, d_cf: int, d_joint: int = 128) -> None:
+    def __init__(
+        self,
+        llm: nn.Module,
+        tokenizer,
+        d_cf: int,
+        d_joint: int = 128,
+        objective: str = "generate",
+        readout: str = "user_item",
+        readout_layer: int | None = None,
+        readout_dim: int = 128,
+        bypass: bool = True,
+    ) -> None:
         super().__init__()
+        if objective not in ("generate", "rank"):
+            raise ValueError(f"stage2.objective {objective!r}: expected 'generate' or 'rank'")
         self.llm = freeze(llm)
         self.tokenizer = tokenizer
         self.token_ids = {}
@@ -204,8 +286,15 @@ class ALLMRecLM(nn.Module):
                 "resize them (allmrec.llm.add_special_tokens does)"
             )
         d_llm = llm.get_input_embeddings().embedding_dim
+        self.objective = objective
+        self.readout_layer = readout_layer
         self.user_projector = UserProjector(d_cf, d_llm)  # F_U
         self.item_projector = ItemProjector(d_joint, d_llm)  # F_I
+        self.readout = self.bypass = None
+        if objective == "rank":
+            self.readout = RankReadout(readout, d_llm, d_cf, d_joint, readout_dim)
+            if bypass:
+                self.bypass = BypassRanker(readout, d_cf, d_joint, d_llm, readout_dim)
         # The state of this module is the projectors: the LLM is a frozen input, loaded by
         # name. So no checkpoint ever holds it (DeepSpeed's exclude_frozen_parameters alone
         # keeps a tied lm_head weight, a second name of the frozen embedding).
@@ -271,8 +360,65 @@ class ALLMRecLM(nn.Module):
             embeds = embeds.index_put((b_i, t_i), self.item_projector(z).to(embeds.dtype))
         return embeds
 
-    def forward(self, batch: Stage2Batch) -> Tensor:
-        return self.training_loss(batch)
+    def forward(self, batch: Stage2Batch) -> dict[str, Tensor]:
+        """The training losses of the objective: {"loss": what to minimise, and its parts}.
+
+        `generate`: {"loss": LM loss}. `rank`: {"loss", "rank", "bypass"}: the listwise loss of
+        the readout plus that of the bypass (their parameters are disjoint, so the sum trains
+        each on its own loss).
+        """
+        if self.objective == "generate":
+            return {"loss": self.training_loss(batch)}
+        if batch.targets is None:
+            raise ValueError("the rank objective needs targets: collate examples with target_item")
+        losses = {"rank": listwise_loss(self.candidate_scores(batch), batch.targets)}
+        if self.bypass is not None:
+            losses["bypass"] = listwise_loss(self.bypass(batch), batch.targets)
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    # -- the rank objective -------------------------------------------------------------------
+
+    def _readout_states(self, batch: Stage2Batch) -> tuple[Tensor, Tensor]:
+        """(h_user [B, d] at each row's last real position, h_cand [B, C, d] at its
+        [CandidateEmb] tokens in order) from one forward pass up to `readout_layer`."""
+        embeds = self.embed_prompts(batch.input_ids, batch.user_vectors, batch.item_vectors)
+        with first_layers(self.llm, self.readout_layer):
+            hidden = self.llm.base_model(
+                inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False
+            ).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        width = batch.attention_mask.shape[1]
+        last = width - 1 - batch.attention_mask.flip(1).argmax(dim=1)  # left or right padding
+        h_user = hidden[rows, last]
+        is_candidate = batch.input_ids == self.token_ids[CANDIDATE_TOKEN]
+        slot = is_candidate.long().cumsum(dim=1) - 1  # the candidate's index in its row
+        b, t = is_candidate.nonzero(as_tuple=True)
+        if not torch.equal(is_candidate.sum(dim=1), batch.candidate_mask.sum(dim=1)):
+            raise ValueError(
+                f"{CANDIDATE_TOKEN} tokens per row {is_candidate.sum(dim=1).tolist()} do not "
+                f"match the candidates per row {batch.candidate_mask.sum(dim=1).tolist()}"
+            )
+        h_cand = hidden.new_zeros(*batch.candidate_mask.shape, hidden.shape[-1])
+        h_cand = h_cand.index_put((b, slot[b, t]), hidden[b, t])
+        return h_user, h_cand
+
+    def rank_forward(self, batch: Stage2Batch) -> tuple[Tensor, Tensor | None]:
+        """`rank`, one forward pass: (scores [B, C] of each row's candidates in prompt order,
+        -inf on padding; the `user_item` readout's user vector u [B, d_cf], which scores any
+        item by `readout.item_keys`, or None for the `candidate` readout)."""
+        if self.readout is None:
+            raise ValueError("this model was not trained with stage2.objective=rank")
+        h_user, h_cand = self._readout_states(batch)
+        x_u = batch.user_vectors.to(h_user.dtype)
+        scores = self.readout(h_user, h_cand, x_u, batch.candidate_vectors)
+        scores = scores.float().masked_fill(~batch.candidate_mask, float("-inf"))
+        query = self.readout.user_query(h_user, x_u) if self.readout.scores_any_item else None
+        return scores, query
+
+    def candidate_scores(self, batch: Stage2Batch) -> Tensor:
+        """`rank`: scores [B, C] of each row's candidates (prompt order), -inf on padding."""
+        return self.rank_forward(batch)[0]
 
     def training_loss(self, batch: Stage2Batch) -> Tensor:
         """Mean LM cross-entropy over the target tokens (title + EOS) of the batch.

@@ -5,7 +5,10 @@ What Stage 2 reads of the stages before it, and how a user becomes a prompt:
 - z_i: Stage 1's joint item embedding (`stage1/joint_item_emb.parquet`), by item id;
 - a training example per user and epoch, as the reference: the last training item is the
   target, the items before it the history, and 19 negatives the user never interacted with
-  join it as the 20 candidates, shuffled with a seed;
+  join it as the 20 candidates, shuffled with a seed. `stage2.examples_per_user` gives more
+  per user: the last k training items (`targets: last`) or k positions drawn afresh every
+  epoch along the whole training sequence (`targets: sequence`), each with the items before it
+  as the history and x_u over that history; negatives are drawn afresh every epoch;
 - an evaluation example per user: the held-out item of the split with the evaluator's seeded
   19 negatives (`allmrec.evaluation.sample_candidates`, the very candidates every other model
   ranks), shuffled with a seed.
@@ -146,17 +149,46 @@ def stage2_training_users(data: PreparedData) -> np.ndarray:
     )
 
 
+def training_targets(
+    users: np.ndarray, data: PreparedData, config: Config, epoch: int
+) -> list[tuple[int, int]]:
+    """(user, cut) pairs of one epoch: target `train[u][cut]`, history `train[u][:cut]`.
+
+    Exactly `stage2.examples_per_user` pairs per user (workers must take equal numbers of
+    steps): `last` takes the last ones (the first position repeats for a sequence shorter than
+    that), `sequence` draws distinct positions with a generator seeded by (seed, epoch, user),
+    so a user's targets do not depend on how the users are sharded.
+    """
+    cfg = config.stage2
+    k = cfg.examples_per_user
+    pairs = []
+    for user in users:
+        n = len(data.train[int(user)])
+        if n < 2:
+            raise ValueError(f"user {user}: {n} training item(s); Stage 2 needs at least 2")
+        if cfg.targets == "last":
+            cuts = np.maximum(n - 1 - np.arange(k), 1)
+        else:
+            rng = np.random.default_rng([config.seed, epoch, int(user)])
+            cuts = rng.choice(np.arange(1, n), size=k, replace=n - 1 < k)
+        pairs += [(int(user), int(cut)) for cut in cuts]
+    return pairs
+
+
 def training_examples(
-    users: np.ndarray,
+    pairs: list[tuple[int, int]],
     inputs: Stage2Inputs,
     config: Config,
     rng: np.random.Generator,
 ) -> list[Stage2Example]:
-    """One example per user: history train[:-1], target train[-1], 19 sampled negatives."""
+    """An example per (user, cut): history train[:cut], target train[cut] and 19 negatives the
+    user never interacted with, shuffled; the target as a title (`generate`) or an item
+    (`rank`)."""
     cfg = config.stage2
     data = inputs.data
-    histories = [data.train[u][:-1] for u in users]
-    targets = np.array([data.train[u][-1] for u in users])
+    users = np.array([u for u, _ in pairs], dtype=np.int64)
+    histories = [data.train[u][:cut] for u, cut in pairs]
+    targets = [int(data.train[u][cut]) for u, cut in pairs]
     all_items = np.arange(1, data.num_items + 1)
     negatives = [  # distinct, none the user interacted with
         rng.choice(np.setdiff1d(all_items, data.interacted(int(u))), cfg.num_negatives, False)
@@ -164,13 +196,16 @@ def training_examples(
     ]
     x_u = user_vectors_of(inputs, users, histories)
     examples = []
-    for row in range(len(users)):
-        candidates = [int(targets[row]), *(int(i) for i in negatives[row])]
+    for row, target in enumerate(targets):
+        candidates = [target, *(int(i) for i in negatives[row])]
         order = shuffle_candidates(candidates, int(rng.integers(2**31)))
         prompt = build_prompt(
             histories[row], order, inputs.titles, config.data.domain, cfg.max_history
         )
-        examples.append(Stage2Example(prompt, x_u[row], inputs.z, inputs.titles[int(targets[row])]))
+        if cfg.objective == "rank":
+            examples.append(Stage2Example(prompt, x_u[row], inputs.z, target_item=target))
+        else:
+            examples.append(Stage2Example(prompt, x_u[row], inputs.z, inputs.titles[target]))
     return examples
 
 
@@ -219,16 +254,85 @@ def eval_example(
     return Stage2Example(prompt, case.x_u, inputs.z)
 
 
+def validation_cases(inputs: Stage2Inputs, config: Config) -> list[EvalCase]:
+    """The learning curve's cases: a seeded sample of `stage2.validation_users` valid-split
+    users with the evaluator's seeded candidates."""
+    from allmrec.llm_evaluation import seeded_users
+
+    users = seeded_users(
+        inputs.data.eval_users("valid"), config.stage2.validation_users, config.seed
+    )
+    return eval_cases(users, inputs, "valid", config.stage2.num_negatives, config.seed)
+
+
+@torch.no_grad()
+def validation_hits(
+    model: ALLMRecLM,
+    inputs: Stage2Inputs,
+    cases: list[EvalCase],
+    config: Config,
+    batch_size: int = 8,
+) -> dict[str, list[int]]:
+    """Hit@1 (0 or 1) of every case: `rank`: the readout's and the bypass's top candidate;
+    `generate`: the top candidate by the likelihood of its title after the prompt."""
+    examples = [eval_example(c, inputs, config) for c in cases]
+    truth = [c.shuffled.index(int(c.candidates[0])) for c in cases]
+    if model.objective == "generate":
+        hits = []
+        for example, true in zip(examples, truth, strict=True):
+            titles = [inputs.titles[i] for i in example.prompt.candidate_items]
+            result = model.rank_candidates(
+                example.prompt, example.user_vector, example.item_vectors, titles
+            )
+            hits.append(int(result.order[0] == true))
+        return {"valid_likelihood_hit@1": hits}
+    out: dict[str, list[int]] = {"valid_hit@1": []}
+    if model.bypass is not None:
+        out["valid_bypass_hit@1"] = []
+    for start in range(0, len(examples), batch_size):
+        batch = model.collate(examples[start : start + batch_size]).to(model.device)
+        true = torch.tensor(truth[start : start + batch_size])
+        out["valid_hit@1"] += (model.candidate_scores(batch).argmax(1).cpu() == true).tolist()
+        if model.bypass is not None:
+            out["valid_bypass_hit@1"] += (model.bypass(batch).argmax(1).cpu() == true).tolist()
+    return {k: [int(h) for h in v] for k, v in out.items()}
+
+
 def build_stage2_model(
     config: Config, d_cf: int, d_joint: int, llm=None, tokenizer=None, device: str = "cpu"
 ) -> ALLMRecLM:
-    """The frozen LLM named by `stage2.llm` (with the special tokens) and fresh projectors."""
+    """The frozen LLM named by `stage2.llm` (with the special tokens) and fresh projectors
+    (and, for the rank objective, a fresh readout and bypass)."""
     from allmrec.llm import add_special_tokens, load_llm
 
+    cfg = config.stage2
     if llm is None:
-        llm, tokenizer = load_llm(config.stage2.llm, dtype=llm_dtype(config))
+        llm, tokenizer = load_llm(cfg.llm, dtype=llm_dtype(config))
     add_special_tokens(llm, tokenizer)
-    return ALLMRecLM(llm, tokenizer, d_cf, d_joint).to(device)
+    model = ALLMRecLM(
+        llm,
+        tokenizer,
+        d_cf,
+        d_joint,
+        objective=cfg.objective,
+        readout=cfg.readout,
+        readout_layer=cfg.readout_layer,
+        readout_dim=cfg.readout_dim,
+        bypass=cfg.bypass,
+    )
+    return model.to(device)
+
+
+def start_readouts(model: ALLMRecLM, inputs: Stage2Inputs) -> dict[str, float]:
+    """The `user_item` readouts' item map g at its starting point, fitted to the CF item
+    embeddings (`RankReadout.fit_item_map`); the relative fit error of each."""
+    errors = {}
+    item_embeddings = inputs.cf_model.item_embeddings().detach().float().cpu()
+    readouts = {"rank": model.readout, "bypass": getattr(model.bypass, "readout", None)}
+    for name, readout in readouts.items():
+        if readout is not None and readout.scores_any_item:
+            errors[name] = readout.fit_item_map(inputs.z, item_embeddings)
+    return errors
 
 
 def llm_dtype(config: Config) -> torch.dtype:
@@ -238,15 +342,17 @@ def llm_dtype(config: Config) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-PROJECTOR_PREFIXES = ("user_projector.", "item_projector.")
+# Everything Stage 2 trains: F_U, F_I and, for the rank objective, the readout and the bypass.
+TRAINED_MODULES = ("user_projector", "item_projector", "readout", "bypass")
+PROJECTOR_PREFIXES = tuple(f"{name}." for name in TRAINED_MODULES)
 # The run stages Stage 2 reads, and the whole stack that evaluation and serving read.
 STAGE2_INPUTS = ("data", "cf", "stage1")
 STACK = (*STAGE2_INPUTS, "stage2")
-PROJECTORS_FILE = "projectors.safetensors"  # F_U and F_I: all that Stage 2 trains
+PROJECTORS_FILE = "projectors.safetensors"  # all that Stage 2 trains (never the LLM)
 
 
 def projector_state(model: ALLMRecLM) -> dict[str, torch.Tensor]:
-    """F_U and F_I: the whole state of an ALLMRecLM (never the LLM)."""
+    """What Stage 2 trained: the whole state of an ALLMRecLM (never the LLM)."""
     return {
         k: v.detach().cpu().contiguous()
         for k, v in model.state_dict().items()
