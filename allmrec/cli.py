@@ -181,13 +181,24 @@ def _cmd_train_stage1(args: argparse.Namespace) -> int:
 
 def format_stage2_metrics(manifest: dict) -> str:
     m = manifest["metrics"]
-    return (
-        f"{manifest['llm']['name']}, {manifest['train_users']} users x {manifest['epochs_run']} "
-        f"epoch(s): final loss {m['loss']:.4f}, {m['samples_per_second']:.2f} samples/s, "
+    objective = manifest.get("objective", "generate")
+    prompts = manifest.get("train_prompts")
+    lines = [
+        f"{manifest['llm']['name']}, {objective} objective, {manifest['train_users']} users x "
+        f"{manifest['epochs_run']} epoch(s){f' ({prompts} prompts)' if prompts else ''}: final "
+        f"loss {m['loss']:.4f}, {m['samples_per_second']:.2f} prompts/s, "
         f"ZeRO-{manifest['zero_stage']} on {manifest['workers']} worker(s), each holding "
         f"{m['llm_local_param_share']:.1%} of the LLM's parameters, "
         f"{m['mean_worker_rss_gib']:.2f} GiB resident per worker"
-    )
+    ]
+    curve = manifest.get("curve") or []
+    if curve:
+        keys = [k for k in curve[-1] if k.startswith("valid_")]
+        points = ", ".join(
+            f"{p['prompts']}: " + " / ".join(f"{p[k]:.3f}" for k in keys) for p in curve
+        )
+        lines.append(f"validation Hit@1 ({' / '.join(keys)}) by training prompts: {points}")
+    return "\n".join(lines)
 
 
 def _cmd_train_stage2(args: argparse.Namespace) -> int:

@@ -232,6 +232,40 @@ def evaluate_cases(
     return records
 
 
+# ---------------------------------------------------------------------------------------------
+# The learning curve of Stage 2: the same rows on a sample of the validation split.
+
+VALIDATION_KEYS = {
+    RANK_ROW: "valid_hit@1",
+    BYPASS_ROW: "valid_bypass_hit@1",
+    f"{ALLMREC} ({LIKELIHOOD})": "valid_likelihood_hit@1",
+}
+
+
+def validation_cases(inputs: Stage2Inputs, config: Config) -> list[EvalCase]:
+    """A seeded sample of `stage2.validation_users` valid-split users with the evaluator's
+    seeded candidates."""
+    from allmrec.training.stage2 import eval_cases
+
+    users = seeded_users(
+        inputs.data.eval_users("valid"), config.stage2.validation_users, config.seed
+    )
+    return eval_cases(users, inputs, "valid", config.stage2.num_negatives, config.seed)
+
+
+@torch.no_grad()
+def validation_hits(
+    model: ALLMRecLM, inputs: Stage2Inputs, cases: Sequence[EvalCase], config: Config
+) -> dict[str, list[int]]:
+    """Hit@1 (0 or 1) of every case, by row: the rank objective's readout and bypass, or the
+    generate objective's likelihood ranking (`VALIDATION_KEYS` names them)."""
+    ranking_only = config.model_copy(deep=True)
+    ranking_only.evaluate.ranking, ranking_only.evaluate.generation = True, False
+    records = evaluate_cases(model, inputs, cases, ranking_only, [ALLMREC], baselines=False)
+    rows = [row for row in VALIDATION_KEYS if records and row in records[0]["ranks"]]
+    return {VALIDATION_KEYS[row]: [int(r["ranks"][row] == 0) for r in records] for row in rows}
+
+
 def _row_order(row: str) -> tuple:
     """A-LLMRec first, then the CF backbone, the LLM alone, popularity, random."""
     for k, prefix in enumerate(ROW_PREFIXES):

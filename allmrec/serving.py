@@ -245,9 +245,6 @@ class StackRecommender:
         top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
         return list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
 
-    def titles_of(self, items: list[int]) -> dict:
-        return {i: {"item_id": self.item_ids[i], "title": self.titles[i]} for i in items}
-
     def llm_request(self, request: RecommendRequest) -> dict:
         """Everything the LLM half needs for one request (small: titles and vectors)."""
         user, history, candidates = self.resolve(request)

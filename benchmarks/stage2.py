@@ -1,22 +1,23 @@
-"""Stage 2 on this machine: training throughput against the matmul peak, and evaluation speed
-of likelihood ranking against generation, measured in one run.
+"""Stage 2 on this machine, measured in one run: training prompts/s of both objectives against
+the matmul peak, and evaluation users/s of every row of the results table.
 
 What it measures, in this process (no Ray; the library pieces the Ray jobs run):
 
-1. The machine's fp32 matmul peak on the threads given (`torch.mm` of 2048 x 2048 matrices).
-2. Training: `ALLMRecLM.training_loss` forward + backward + Adam step on real Stage 2 batches
-   (the paper's prompt, 10 history titles, 20 candidates) with the chosen LLM frozen;
-   samples/s, and FLOP/s counted by `torch.utils.flop_counter.FlopCounterMode` over one step
-   (the matmuls actually run: the frozen LLM's forward, the backward to its inputs only, the
-   projectors). Printed: achieved FLOP/s / peak, the utilisation.
-3. Evaluation on the same users and candidates: likelihood ranking (`rank_candidates`, the
-   prompt once with its KV cache, 20 titles scored in one batch) against greedy generation
-   (`generate`, batch 1 and `evaluate.generation_batch_size`), users/s and Hit@1 of each.
-   Printed: the ranking's users/s over generation's.
+1. The machine's fp32 matmul peak on the threads given (`torch.mm` of 2048 x 2048 matrices),
+   and bf16's, since some CPUs of this kind lack bf16 instructions and run it slower.
+2. Training, for each objective, on the same real Stage 2 prompts (the paper's prompt, 10
+   history titles, 20 candidates) with the chosen LLM frozen: forward + backward + Adam step;
+   prompts/s, and FLOP/s counted by `torch.utils.flop_counter.FlopCounterMode` over one step
+   (the matmuls actually run). Printed: achieved FLOP/s / peak, the utilisation.
+   - `generate`: the LM loss on the true title, every block of the LLM;
+   - `rank`: the listwise loss of the readout (and of the bypass), up to `stage2.readout_layer`.
+3. Evaluation on the same users and candidates, users/s of each row: the rank readout (one
+   forward pass a user, batched), the bypass (no LLM), likelihood ranking (the prompt once with
+   its KV cache, 20 titles in one batch), greedy generation (batch 1 and batched), and the CF
+   backbone. Printed: each row's users/s over generation's.
 
-It needs a run directory with `data/`, `cf/` and `stage1/` (e.g. after `make demo`, or
-`allmrec train stage1`); the projectors are those of `stage2/` if present, else fresh ones
-(the speed is the same; the Hit@1 then is the untrained model's).
+It needs a run directory with `data/`, `cf/` and `stage1/` (e.g. after `make demo`); the
+projectors are fresh (the speed is the same as trained ones').
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/stage2.py --run-dir runs/ml-100k-cpu
 """
@@ -31,25 +32,74 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from allmrec.config import load_config
-from allmrec.llm_evaluation import ALLMREC, evaluate_cases, seeded_users, summarize
+from allmrec.config import Config, load_config
+from allmrec.llm import load_llm
+from allmrec.llm_evaluation import ALLMREC, LLM_ONLY, evaluate_cases, seeded_users
 from allmrec.training.stage2 import (
     build_stage2_model,
     eval_cases,
+    llm_dtype,
     load_stage2_inputs,
-    load_trained_stage2,
     stage2_training_users,
+    start_readouts,
     training_examples,
+    training_targets,
 )
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)  # warm-up
     started = time.perf_counter()
     for _ in range(repeats):
         torch.mm(a, b)
     return 2 * n**3 * repeats / (time.perf_counter() - started)
+
+
+def train_speed(model, inputs, config: Config, steps: int, peak: float) -> float:
+    """Prompts/s of `steps` training steps (after one that warms up and counts FLOPs)."""
+    cfg = config.stage2
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=cfg.lr)
+    pairs = training_targets(stage2_training_users(inputs.data), inputs.data, config, epoch=1)
+    rng = np.random.default_rng(0)
+    model.train()
+    prompts, tokens, seconds, flops = 0, 0, 0.0, 0
+    for step in range(steps + 1):
+        chunk = pairs[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        batch = model.collate(training_examples(chunk, inputs, config, rng))
+        started = time.perf_counter()
+        if step == 0:
+            with FlopCounterMode(display=False) as counter:
+                model(batch)["loss"].backward()
+            flops = counter.get_total_flops()
+        else:
+            model(batch)["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step:
+            seconds += time.perf_counter() - started
+            prompts += len(chunk)
+            tokens += int(batch.attention_mask.sum())
+    step_seconds = seconds / steps
+    achieved = flops / step_seconds  # FLOPs of one step (step 0's shape, about the same)
+    layers = f", up to block {cfg.readout_layer}" if cfg.objective == "rank" else ""
+    print(
+        f"training, {cfg.objective} objective{layers}: batch {cfg.batch_size}, "
+        f"{tokens / steps:.0f} tokens a step, {step_seconds:.2f} s a step, "
+        f"{prompts / seconds:.3f} prompts/s; {flops / 1e9:.1f} GFLOP a step, "
+        f"{achieved / 1e9:.1f} GFLOP/s, utilisation (achieved / peak) {achieved / peak:.2f}"
+    )
+    model.eval()
+    return prompts / seconds
+
+
+def eval_speed(name: str, model, inputs, cases, config: Config, rows, baselines=False) -> float:
+    started = time.perf_counter()
+    evaluate_cases(model, inputs, cases, config, rows, baselines=baselines)
+    rate = len(cases) / (time.perf_counter() - started)
+    print(f"evaluation, {name}: {rate:.3f} users/s ({1 / rate:.2f} s a user)")
+    return rate
 
 
 def main() -> None:
@@ -61,86 +111,55 @@ def main() -> None:
     parser.add_argument("--eval-users", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = load_config(args.config)
 
     peak = matmul_peak()
-    print(f"fp32 matmul peak on {args.threads} threads: {peak / 1e9:.1f} GFLOP/s")
-
-    if (args.run_dir / "stage2" / "manifest.json").is_file():
-        model, inputs = load_trained_stage2(args.run_dir)
-        print("projectors: trained, from", args.run_dir / "stage2")
-    else:
-        inputs = load_stage2_inputs(args.run_dir, config)
-        model = build_stage2_model(config, inputs.d_cf, inputs.d_joint)
-        print("projectors: fresh (no stage2/ in the run directory)")
-
-    # -- training -------------------------------------------------------------------------
-    cfg = config.stage2
-    optimizer = torch.optim.Adam(
-        [*model.user_projector.parameters(), *model.item_projector.parameters()], lr=cfg.lr
-    )
-    users = stage2_training_users(inputs.data)
-    rng = np.random.default_rng(0)
-    model.train()
-    samples, tokens, seconds, flops = 0, 0, 0.0, None
-    for step in range(args.train_steps + 1):  # step 0 warms up and counts FLOPs
-        batch_users = users[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-        batch = model.collate(training_examples(batch_users, inputs, config, rng))
-        started = time.perf_counter()
-        if step == 0:
-            with FlopCounterMode(display=False) as counter:
-                loss = model.training_loss(batch)
-                loss.backward()
-            flops = counter.get_total_flops()
-        else:
-            loss = model.training_loss(batch)
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if step:
-            seconds += time.perf_counter() - started
-            samples += len(batch_users)
-            tokens += int(batch.attention_mask.sum())
-    step_seconds = seconds / args.train_steps
-    achieved = flops / step_seconds  # FLOPs of one step (step 0's shape, about the same)
+    bf16 = matmul_peak(torch.bfloat16)
     print(
-        f"training: batch {cfg.batch_size}, {tokens / args.train_steps:.0f} tokens a step, "
-        f"{step_seconds:.2f} s a step, {samples / seconds:.3f} samples/s, "
-        f"{tokens / seconds:.0f} tokens/s"
+        f"matmul peak on {args.threads} threads: fp32 {peak / 1e9:.1f} GFLOP/s, bf16 "
+        f"{bf16 / 1e9:.1f} GFLOP/s (bf16 / fp32 = {bf16 / peak:.2f})"
     )
-    print(
-        f"training: {flops / 1e9:.1f} GFLOP a step, achieved {achieved / 1e9:.1f} GFLOP/s; "
-        f"utilisation (achieved / peak) = {achieved / peak:.2f}"
-    )
+    base = load_config(args.config)
+    inputs = load_stage2_inputs(args.run_dir, base)
+    llm, tokenizer = load_llm(base.stage2.llm, dtype=llm_dtype(base))  # shared by both models
+    models, rates = {}, {}
+    for objective in ("generate", "rank"):
+        config = load_config(args.config, [f"stage2.objective={objective}"])
+        torch.manual_seed(0)
+        model = build_stage2_model(config, inputs.d_cf, inputs.d_joint, llm, tokenizer)
+        start_readouts(model, inputs)
+        rates[objective] = train_speed(model, inputs, config, args.train_steps, peak)
+        models[objective] = (model, config)
+    print(f"ratio: rank prompts/s / generate prompts/s = {rates['rank'] / rates['generate']:.2f}")
 
-    # -- evaluation -----------------------------------------------------------------------
-    model.eval()
-    eval_users = seeded_users(inputs.data.eval_users("test"), args.eval_users, config.seed)
-    cases = eval_cases(eval_users, inputs, "test", cfg.num_negatives, config.seed)
-    rates = {}
-    for name, overrides in (
-        ("ranking", ["evaluate.generation=false"]),
-        ("generation, batch 1", ["evaluate.ranking=false", "evaluate.generation_batch_size=1"]),
-        (
-            f"generation, batch {config.evaluate.generation_batch_size}",
-            ["evaluate.ranking=false"],
+    users = seeded_users(inputs.data.eval_users("test"), args.eval_users, base.seed)
+    cases = eval_cases(users, inputs, "test", base.stage2.num_negatives, base.seed)
+    rank_model, rank_config = models["rank"]
+    generate_model, generate_config = models["generate"]
+    only = ["evaluate.llm_only=false"]
+    speeds = {
+        "A-LLMRec (rank) and the bypass, batched": eval_speed(
+            "A-LLMRec (rank) and the bypass, batched",
+            rank_model,
+            inputs,
+            cases,
+            rank_config,
+            [ALLMREC],
         ),
+        "CF backbone, popularity, random": eval_speed(
+            "CF backbone, popularity, random", rank_model, inputs, cases, rank_config, [], True
+        ),
+    }
+    for name, overrides in (
+        ("likelihood", ["evaluate.generation=false"]),
+        ("generation, batch 1", ["evaluate.ranking=false", "evaluate.generation_batch_size=1"]),
+        (f"generation, batch {base.evaluate.generation_batch_size}", ["evaluate.ranking=false"]),
     ):
-        run_config = load_config(args.config, overrides)
-        started = time.perf_counter()
-        records = evaluate_cases(model, inputs, cases, run_config, [ALLMREC], baselines=False)
-        elapsed = time.perf_counter() - started
-        (row, metrics), *_ = summarize(records).items()
-        rates[name] = len(cases) / elapsed
-        print(
-            f"evaluation, {name}: {rates[name]:.3f} users/s ({elapsed / len(cases):.2f} s a "
-            f"user), {row} Hit@1 {metrics['hit@1']:.3f} on {len(cases)} users"
-        )
-    batched = f"generation, batch {config.evaluate.generation_batch_size}"
+        config = load_config(args.config, ["stage2.objective=generate", *only, *overrides])
+        speeds[name] = eval_speed(name, generate_model, inputs, cases, config, [LLM_ONLY])
+    generation = speeds["generation, batch 1"]
     print(
-        f"ratio: ranking users/s / generation users/s = "
-        f"{rates['ranking'] / rates['generation, batch 1']:.2f} (batch 1), "
-        f"{rates['ranking'] / rates[batched]:.2f} (batched)"
+        "ratio: users/s over generation's (batch 1): "
+        + ", ".join(f"{name} {rate / generation:.1f}" for name, rate in speeds.items())
     )
 
 

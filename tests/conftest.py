@@ -91,7 +91,8 @@ def tiny_llm(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def stack_run(stage1_run, tiny_llm, tmp_path_factory):
-    """A whole trained stack (data, CF, Stage 1, Stage 2 with the tiny LLM): what Serve loads."""
+    """A whole trained stack (data, CF, Stage 1, Stage 2 with the tiny LLM and the demo's rank
+    objective): what Serve loads."""
     import shutil
 
     from allmrec.config import load_config
@@ -100,10 +101,12 @@ def stack_run(stage1_run, tiny_llm, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("stack") / "run"
     shutil.copytree(stage1_run, run_dir, ignore=shutil.ignore_patterns("checkpoints"))
     config = load_config(
-        ["configs/ml-100k-cpu.yaml"],
+        ["configs/ml-100k-cpu.yaml"],  # the rank objective with the user_item readout
         [
             f"stage2.llm={tiny_llm}",
+            "stage2.readout_layer=null",  # the tiny LLM has 2 blocks
             "stage2.max_train_users=8",
+            "stage2.validation_users=8",
             "stage2.scaling.cpus_per_worker=1",
         ],
     )

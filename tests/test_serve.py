@@ -110,7 +110,8 @@ def test_recommend_by_user_by_history_and_by_generation(served):
     by_user = _post("/recommend", {"user_id": "1", "k": 5})
     assert by_user.status_code == 200, by_user.text
     body = by_user.json()
-    assert len(body["items"]) == 5 and body["candidates_from"] == "retrieval"
+    # The stack's user_item readout scores any item: no candidates, the whole catalogue.
+    assert len(body["items"]) == 5 and body["candidates_from"] == "catalogue"
     scores = [item["score"] for item in body["items"]]
     assert scores == sorted(scores, reverse=True)
     assert "+projectors:" in body["model_version"]
@@ -130,6 +131,40 @@ def test_recommend_by_user_by_history_and_by_generation(served):
     assert generated.status_code == 200, generated.text
     assert isinstance(generated.json()["generated"], str)
     assert len(generated.json()["items"]) == 5
+
+
+@pytest.mark.slow
+def test_rank_mode_answers_with_the_readout(served):
+    """The HTTP answer is the readout's: the same order and scores as the trained rank model
+    computes in this process for the same request, and a catalogue ranking that leaves the
+    user's history out."""
+    import torch
+
+    from allmrec.serving import RecommendRequest, StackLLM, StackRecommender
+
+    request = {"history": ["1", "2", "3"], "candidates": ["50", "100", "181", "258", "7"]}
+    answer = _post("/recommend", request).json()
+    recommender, llm = StackRecommender(served), StackLLM(served)
+    assert llm.model.objective == "rank" and recommender.ranks_catalogue
+    prepared = recommender.llm_request(RecommendRequest(**request))
+    with torch.no_grad():
+        (expected,) = llm.answer([prepared])
+    assert [i["item_id"] for i in answer["items"]] == [
+        recommender.item_ids[i] for i, _ in expected["items"]
+    ]
+    assert [i["score"] for i in answer["items"]] == pytest.approx(
+        [score for _, score in expected["items"]], rel=1e-4, abs=1e-4
+    )
+    whole = {"history": ["1", "2", "3"], "k": 20}
+    catalogue = _post("/recommend", whole).json()
+    assert catalogue["candidates_from"] == "catalogue"
+    ids = [i["item_id"] for i in catalogue["items"]]
+    assert len(ids) == 20 and not {"1", "2", "3"} & set(ids)
+    prepared = recommender.llm_request(RecommendRequest(**whole))
+    with torch.no_grad():
+        (expected,) = llm.answer([prepared])
+    top = recommender.catalogue_top(expected["query"], prepared["history_all"], 20)
+    assert ids == [recommender.item_ids[i] for i, _ in top]
 
 
 BAD_INPUTS = [

@@ -23,9 +23,12 @@ def _config(llm, *overrides):
         ["configs/ml-100k-cpu.yaml"],
         [
             f"stage2.llm={llm}",
+            "stage2.objective=generate",  # the paper's; the rank tests override it
+            "stage2.readout_layer=1",  # of the tiny LLM's 2 blocks (rank objective)
             "stage2.max_train_users=8",
             "stage2.batch_size=2",
             "stage2.epochs=1",
+            "stage2.validation_users=4",
             "stage2.scaling.cpus_per_worker=1",
             *overrides,
         ],
@@ -76,7 +79,13 @@ def test_zero3_partitions_the_llm_and_matches_one_worker(
     assert two["probe_loss"] == pytest.approx(one["probe_loss"], rel=1e-4)
     # The artifact holds the projectors only, never the LLM.
     files = {p.name for p in (run_dir / "stage2").iterdir()}
-    assert files == {"projectors.safetensors", "manifest.json", "curves.png", "history.json"}
+    assert files == {
+        "projectors.safetensors",
+        "manifest.json",
+        "curves.png",
+        "learning_curve.png",
+        "history.json",
+    }
     weights = load_file(str(run_dir / "stage2" / "projectors.safetensors"))
     assert weights and all(k.startswith(("user_projector.", "item_projector.")) for k in weights)
     assert weights["user_projector.net.0.weight"].shape == (64, 50)  # d_cf 50 -> d_llm 64
@@ -110,6 +119,8 @@ def test_evaluate_writes_the_table_on_shared_candidates(two_worker_run):
         ["configs/ml-100k-cpu.yaml"],
         [
             "evaluate.max_users=8",
+            "evaluate.llm_only_max_users=null",
+            "evaluate.generation=true",
             "evaluate.cold_user_max_train=40",
             "evaluate.generation_batch_size=4",
             "evaluate.max_new_tokens=8",
@@ -177,6 +188,7 @@ def test_evaluate_few_shot_and_cross_domain_sections(two_worker_run, tmp_path):
         [
             "evaluate.max_users=4",
             "evaluate.generation=false",
+            "evaluate.llm_only_max_users=null",
             "evaluate.llm_only=false",
             f"evaluate.few_shot=[{few_shot}]",
             f"evaluate.cross_domain=[{other}]",
@@ -191,3 +203,96 @@ def test_evaluate_few_shot_and_cross_domain_sections(two_worker_run, tmp_path):
     assert few["A-LLMRec (likelihood)"] == own["A-LLMRec (likelihood)"]
     assert cross["A-LLMRec (likelihood)"] == own["A-LLMRec (likelihood)"]
     assert cross["Popularity"] == own["Popularity"]
+
+
+@pytest.fixture(scope="module")
+def rank_run(stage1_run, tiny_llm, tmp_path_factory):
+    """The rank objective under the same conditions as `two_worker_run`: 2 workers, ZeRO-3,
+    two epochs and a worker that fails once at the start of the second."""
+    from allmrec.distributed.train_stage2 import train_stage2
+
+    run_dir = _copy(stage1_run, tmp_path_factory.mktemp("stage2") / "rank")
+    manifest = train_stage2(
+        _config(
+            tiny_llm,
+            "stage2.objective=rank",
+            "stage2.examples_per_user=2",
+            "stage2.targets=sequence",
+            "stage2.validate_every_steps=2",
+            "stage2.scaling.num_workers=2",
+            "stage2.zero_stage=3",
+            "stage2.epochs=2",
+            "stage2.fail_at_epoch=2",
+        ),
+        run_dir,
+    )
+    return run_dir, manifest
+
+
+@pytest.mark.slow
+def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(rank_run, tiny_llm):
+    run_dir, manifest = rank_run
+    assert manifest["objective"] == "rank" and manifest["readout"]["kind"] == "user_item"
+    assert manifest["metrics"]["llm_local_param_share"] == pytest.approx(0.5, abs=0.02)
+    assert manifest["resumed_from"] == [[1, 0]] and manifest["epochs_run"] == 2
+    # 8 users x 2 examples x 2 epochs; validation before training, within and after epochs.
+    assert manifest["train_prompts"] == 32
+    curve = manifest["curve"]
+    assert curve[0]["prompts"] == 0 and curve[-1]["prompts"] == 32
+    assert [p["prompts"] for p in curve] == sorted(p["prompts"] for p in curve)
+    assert all(0 <= p["valid_hit@1"] <= 1 and "valid_bypass_hit@1" in p for p in curve)
+    assert manifest["readout_fit_error"]["rank"] < 0.2  # g(z_i) starts near e_i
+    weights = load_file(str(run_dir / "stage2" / "projectors.safetensors"))
+    assert {k.split(".")[0] for k in weights} == {
+        "user_projector",
+        "item_projector",
+        "readout",
+        "bypass",
+    }
+    assert weights["readout.item_map.weight"].shape == (50, 128)  # z_i (128) -> CF space (50)
+    llm_bytes = sum(p.stat().st_size for p in tiny_llm.rglob("*.safetensors"))
+    checkpoint_bytes = sum(
+        p.stat().st_size for p in (run_dir / "checkpoints").rglob("*") if p.is_file()
+    )
+    assert checkpoint_bytes < 0.2 * llm_bytes
+    history = json.loads((run_dir / "stage2" / "history.json").read_text())
+    assert history["curve"] == curve
+    assert (run_dir / "stage2" / "learning_curve.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_evaluate_a_rank_stack_rows_catalogue_and_paired_intervals(rank_run):
+    from allmrec.distributed.evaluate import evaluate_stack
+
+    run_dir, _ = rank_run
+    config = load_config(
+        ["configs/ml-100k-cpu.yaml"],
+        ["evaluate.max_users=8", "evaluate.llm_only_max_users=4", "evaluate.generation=false"],
+    )
+    evaluate_stack(config, run_dir)
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    table = results["tables"]["all users"]
+    assert list(table) == [
+        "A-LLMRec (rank)",
+        "A-LLMRec (rank, LLM bypassed)",
+        "CF backbone (sasrec)",
+        "LLM-only (likelihood)",
+        "Popularity",
+        "Random",
+    ]
+    assert table["LLM-only (likelihood)"]["users"] == 4 and table["Random"]["users"] == 8
+    for row in ("A-LLMRec (rank)", "A-LLMRec (rank, LLM bypassed)", "CF backbone (sasrec)"):
+        assert 0 <= table[row]["full_hit@10"] <= 1 and "full_ndcg@10" in table[row]
+    assert "full_hit@10" not in table["Random"]
+    pairs = results["differences"]["all users"]
+    assert [(d["row"], d["baseline"]) for d in pairs] == [
+        ("A-LLMRec (rank)", "CF backbone (sasrec)"),
+        ("A-LLMRec (rank)", "A-LLMRec (rank, LLM bypassed)"),
+    ]
+    assert all(d["low"] <= d["difference"] <= d["high"] and d["users"] == 8 for d in pairs)
+    for record in results["records"]:
+        assert 0 <= record["ranks"]["A-LLMRec (rank)"] < 20
+        assert record["catalogue_ranks"]["A-LLMRec (rank)"] >= record["ranks"]["A-LLMRec (rank)"]
+    markdown = (run_dir / "eval" / "results.md").read_text()
+    assert "- paired: A-LLMRec (rank) - CF backbone (sasrec): Hit@1" in markdown
+    assert "seeded subset of 4 of the users" in markdown

@@ -41,6 +41,7 @@ from allmrec.distributed.common import (
     run_name,
     shard_user_ids,
 )
+from allmrec.llm_evaluation import validation_cases, validation_hits
 from allmrec.manifest import staged_output, write_manifest
 from allmrec.models.projection import ALLMRecLM
 from allmrec.plots import plot_curves, plot_learning_curve
@@ -60,8 +61,6 @@ from allmrec.training.stage2 import (
     start_readouts,
     training_examples,
     training_targets,
-    validation_cases,
-    validation_hits,
 )
 from allmrec.training.zero import deepspeed_config, full_state_dict, local_share
 

@@ -254,50 +254,6 @@ def eval_example(
     return Stage2Example(prompt, case.x_u, inputs.z)
 
 
-def validation_cases(inputs: Stage2Inputs, config: Config) -> list[EvalCase]:
-    """The learning curve's cases: a seeded sample of `stage2.validation_users` valid-split
-    users with the evaluator's seeded candidates."""
-    from allmrec.llm_evaluation import seeded_users
-
-    users = seeded_users(
-        inputs.data.eval_users("valid"), config.stage2.validation_users, config.seed
-    )
-    return eval_cases(users, inputs, "valid", config.stage2.num_negatives, config.seed)
-
-
-@torch.no_grad()
-def validation_hits(
-    model: ALLMRecLM,
-    inputs: Stage2Inputs,
-    cases: list[EvalCase],
-    config: Config,
-    batch_size: int = 8,
-) -> dict[str, list[int]]:
-    """Hit@1 (0 or 1) of every case: `rank`: the readout's and the bypass's top candidate;
-    `generate`: the top candidate by the likelihood of its title after the prompt."""
-    examples = [eval_example(c, inputs, config) for c in cases]
-    truth = [c.shuffled.index(int(c.candidates[0])) for c in cases]
-    if model.objective == "generate":
-        hits = []
-        for example, true in zip(examples, truth, strict=True):
-            titles = [inputs.titles[i] for i in example.prompt.candidate_items]
-            result = model.rank_candidates(
-                example.prompt, example.user_vector, example.item_vectors, titles
-            )
-            hits.append(int(result.order[0] == true))
-        return {"valid_likelihood_hit@1": hits}
-    out: dict[str, list[int]] = {"valid_hit@1": []}
-    if model.bypass is not None:
-        out["valid_bypass_hit@1"] = []
-    for start in range(0, len(examples), batch_size):
-        batch = model.collate(examples[start : start + batch_size]).to(model.device)
-        true = torch.tensor(truth[start : start + batch_size])
-        out["valid_hit@1"] += (model.candidate_scores(batch).argmax(1).cpu() == true).tolist()
-        if model.bypass is not None:
-            out["valid_bypass_hit@1"] += (model.bypass(batch).argmax(1).cpu() == true).tolist()
-    return {k: [int(h) for h in v] for k, v in out.items()}
-
-
 def build_stage2_model(
     config: Config, d_cf: int, d_joint: int, llm=None, tokenizer=None, device: str = "cpu"
 ) -> ALLMRecLM:
