@@ -10,6 +10,8 @@ came from.
 from __future__ import annotations
 
 import copy
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -86,7 +88,7 @@ class TrainScaling(_Section):
 
 
 class CFConfig(_Section):
-    """CF-RecSys pre-training (METHOD.md item 1): SASRec's settings by default."""
+    """CF-RecSys pre-training (docs/method.md, section 1): SASRec's settings by default."""
 
     backbone: Literal["sasrec", "gru4rec", "nextitnet", "ncf"] = "sasrec"
     hidden_dim: int = Field(50, ge=1)
@@ -112,7 +114,7 @@ class CFConfig(_Section):
 
 
 class Stage1Config(_Section):
-    """Stage 1, collaborative-text alignment (METHOD.md): the reference's defaults."""
+    """Stage 1, collaborative-text alignment (docs/method.md, section 2): reference defaults."""
 
     alpha: float = Field(0.5, ge=0, description="weight of the item reconstruction loss")
     beta: float = Field(0.2, ge=0, description="weight of the text reconstruction loss")
@@ -143,7 +145,7 @@ class Stage1Config(_Section):
 
 
 class Stage2Config(_Section):
-    """Stage 2, the joint embedding in the frozen LLM's token space (METHOD.md)."""
+    """Stage 2, the joint embedding in the frozen LLM's token space (docs/method.md, section 3)."""
 
     llm: str = Field(
         "embedded:SmolLM2-135M-Instruct",
@@ -323,8 +325,39 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key.strip():
         raise ConfigError(f"--set {text!r}: empty key")
+    keys = key.strip().split(".")
+    if raw == "":
+        return keys, ""
+    takes_text = _takes_text(keys)
     # YAML parsing gives numbers, booleans, null and lists the same spelling as in a file.
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        if takes_text:  # a template such as {title}, {genre} is meant as it is written
+            return keys, raw
+        problem = str(exc).splitlines()[0]
+        raise ConfigError(
+            f"--set {text!r}: the value is not valid YAML ({problem}); write it as in a "
+            "YAML file (a list as [0.1, 0.5]), and put text with braces, colons or commas in "
+            f"quotes inside the shell's: --set '{key}=\"...\"'"
+        ) from None
+    if takes_text and value is not None and not isinstance(value, str):
+        return keys, raw  # "{title}" parses as a mapping, 1.0 as a number: the field wants text
+    return keys, value
+
+
+def _takes_text(keys: list[str]) -> bool:
+    """True when the field at `keys` is a string field (str or str | None)."""
+    model: Any = Config
+    for part in keys:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return False
+        model = fields[part].annotation
+    return model is str or (
+        typing.get_origin(model) in (typing.Union, types.UnionType)
+        and set(typing.get_args(model)) == {str, type(None)}
+    )
 
 
 def _merge(base: dict, overlay: dict) -> dict:

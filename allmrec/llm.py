@@ -7,7 +7,7 @@ and this module saves the result as an ordinary safetensors folder under
 name is passed to `from_pretrained` as a hub name or a local path (the paper's OPT-6.7B needs a
 hub or a local copy).
 
-Two traps of the reference code with a non-OPT LLM (METHOD.md, "What happens with a small LLM"):
+Two traps of the reference code with a non-OPT LLM (docs/method.md, section 3):
 it sets bos/eos/unk to OPT's `</s>`, a new untrained token elsewhere, so the model never stops;
 here the model's own EOS is kept and only a missing pad token is filled, with that EOS.
 """

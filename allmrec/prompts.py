@@ -1,4 +1,4 @@
-"""The Stage-2 prompt of A-LLMRec (METHOD.md, "Stage 2"), one per user.
+"""The Stage-2 prompt of A-LLMRec (docs/method.md, section 3), one per user.
 
 Movies domain, with `[UserRep]` standing for F_U(x_u), `[HistoryEmb]` and `[CandidateEmb]` for
 F_I(z_i) of the item whose quoted title precedes it:
@@ -8,7 +8,7 @@ F_I(z_i) of the item whose quoted title precedes it:
     movie title set, "c1"[CandidateEmb], "c2"[CandidateEmb]. The recommendation is
 
 (one line, ending with a space). The reference code joins titles with "," and writes
-"representation.This"; this follows METHOD.md's ", " and a space after the full stop.
+"representation.This"; this code writes ", " and a space after the full stop.
 The training target is the true item's quoted title followed by the tokenizer's own EOS.
 """
 

@@ -56,3 +56,24 @@ def test_shipped_configs_load():
     for path in sorted(Path("configs").glob("*.yaml")):
         config = load_config([path])
         assert config.name == path.stem
+
+
+def test_set_takes_text_with_braces_literally_for_a_string_field():
+    # '{title}, {genre}' is not valid YAML and '{title}' parses as a mapping: a string
+    # field takes what was written
+    config = load_config([], ["data.text_template={title}, {genre}"])
+    assert config.data.text_template == "{title}, {genre}"
+    assert load_config([], ["data.text_template={title}"]).data.text_template == "{title}"
+    assert load_config([], ["name=1.5"]).name == "1.5"
+    assert load_config([], ['data.text_template="{title}: {genre}"']).data.text_template == (
+        "{title}: {genre}"
+    )
+    assert load_config([], ["stage2.readout_layer=null"]).stage2.readout_layer is None
+
+
+def test_set_value_that_is_not_yaml_names_the_set_and_how_to_quote():
+    with pytest.raises(ConfigError) as err:
+        load_config([], ["tune.alpha=[0.1, 0.5"])
+    message = str(err.value)
+    assert message.startswith("--set 'tune.alpha=[0.1, 0.5': the value is not valid YAML")
+    assert "in quotes" in message and "Traceback" not in message

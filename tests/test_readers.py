@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import pickle
 import zipfile
@@ -11,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from allmrec.config import DataConfig
 from allmrec.data.readers import (
     FORMATS,
     BadLine,
@@ -21,6 +23,7 @@ from allmrec.data.readers import (
     read_items,
 )
 from allmrec.data.schema import RAW_INTERACTIONS_SCHEMA, RAW_ITEMS_SCHEMA
+from allmrec.data.sources import resolve_source
 
 
 def write(path: Path, text: str, encoding: str = "utf-8") -> str:
@@ -556,3 +559,20 @@ def test_find_source_files(tmp_path: Path) -> None:
     )
     with pytest.raises(FileNotFoundError, match="missing-dir"):
         find_source_files(str(tmp_path / "missing-dir"), "recbole")
+
+
+def test_each_member_of_an_archive_is_hashed_on_its_own_bytes(tmp_path):
+    inter = b"user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t2\t5\t10\n"
+    item = b"item_id:token\tmovie_title:token_seq\n2\tA Film\n"
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("d/d.inter", inter)
+        zf.writestr("d/d.item", item)
+    paths = [f"{archive}!d/d.inter", f"{archive}!d/d.item"]
+    source = resolve_source(
+        DataConfig(source=str(tmp_path), format="recbole", interactions=paths[:1], items=paths[1:])
+    )
+    assert source.hashes == {
+        paths[0]: hashlib.sha256(inter).hexdigest(),
+        paths[1]: hashlib.sha256(item).hexdigest(),
+    }

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 # What a reader yields for a source's interaction log. `source_line` is the 1-based line
 # number in its file: together with the file's index it is the stable tie-break when two
-# interactions of a user share a timestamp (see METHOD.md on MovieLens ties).
+# interactions of a user share a timestamp (docs/method.md, section 4, on MovieLens ties).
 RAW_INTERACTIONS_SCHEMA = pa.schema(
     [
         pa.field("user_id", pa.string(), nullable=False),

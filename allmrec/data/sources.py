@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,14 +19,20 @@ class ResolvedSource:
     format: str
     interaction_paths: list[str]
     item_paths: list[str]
-    # sha256 of each file read (for a wheel member: the wheel's), the manifest's input hashes
+    # sha256 of each file read (for a wheel member: the member's own bytes), the manifest's
+    # input hashes
     hashes: dict[str, str] = field(default_factory=dict)
     # raw counts that a fetchable data set is known to have
     expected_raw: dict[str, int] | None = None
 
 
 def _sha_of(path: str) -> str:
-    return file_sha256(path.split("!", 1)[0])
+    """sha256 of a file, or of the member of `archive!member` (not the archive's)."""
+    if "!" not in path:
+        return file_sha256(path)
+    archive, member = path.split("!", 1)
+    with zipfile.ZipFile(archive) as zf, zf.open(member) as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def resolve_source(cfg: DataConfig) -> ResolvedSource:
@@ -37,7 +45,7 @@ def resolve_source(cfg: DataConfig) -> ResolvedSource:
             format=spec.format,
             interaction_paths=fetched.interaction_paths,
             item_paths=fetched.item_paths,
-            hashes={p: fetched.sha256 for p in paths},
+            hashes={p: _sha_of(p) for p in paths},
             expected_raw={
                 "users": spec.raw_users,
                 "items": spec.raw_items,

@@ -13,7 +13,7 @@ from allmrec.config import RayConfig
 log = logging.getLogger(__name__)
 
 # Ray starts several processes on few cores; OpenMP threads that spin-wait then make a
-# 2-thread torch op 10x slower (CPU-FACTS.md). Models come from packages, never a hub.
+# 2-thread torch op 10x slower (docs/method.md, section 6). Models come from packages, never a hub.
 WORKER_ENV = {
     "OMP_WAIT_POLICY": "PASSIVE",
     "HF_HUB_OFFLINE": "1",

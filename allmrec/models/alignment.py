@@ -1,6 +1,6 @@
 """Stage 1 of A-LLMRec: collaborative-text alignment through two autoencoders.
 
-Symbols as in the paper (METHOD.md, "Stage 1"):
+Symbols as in the paper (docs/method.md, section 2):
 - e_i: item i's row of the frozen CF item table E; x_u: the frozen CF user representation;
 - q_i: the Sentence-BERT embedding of item text Q_i = "{title}, {description}" (the text encoder
   is fine-tuned in this stage);

@@ -1,6 +1,6 @@
 """What A-LLMRec needs from a collaborative-filtering backbone, and the backbones by name.
 
-A-LLMRec is model-agnostic (METHOD.md, "The pipeline", item 1): the frozen CF-RecSys only has
+A-LLMRec is model-agnostic (docs/method.md, section 1): the frozen CF-RecSys only has
 to hand over
 
 - ``E``: its item embedding table, ``[num_items + 1, hidden]`` with row 0 the padding row,

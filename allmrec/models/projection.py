@@ -1,6 +1,6 @@
 """Stage 2 of A-LLMRec: the joint embedding projected into the frozen LLM's token space.
 
-Symbols as in the paper (METHOD.md, "Stage 2"):
+Symbols as in the paper (docs/method.md, section 3):
 - x_u: the frozen CF user representation (d_cf); z_i: the Stage-1 joint item embedding (128);
 - F_U = Linear(d_cf -> d_llm) -> LayerNorm -> LeakyReLU -> Linear(d_llm -> d_llm), on x_u;
 - F_I = Linear(128 -> d_llm) -> LayerNorm -> GELU -> Linear(d_llm -> d_llm), on z_i;
@@ -424,7 +424,7 @@ class ALLMRecLM(nn.Module):
         """Mean LM cross-entropy over the target tokens (title + EOS) of the batch.
 
         Logits are computed only at the positions that predict a label: the LM head applied to
-        a [n_labels, d] slice of the hidden states, not to [B, T, d] (memory, CPU-FACTS).
+        a [n_labels, d] slice of the hidden states, not to [B, T, d] (docs/method.md, 6).
         """
         if batch.labels is None:
             raise ValueError("training_loss needs labels: collate examples with target titles")
