@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -246,7 +247,6 @@ def _serve_config(args: argparse.Namespace, run: RunStorage) -> dict:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import os
     import time
 
     from ray import serve
@@ -278,20 +278,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _demo_serve(args: argparse.Namespace, run_dir: RunStorage) -> None:
     """The demo's last step: Serve on the stack just trained, one real HTTP request."""
-    import os
-
     from ray import serve
 
-    from serve_app.launch import post_json, start
+    from allmrec.client import Client
+    from serve_app.launch import start
 
     serve_config = _serve_config(args, run_dir)
     token_env = serve_config["applications"][0]["args"].get("token_env", "ALLMREC_SERVE_TOKEN")
     url = start(serve_config)
     try:
-        body = {"user_id": "1", "k": 5}
-        answer = post_json(f"{url}/recommend", body, os.environ.get(token_env))
-        print(f"\nServe: POST {url}/recommend {json.dumps(body)}")
-        print(json.dumps(answer, indent=2))
+        answer = Client(url, token=os.environ.get(token_env) or None).recommend(user_id="1", k=5)
+        print(f"\nServe: POST {url}/recommend {json.dumps({'user_id': '1', 'k': 5})}")
+        print(format_recommendations(answer))
+        print(f"(the same from a shell: allmrec recommend --url {url} --user 1 --k 5)")
     finally:
         serve.shutdown()
 
@@ -315,6 +314,40 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not args.no_serve:
         _demo_serve(args, run_dir)
     return 0
+
+
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    from allmrec.client import Client, ServeError
+
+    client = Client(args.url, token=os.environ.get(args.token_env) or None, timeout_s=args.timeout)
+    try:
+        answer = client.recommend(
+            user_id=args.user,
+            history=args.history,
+            candidates=args.candidates,
+            k=args.k,
+            mode=args.mode,
+        )
+    except (ServeError, ConnectionError) as exc:
+        raise ValueError(str(exc)) from None
+    print(format_recommendations(answer))
+    return 0
+
+
+def format_recommendations(answer) -> str:
+    """An `allmrec.api.RecommendResponse` as a table, with where its candidates came from."""
+    rows = ["| rank | item | title | score |", "|---|---|---|---|"]
+    for rank, item in enumerate(answer.items, 1):
+        score = "" if item.score is None else f"{item.score:.4f}"
+        rows.append(f"| {rank} | {item.item_id} | {item.title} | {score} |")
+    lines = ["\n".join(rows)]
+    if answer.generated is not None:
+        lines.append(f"generated: {answer.generated!r}")
+    lines.append(
+        f"candidates from: {answer.candidates_from}; model: {answer.model_version}; "
+        f"{answer.seconds:.2f} s"
+    )
+    return "\n".join(lines)
 
 
 def _add_serve_options(parser: argparse.ArgumentParser) -> None:
@@ -386,6 +419,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_options(serve_cmd)
     _add_serve_options(serve_cmd)
     serve_cmd.set_defaults(func=_cmd_serve)
+
+    recommend = sub.add_parser("recommend", help="ask a running service for recommendations")
+    recommend.add_argument("--url", default="http://127.0.0.1:8000", help="the service's URL")
+    who = recommend.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="a user id of the training data")
+    who.add_argument("--history", nargs="+", metavar="ITEM", help="item ids, most recent last")
+    recommend.add_argument("--candidates", nargs="+", metavar="ITEM", help="item ids to rank")
+    recommend.add_argument("--k", type=int, default=10, help="how many items (default 10)")
+    recommend.add_argument("--mode", choices=("rank", "generate"), default="rank")
+    recommend.add_argument(
+        "--token-env", default="ALLMREC_SERVE_TOKEN", help="variable holding the bearer token"
+    )
+    recommend.add_argument("--timeout", type=float, default=300.0, help="seconds a request")
+    recommend.set_defaults(func=_cmd_recommend)
     demo.set_defaults(func=_cmd_demo)
     return parser
 

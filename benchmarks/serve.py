@@ -80,9 +80,10 @@ def main() -> None:
     import torch
     from ray import serve
 
+    from allmrec.api import RecommendRequest
     from allmrec.config import RayConfig
     from allmrec.distributed.runtime import init_ray
-    from allmrec.serving import RecommendRequest, StackLLM, StackRecommender
+    from allmrec.serving import StackLLM, StackRecommender
 
     users = [str(u) for u in range(1, args.requests + 1)]
     bodies = [{"user_id": u, "mode": "generate", "k": 5} for u in users]

@@ -28,17 +28,15 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from allmrec.serving import (
+from allmrec.api import (
     BadRequest,
     ItemInfo,
-    Limits,
     NewItem,
     RankedItem,
     RecommendRequest,
     RecommendResponse,
-    StackLLM,
-    StackRecommender,
 )
+from allmrec.serving import Limits, StackLLM, StackRecommender
 from allmrec.storage import RecordLog, RunStorage
 from allmrec.training.stage2 import STACK
 

@@ -81,13 +81,3 @@ def wait_ready(url: str, timeout_s: float) -> dict:
             last = exc
             time.sleep(1)
     raise TimeoutError(f"{url}/readyz not ready after {timeout_s:.0f} s ({last})")
-
-
-def post_json(url: str, body: dict, token: str | None = None, timeout_s: float = 300) -> dict:
-    data = json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, data=data, headers=headers, method="POST")
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
-        return json.loads(response.read())

@@ -140,7 +140,8 @@ def test_rank_mode_answers_with_the_readout(served):
     user's history out."""
     import torch
 
-    from allmrec.serving import RecommendRequest, StackLLM, StackRecommender
+    from allmrec.api import RecommendRequest
+    from allmrec.serving import StackLLM, StackRecommender
 
     request = {"history": ["1", "2", "3"], "candidates": ["50", "100", "181", "258", "7"]}
     answer = _post("/recommend", request).json()
@@ -234,6 +235,47 @@ def test_a_cold_item_added_at_run_time_is_ranked(served):
         assert response.status_code == 200, response.text
         ranked = [i["item_id"] for i in response.json()["items"]]
         assert item["item_id"] in ranked and len(ranked) == 3
+
+
+@pytest.mark.slow
+def test_the_client_and_allmrec_recommend_against_the_service(served, capsys):
+    from allmrec.cli import main
+    from allmrec.client import Client, ServeError
+
+    client = Client(URL, token=TOKEN, timeout_s=60)
+    assert client.ready()
+    direct = _post("/recommend", {"user_id": "1", "k": 4}).json()
+    answer = client.recommend(user_id="1", k=4)  # typed: an allmrec.api.RecommendResponse
+    assert [i.item_id for i in answer.items] == [i["item_id"] for i in direct["items"]]
+    assert answer.candidates_from == "catalogue" and answer.model_version == direct["model_version"]
+    ranked = client.recommend(history=["1", "2"], candidates=["50", "100", "7"], k=3)
+    assert sorted(i.item_id for i in ranked.items) == ["100", "50", "7"]
+
+    added = client.add_item("The Client's Film", "a film added through allmrec.client")
+    assert client.item(added.item_id).title == "The Client's Film"
+    with pytest.raises(ServeError) as err:  # the service's own 404, its field named
+        client.recommend(user_id="no-such-user")
+    assert err.value.status == 404 and err.value.field == "user_id"
+    with pytest.raises(ServeError) as err:
+        Client(URL, token=None).item("1")  # no token: refused by the service
+    assert err.value.status == 401
+    assert not Client("http://127.0.0.1:9", retries=1, backoff_s=0.01).ready()
+    with pytest.raises(ConnectionError):  # nothing listens: retried, then a clear error
+        Client("http://127.0.0.1:9", retries=1, backoff_s=0.01).recommend(user_id="1")
+
+    import os
+
+    os.environ["ALLMREC_SERVE_TOKEN"] = TOKEN
+    try:
+        assert main(["recommend", "--url", URL, "--user", "1", "--k", "4"]) == 0
+    finally:
+        del os.environ["ALLMREC_SERVE_TOKEN"]
+    table = capsys.readouterr().out
+    assert table.startswith("| rank | item | title | score |")
+    for rank, item in enumerate(answer.items, 1):
+        assert f"| {rank} | {item.item_id} | {item.title} |" in table
+    assert main(["recommend", "--url", URL, "--user", "no-such-user"]) == 2  # one error line
+    assert capsys.readouterr().err.startswith("allmrec: error: HTTP 401 (Authorization)")
 
 
 def _load(stop: threading.Event, results: list, body: dict) -> None:
