@@ -8,10 +8,13 @@ files overlay earlier ones), `--set section.field=value` (repeatable) and `--run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -78,6 +81,36 @@ def parse_job_args(
     return (config, run, args) if return_args else (config, run)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _ray_running() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+@contextlib.contextmanager
+def command_lifetime():
+    """One command's run: SIGTERM (what `kill` and process managers send) stops it as Ctrl-C
+    does, so its `finally` blocks run (Serve shuts down), and a local Ray that the command
+    started is shut down with all its processes at the end, where the default action of
+    SIGTERM would leave Ray's agents running. A Ray that was running before (a caller's, a
+    cluster) is left alone."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    ray_before = _ray_running()
+    try:
+        yield
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        if not ray_before and _ray_running():
+            from allmrec.distributed.runtime import started_locally
+
+            if started_locally():
+                sys.modules["ray"].shutdown()
+
+
 # Errors a user can fix: one clear message as the last line, no traceback, exit status 2.
 USER_ERRORS = (ConfigError, ArtifactError, StorageError, ValueError, FileNotFoundError)
 
@@ -86,12 +119,16 @@ def run_job(main, argv: list[str] | None = None) -> int:
     """The `__main__` of a `jobs/*.py` script: its exit status is the Ray Job's status, its
     last line says why it failed."""
     try:
-        return main(argv)
+        with command_lifetime():
+            return main(argv)
     except USER_ERRORS as exc:
         if not isinstance(exc, (ConfigError, ArtifactError, StorageError)):
             traceback.print_exc()  # ours or a library's: where it came from matters too
         print(f"allmrec: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        print("allmrec: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 def _cmd_data_fetch(args: argparse.Namespace) -> int:
@@ -265,7 +302,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         f"try: curl -s -X POST {url}/recommend -H 'Content-Type: application/json' "
         '-d \'{"user_id": "1"}\''
     )
-    print("Ctrl-C stops it.", flush=True)
+    print("Ctrl-C (or SIGTERM) stops it, and the Ray it started.", flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -441,11 +478,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
     try:
-        return args.func(args)
+        with command_lifetime():
+            return args.func(args)
     except USER_ERRORS as exc:
         # Errors a user can fix: one clear message, no traceback.
         print(f"allmrec: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("allmrec: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ The stack is real (ML-100K, SASRec, Stage 1, Stage 2) with a tiny LLM, so reques
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -326,3 +327,47 @@ def test_a_killed_replica_is_replaced_while_requests_go_on(served):
     assert len(failures) <= 1  # the ingress retries a call whose replica died
     _wait_for(lambda: _replicas("Recommender") == {"RUNNING": 2}, 60, "a replacement replica")
     assert _post("/recommend", {"user_id": "5"}).status_code == 200
+
+
+@pytest.mark.slow
+def test_sigterm_stops_allmrec_serve_and_every_process_of_its_ray(stack_run, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from allmrec.client import Client
+
+    port = PORT + 7
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # A Ray of its own, beside the session's (a short path: Ray's sockets live under it)
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ar", dir="/tmp")
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - read after the process ends
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "allmrec.cli", "serve", "--config", "configs/ml-100k-cpu.yaml"]
+        + ["--run-dir", str(stack_run), "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    try:
+        _wait_for(lambda: Client(f"http://127.0.0.1:{port}").ready(), 300, "allmrec serve")
+        started = psutil.Process(proc.pid).children(recursive=True)
+        names = {" ".join(p.cmdline()) for p in started}
+        assert any("raylet" in n for n in names) and any("dashboard" in n for n in names)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+    def alive(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    _wait_for(lambda: not any(alive(p) for p in started), 30, "the Ray processes to stop")
