@@ -118,17 +118,44 @@ USER_ERRORS = (ConfigError, ArtifactError, StorageError, ValueError, FileNotFoun
 def run_job(main, argv: list[str] | None = None) -> int:
     """The `__main__` of a `jobs/*.py` script: its exit status is the Ray Job's status, its
     last line says why it failed."""
+    verbose = bool({"-v", "--verbose"} & set(sys.argv[1:] if argv is None else argv))
     try:
         with command_lifetime():
             return main(argv)
-    except USER_ERRORS as exc:
-        if not isinstance(exc, (ConfigError, ArtifactError, StorageError)):
-            traceback.print_exc()  # ours or a library's: where it came from matters too
-        print(f"allmrec: error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    except Exception as exc:  # noqa: BLE001 - a user error becomes one line, the rest raises
+        return _report(exc, verbose)
     except KeyboardInterrupt:
         print("allmrec: interrupted", file=sys.stderr, flush=True)
         return 130
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """The error a user can fix behind `exc`, if there is one: `exc` itself, or the exception
+    that a Ray task, actor or Ray Data operator raised (Ray wraps it in its own errors, whose
+    message is the remote traceback and ends in Ray's advice)."""
+    seen, todo = set(), [exc]
+    while todo:
+        found = todo.pop(0)
+        if found is None or id(found) in seen:
+            continue
+        seen.add(id(found))
+        from_ray = type(found).__module__.split(".")[0] == "ray"
+        if isinstance(found, USER_ERRORS) and not from_ray:
+            return found
+        todo += [getattr(found, "cause", None), found.__cause__, found.__context__]
+    return None
+
+
+def _report(exc: Exception, verbose: bool) -> int:
+    """One `allmrec: error:` line and exit 2 for an error a user can fix (its traceback too
+    with -v); anything else is a bug or an outage: raised, with its traceback."""
+    found = user_error(exc)
+    if found is None:
+        raise exc
+    if verbose:
+        traceback.print_exception(exc)
+    print(f"allmrec: error: {found}", file=sys.stderr, flush=True)
+    return 2
 
 
 def _cmd_data_fetch(args: argparse.Namespace) -> int:
@@ -480,10 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with command_lifetime():
             return args.func(args)
-    except USER_ERRORS as exc:
-        # Errors a user can fix: one clear message, no traceback.
-        print(f"allmrec: error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # noqa: BLE001 - a user error becomes one line, the rest raises
+        return _report(exc, getattr(args, "verbose", False))
     except KeyboardInterrupt:
         print("allmrec: interrupted", file=sys.stderr)
         return 130

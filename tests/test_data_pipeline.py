@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -145,3 +146,72 @@ def test_unknown_source_and_missing_format(tmp_path):
         prepare_data(load_config([], ["data.source=movielens-42m"]), tmp_path)
     with pytest.raises(ValueError, match="data.format: required"):
         prepare_data(load_config([], [f"data.source={tmp_path}"]), tmp_path / "run")
+
+
+def _gz(path: Path, text: str, truncate: int = 0) -> None:
+    data = gzip.compress(text.encode())
+    path.write_bytes(data[: len(data) - truncate] if truncate else data)
+
+
+BROKEN_SOURCES = {
+    # a .json.gz cut off in the middle of its gzip stream
+    "truncated-json-gz": (
+        "amazon-2018",
+        lambda d: (
+            _gz(
+                d / "Books.json.gz",
+                "".join(
+                    json.dumps(
+                        {
+                            "reviewerID": f"u{u}",
+                            "asin": f"i{i}",
+                            "overall": 5.0,
+                            "unixReviewTime": 1000 + i,
+                        }
+                    )
+                    + "\n"
+                    for u in range(40)
+                    for i in range(10)
+                ),
+                truncate=200,
+            ),
+            _gz(d / "meta_Books.json.gz", json.dumps({"asin": "i1", "title": "A"}) + "\n"),
+        ),
+        "Books.json.gz",
+    ),
+    # a pair of zero-byte RecBole files
+    "empty-recbole": (
+        "recbole",
+        lambda d: ((d / "x.inter").write_bytes(b""), (d / "x.item").write_bytes(b"")),
+        "x.inter",
+    ),
+    # GroupLens-1M's ratings.dat written with tabs where it uses '::'
+    "ml-1m-with-tabs": (
+        "grouplens-1m",
+        lambda d: (
+            (d / "ratings.dat").write_text(
+                "".join(f"{u}\t{i}\t4\t97830{i}\n" for u in range(1, 9) for i in range(1, 9))
+            ),
+            (d / "movies.dat").write_text("1::A (1990)::Drama\n"),
+        ),
+        "ratings.dat",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(BROKEN_SOURCES))
+def test_broken_data_through_ray_data_ends_in_one_line_of_ours(ray_local, tmp_path, capsys, case):
+    from allmrec.cli import main
+
+    fmt, write, bad_file = BROKEN_SOURCES[case]
+    source = tmp_path / "source"
+    source.mkdir()
+    write(source)
+    args = ["data", "prepare", "--run-dir", str(tmp_path / "run")]
+    args += ["--set", f"data.source={source}", "--set", f"data.format={fmt}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("allmrec: error: ") and bad_file in err[-1], err[-5:]
+    assert "retried_io_errors" not in err[-1] and "Ray" not in err[-1]
+    assert not (tmp_path / "run" / "data" / "manifest.json").exists()
