@@ -26,7 +26,6 @@ JSON and ``build_backbone(model.name, **that_dict)`` rebuilds the same architect
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, ClassVar
 
 import torch
@@ -165,41 +164,3 @@ def sampled_bce_loss(pos_logits: Tensor, neg_logits: Tensor, pos: Tensor) -> Ten
     )
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     return loss.sum() / valid.sum().clamp(min=1)
-
-
-# ---- the backbones by name -----------------------------------------------------------------
-# Imported here, below CFBackbone and the helpers their modules import from this one;
-# allmrec/models/__init__.py imports this module first, so any import order works.
-
-from allmrec.models.gru4rec import GRU4Rec  # noqa: E402
-from allmrec.models.ncf import NCF  # noqa: E402
-from allmrec.models.nextitnet import NextItNet  # noqa: E402
-from allmrec.models.sasrec import SASRec  # noqa: E402
-
-BACKBONES: dict[str, type[CFBackbone]] = {
-    "sasrec": SASRec,
-    "gru4rec": GRU4Rec,
-    "nextitnet": NextItNet,
-    "ncf": NCF,
-}
-
-
-def build_backbone(name: str, num_items: int, num_users: int, **hparams: Any) -> CFBackbone:
-    """Build the backbone ``name`` (one of BACKBONES) for a dataset's item and user counts.
-
-    ``hparams`` override the fields of the model's config dataclass, so
-    ``build_backbone(model.name, **dataclasses.asdict(model.config))`` rebuilds ``model``'s
-    architecture. Unknown names and unknown hyperparameters raise ValueError.
-    """
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(BACKBONES)}")
-    cls = BACKBONES[name]
-    fields = {f.name for f in dataclasses.fields(cls.config_class)}
-    unknown = sorted(set(hparams) - fields)
-    if unknown:
-        raise ValueError(
-            f"backbone {name!r}: unknown hyperparameter(s) {unknown}; "
-            f"{cls.config_class.__name__} has {sorted(fields)}"
-        )
-    config = cls.config_class(num_items=num_items, num_users=num_users, **hparams)
-    return cls(config)
