@@ -305,7 +305,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _serve_config(args: argparse.Namespace, run: RunStorage) -> dict:
-    from serve_app.launch import load_serve_config
+    from allmrec.distributed.serve_launch import load_serve_config
 
     return load_serve_config(args.serve_config, run.home, args.host, args.port)
 
@@ -316,7 +316,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from allmrec.distributed.runtime import init_ray
-    from serve_app.launch import start
+    from allmrec.distributed.serve_launch import start
 
     config, run_dir = job_from_args(args)
     serve_config = _serve_config(args, run_dir)
@@ -345,7 +345,7 @@ def _demo_serve(args: argparse.Namespace, run_dir: RunStorage) -> None:
     from ray import serve
 
     from allmrec.client import Client
-    from serve_app.launch import start
+    from allmrec.distributed.serve_launch import start
 
     serve_config = _serve_config(args, run_dir)
     token_env = serve_config["applications"][0]["args"].get("token_env", "ALLMREC_SERVE_TOKEN")

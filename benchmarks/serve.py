@@ -49,7 +49,7 @@ def _run_load(bodies: list[dict], clients: int) -> tuple[list[float], float]:
 
 
 def _serve(run_dir: Path, batch: int) -> None:
-    from serve_app.launch import load_serve_config, start
+    from allmrec.distributed.serve_launch import load_serve_config, start
 
     config = load_serve_config(run_dir=run_dir, port=PORT)
     app = config["applications"][0]

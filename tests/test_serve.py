@@ -54,7 +54,7 @@ def _deployment_options() -> list[dict]:
 def served(ray_local, stack_run):
     from ray import serve
 
-    from serve_app.launch import load_serve_config, start
+    from allmrec.distributed.serve_launch import load_serve_config, start
 
     config = load_serve_config(run_dir=stack_run, port=PORT)
     config["applications"][0]["deployments"] = _deployment_options()

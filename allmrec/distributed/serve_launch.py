@@ -1,13 +1,15 @@
 """Starting the Serve app from Python: `allmrec serve` and the last step of `make demo`.
 
-Reads `serve_app/config.yaml` (the same file `serve run` / `serve deploy` take), with the run
-directory, host and port overridable, starts Serve on the current Ray and waits until
-`/readyz` answers.
+Reads a Serve config (default `serve_app/config.yaml`, the same file `serve run` / `serve
+deploy` take), with the run directory, host and port overridable, builds the application its
+`import_path` names (as `serve run` does, so the library never imports the app package), starts
+Serve on the current Ray and waits until `/readyz` answers.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import time
 import urllib.error
@@ -19,7 +21,7 @@ from ray import serve
 
 from allmrec.storage import RunStorage
 
-DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
+DEFAULT_CONFIG = Path(__file__).parents[2] / "serve_app" / "config.yaml"
 
 
 def load_serve_config(
@@ -46,9 +48,8 @@ def load_serve_config(
 
 def start(config: dict, timeout_s: float = 300) -> str:
     """Run the app of `config` on the current Ray; returns its URL once /readyz says ready."""
-    from serve_app.app import build_app
-
     app_config = config["applications"][0]
+    build_app = _imported(app_config.get("import_path", "serve_app.app:build_app"))
     run = RunStorage.open(app_config["args"]["run_dir"])
     if not run.has("stage2"):
         raise FileNotFoundError(
@@ -81,3 +82,11 @@ def wait_ready(url: str, timeout_s: float) -> dict:
             last = exc
             time.sleep(1)
     raise TimeoutError(f"{url}/readyz not ready after {timeout_s:.0f} s ({last})")
+
+
+def _imported(import_path: str):
+    """The application builder that a Serve config's `import_path` ("module:attribute") names."""
+    module, _, attribute = import_path.partition(":")
+    if not module or not attribute:
+        raise ValueError(f"Serve config import_path {import_path!r}: expected module:attribute")
+    return getattr(importlib.import_module(module), attribute)
