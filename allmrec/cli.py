@@ -62,25 +62,6 @@ def job_from_args(args: argparse.Namespace) -> tuple[Config, RunStorage]:
     return config, RunStorage.open(args.run_dir or join(config.storage, config.name))
 
 
-def parse_job_args(
-    description: str,
-    argv: list[str] | None = None,
-    extra: list[tuple[tuple, dict]] | None = None,
-    return_args: bool = False,
-):
-    """For `jobs/*.py`: the standard options, parsed into a config and the run's storage (and
-    the parsed arguments, for the `extra` ones, with `return_args`)."""
-    leave_job_working_dir()
-    parser = argparse.ArgumentParser(description=description)
-    add_job_options(parser)
-    for flags, kwargs in extra or []:
-        parser.add_argument(*flags, **kwargs)
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    config, run = job_from_args(args)
-    return (config, run, args) if return_args else (config, run)
-
-
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -113,20 +94,6 @@ def command_lifetime():
 
 # Errors a user can fix: one clear message as the last line, no traceback, exit status 2.
 USER_ERRORS = (ConfigError, ArtifactError, StorageError, ValueError, FileNotFoundError)
-
-
-def run_job(main, argv: list[str] | None = None) -> int:
-    """The `__main__` of a `jobs/*.py` script: its exit status is the Ray Job's status, its
-    last line says why it failed."""
-    verbose = bool({"-v", "--verbose"} & set(sys.argv[1:] if argv is None else argv))
-    try:
-        with command_lifetime():
-            return main(argv)
-    except Exception as exc:  # noqa: BLE001 - a user error becomes one line, the rest raises
-        return _report(exc, verbose)
-    except KeyboardInterrupt:
-        print("allmrec: interrupted", file=sys.stderr, flush=True)
-        return 130
 
 
 def user_error(exc: BaseException) -> BaseException | None:
@@ -502,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`allmrec ...`, and every `jobs/*.py` and `tune/search_alpha_beta.py` (Ray Job entry
+    points that name their command): one code path and one error policy."""
+    leave_job_working_dir()
     args = build_parser().parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
     try:

@@ -6,18 +6,8 @@ ray job submit --working-dir . -- python jobs/evaluate.py --config configs/ml-1m
 
 import sys
 
-from allmrec.cli import parse_job_args, run_job
-from allmrec.distributed.evaluate import evaluate_stack
-from allmrec.distributed.runtime import init_ray
+from allmrec.cli import main
 
-
-def main(argv: list[str] | None = None) -> int:
-    config, run = parse_job_args(__doc__, argv)
-    init_ray(config.ray)
-    evaluate_stack(config, run)
-    print((run.local / "eval" / "results.md").read_text())
-    return 0
-
-
+# A Ray Job entry point is `allmrec evaluate`: the same code path, options and error policy.
 if __name__ == "__main__":
-    sys.exit(run_job(main))
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

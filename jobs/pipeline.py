@@ -7,18 +7,8 @@ ray job submit --working-dir . -- python jobs/pipeline.py --config configs/ml-1m
 
 import sys
 
-from allmrec.cli import parse_job_args, run_job
-from allmrec.distributed.pipeline import run_pipeline
+from allmrec.cli import main
 
-
-def main(argv: list[str] | None = None) -> int:
-    config, run = parse_job_args(__doc__, argv)
-    manifests = run_pipeline(config, run)
-    for stage, manifest in manifests.items():
-        print(f"{stage}: {run.uri(stage)} ({manifest.get('created_at')})")
-    print((run.local / "eval" / "results.md").read_text())
-    return 0
-
-
+# A Ray Job entry point is `allmrec demo --no-serve`: the same code path, options and error policy.
 if __name__ == "__main__":
-    sys.exit(run_job(main))
+    sys.exit(main(["demo", "--no-serve", *sys.argv[1:]]))

@@ -4,21 +4,10 @@ python jobs/prepare_data.py --config configs/ml-100k-cpu.yaml
 ray job submit --working-dir . -- python jobs/prepare_data.py --config configs/ml-1m.yaml
 """
 
-import json
 import sys
 
-from allmrec.cli import parse_job_args, run_job
-from allmrec.distributed.data_pipeline import prepare_data
-from allmrec.distributed.runtime import init_ray
+from allmrec.cli import main
 
-
-def main(argv: list[str] | None = None) -> int:
-    config, run = parse_job_args(__doc__, argv)
-    init_ray(config.ray)
-    manifest = prepare_data(config, run)
-    print(json.dumps(manifest["counts"], indent=2))
-    return 0
-
-
+# A Ray Job entry point is `allmrec data prepare`: the same code path, options and error policy.
 if __name__ == "__main__":
-    sys.exit(run_job(main))
+    sys.exit(main(["data", "prepare", *sys.argv[1:]]))

@@ -6,18 +6,8 @@ ray job submit --working-dir . -- python jobs/train_cf.py --config configs/ml-1m
 
 import sys
 
-from allmrec.cli import format_cf_metrics, parse_job_args, run_job
-from allmrec.distributed.runtime import init_ray
-from allmrec.distributed.train_cf import train_cf
+from allmrec.cli import main
 
-
-def main(argv: list[str] | None = None) -> int:
-    config, run = parse_job_args(__doc__, argv)
-    init_ray(config.ray)
-    manifest = train_cf(config, run)
-    print(format_cf_metrics(manifest))
-    return 0
-
-
+# A Ray Job entry point is `allmrec train cf`: the same code path, options and error policy.
 if __name__ == "__main__":
-    sys.exit(run_job(main))
+    sys.exit(main(["train", "cf", *sys.argv[1:]]))

@@ -9,19 +9,8 @@ Then: allmrec train stage1 --config configs/ml-100k-cpu.yaml \
 
 import sys
 
-from allmrec.cli import format_tune_summary, parse_job_args, run_job
-from allmrec.distributed.runtime import init_ray
-from allmrec.distributed.tune_alpha_beta import search_alpha_beta
+from allmrec.cli import main
 
-
-def main(argv: list[str] | None = None) -> int:
-    extra = [(("--resume",), {"action": "store_true", "help": "continue (Tuner.restore)"})]
-    config, run, args = parse_job_args(__doc__, argv, extra, return_args=True)
-    init_ray(config.ray)
-    summary = search_alpha_beta(config, run, resume=args.resume)
-    print(format_tune_summary(summary, run))
-    return 0
-
-
+# A Ray Job entry point is `allmrec tune`: the same code path, options and error policy.
 if __name__ == "__main__":
-    sys.exit(run_job(main))
+    sys.exit(main(["tune", *sys.argv[1:]]))
