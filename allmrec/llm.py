@@ -76,7 +76,7 @@ def embedded_llm_path(name: str, cache_dir: Path | None = None) -> Path:
             f"{', '.join(EMBEDDED_PREFIX + k for k in EMBEDDED_LLMS)}"
         )
     if cache_dir is None:
-        from allmrec.data.fetch import cache_dir as default_cache_dir
+        from allmrec.storage import cache_dir as default_cache_dir
 
         cache_dir = default_cache_dir()
     target = Path(cache_dir) / "llm" / key

@@ -34,7 +34,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from allmrec.data.fetch import cache_dir
 from allmrec.manifest import MANIFEST, staged_output
 
 log = logging.getLogger(__name__)
@@ -75,6 +74,12 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
                 "it; install the fsspec package of its protocol (e.g. adlfs for abfs://)"
             ) from None
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def cache_dir() -> Path:
+    """This machine's cache ($ALLMREC_CACHE, default ~/.cache/allmrec): fetched data sets, the
+    dequantized LLM, per-node copies of remote runs."""
+    return Path(os.environ.get("ALLMREC_CACHE", Path.home() / ".cache" / "allmrec"))
 
 
 JOB_COPY_ENV = "ALLMREC_JOB_WORKING_COPY"

@@ -9,7 +9,6 @@ against the pinned one, and the readers take the files straight out of the zip
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from allmrec.manifest import file_sha256
+from allmrec.storage import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,6 @@ class FetchedDataset:
     @property
     def item_paths(self) -> list[str]:
         return [f"{self.wheel_path}!{m}" for m in self.spec.items]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ALLMREC_CACHE", Path.home() / ".cache" / "allmrec"))
 
 
 def fetch_dataset(name: str, cache: Path | None = None) -> FetchedDataset:
