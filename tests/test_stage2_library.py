@@ -7,8 +7,6 @@ dequantizes the GGUF into the default cache (about 20 to 45 s); later runs read 
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -120,13 +118,21 @@ def test_generate_from_inputs_embeds_with_the_real_llm(real_llm):
     assert len(out) == 1 and isinstance(out[0], str) and out[0].strip()
 
 
-def test_load_llm_second_load_reads_the_cache(real_llm):
+def test_load_llm_second_load_reads_the_cache(real_llm, monkeypatch):
     folder = embedded_llm_path(EMBEDDED_LLM)  # exists: the fixture made it if it was absent
-    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
-    start = time.perf_counter()
+    weights = folder / "model.safetensors"
+    assert weights.is_file() and (folder / "tokenizer.json").is_file()
+    written = weights.stat().st_mtime_ns
+
+    def dequantize_again(*args):
+        raise AssertionError("the second load dequantized the GGUF again")
+
+    monkeypatch.setattr("allmrec.llm._dequantize_gguf", dequantize_again)
     model, tokenizer = load_llm(EMBEDDED_LLM)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 3.0, f"cached load took {elapsed:.1f} s"
+    assert weights.stat().st_mtime_ns == written  # read, not rewritten
+    first = real_llm[0].state_dict()  # the fixture's, with 3 special-token rows appended
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, first[key][: len(value)]), key
     assert getattr(model.config, "quantization_config", None) is None
     assert type(model).__name__ == "LlamaForCausalLM" and len(tokenizer) == 49152
 
