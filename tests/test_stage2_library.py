@@ -114,8 +114,12 @@ def test_generate_from_inputs_embeds_with_the_real_llm(real_llm):
     torch.manual_seed(0)
     lm = ALLMRecLM(model, tokenizer, d_cf=D_CF)
     prompt = build_prompt([0, 1], [2, 3, 4], TITLES)
-    out = lm.generate([(prompt, torch.randn(D_CF), torch.rand(len(TITLES), 128))], max_new_tokens=8)
-    assert len(out) == 1 and isinstance(out[0], str) and out[0].strip()
+    user, items = torch.randn(D_CF), torch.rand(len(TITLES), 128)
+    out = lm.generate([(prompt, user, items), (prompt, -user, 5 * items)], max_new_tokens=8)
+    assert len(out) == 2 and all(isinstance(text, str) and text.strip() for text in out)
+    # The same words with other embeddings at [UserRep] / [HistoryEmb] / [CandidateEmb]: if the
+    # injection were ignored, the greedy answers would be equal.
+    assert out[0] != out[1], out
 
 
 def test_load_llm_second_load_reads_the_cache(real_llm, monkeypatch):
