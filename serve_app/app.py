@@ -24,6 +24,7 @@ import uuid
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
@@ -175,8 +176,8 @@ class Ingress:
         self,
         recommender: DeploymentHandle,
         llm: DeploymentHandle,
-        max_body_bytes: int = 65536,
-        token_env: str = "ALLMREC_SERVE_TOKEN",
+        max_body_bytes: int,
+        token_env: str,
     ) -> None:
         self.recommender, self.llm = recommender, llm
         api.state.max_body_bytes = max_body_bytes
@@ -258,24 +259,38 @@ class Ingress:
         return JSONResponse(content={"status": "ready", "model_version": version})
 
 
-def build_app(args: dict) -> serve.Application:
-    """The application builder of `serve run` / `serve deploy` (`args` from the config file)
-    and of `allmrec serve`."""
-    run_dir = RunStorage.open(args["run_dir"]).home
-    limits = {k: int(args[k]) for k in ("max_history", "max_candidates", "shortlist") if k in args}
-    options = {d["name"]: d for d in args.get("deployments", [])}
+class AppArgs(BaseModel):
+    """The application's arguments (`args` of the Serve config), validated by Serve before
+    `build_app` runs; the one place their defaults live."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: str = Field(description="the trained stack: data/ cf/ stage1/ stage2/")
+    max_history: int = Field(Limits.max_history, ge=1)
+    max_candidates: int = Field(Limits.max_candidates, ge=1)
+    shortlist: int = Field(Limits.shortlist, ge=1, description="retrieved when none are given")
+    max_new_tokens: int = Field(24, ge=1, description="generate mode's answer length")
+    max_batch_size: int = Field(8, ge=1, description="@serve.batch of the LLM deployment")
+    max_body_bytes: int = Field(65536, ge=1)
+    token_env: str = Field(
+        "ALLMREC_SERVE_TOKEN", description="if set where the ingress runs, the bearer token"
+    )
+    # `serve run` applies the config's `deployments` itself; `allmrec serve` passes them here.
+    deployments: list[dict] = Field(default_factory=list)
+
+
+def build_app(args: AppArgs) -> serve.Application:
+    """The application builder of `serve run` / `serve deploy` (Serve validates the config's
+    `args` into `AppArgs`) and of `allmrec serve`."""
+    run_dir = RunStorage.open(args.run_dir).home
+    limits = {"max_history": args.max_history, "max_candidates": args.max_candidates}
+    limits["shortlist"] = args.shortlist
+    options = {d["name"]: d for d in args.deployments}
 
     def configured(deployment):
         opts = {k: v for k, v in options.get(deployment.name, {}).items() if k != "name"}
         return deployment.options(**opts) if opts else deployment
 
     recommender = configured(Recommender).bind(run_dir, limits)
-    llm = configured(LLM).bind(
-        run_dir, int(args.get("max_new_tokens", 24)), int(args.get("max_batch_size", 8))
-    )
-    return configured(Ingress).bind(
-        recommender,
-        llm,
-        int(args.get("max_body_bytes", 65536)),
-        str(args.get("token_env", "ALLMREC_SERVE_TOKEN")),
-    )
+    llm = configured(LLM).bind(run_dir, args.max_new_tokens, args.max_batch_size)
+    return configured(Ingress).bind(recommender, llm, args.max_body_bytes, args.token_env)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import json
 import time
 import urllib.error
@@ -17,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel
 from ray import serve
 
 from allmrec.storage import RunStorage
@@ -61,7 +63,7 @@ def start(config: dict, timeout_s: float = 300) -> str:
     serve.start(http_options={"host": host, "port": port})
     args = {**app_config["args"], "deployments": app_config.get("deployments", [])}
     serve.run(
-        build_app(args),
+        build_app(_validated(build_app, args)),
         name=app_config.get("name", "allmrec"),
         route_prefix=app_config.get("route_prefix", "/"),
         blocking=False,
@@ -90,3 +92,13 @@ def _imported(import_path: str):
     if not module or not attribute:
         raise ValueError(f"Serve config import_path {import_path!r}: expected module:attribute")
     return getattr(importlib.import_module(module), attribute)
+
+
+def _validated(builder, args: dict):
+    """`args` as the builder takes them: its pydantic model when it annotates one, as `serve
+    run` does, else the dict."""
+    parameters = list(inspect.signature(builder).parameters.values())
+    model = parameters[0].annotation if len(parameters) == 1 else None
+    if inspect.isclass(model) and issubclass(model, BaseModel):
+        return model.model_validate(args)
+    return args
