@@ -474,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     leave_job_working_dir()
     args = build_parser().parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
+    if getattr(args, "verbose", False):
+        os.environ.setdefault("ALLMREC_RAY_TRAIN_LOG_LEVEL", "INFO")
     try:
         with command_lifetime():
             return args.func(args)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from safetensors.torch import load_file
 
@@ -32,6 +33,8 @@ def deepspeed_worker(scaling: TrainScaling) -> tuple[int, int, torch.device]:
     set up: gloo on CPU, NCCL on GPUs (reusing the group Ray Train made)."""
     import math
 
+    if not scaling.use_gpu:  # said, not detected: DeepSpeed warns on every worker otherwise
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import ray.train
     import ray.train.torch
@@ -127,6 +130,11 @@ def make_trainer(
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep),
             callbacks=callbacks or [],
+            # Ray Train's own INFO lines (every report and checkpoint, twice an epoch) bury
+            # the stage's metrics; `-v` (ALLMREC_RAY_TRAIN_LOG_LEVEL=INFO) brings them back.
+            logging_config=LoggingConfig(
+                log_level=os.environ.get("ALLMREC_RAY_TRAIN_LOG_LEVEL", "WARNING")
+            ),
         ),
         datasets=datasets,
     )

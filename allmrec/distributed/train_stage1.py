@@ -116,11 +116,10 @@ def _model_inputs(
 
 def stage1_train_loop(loop_config: dict) -> None:
     """`train_loop_per_worker` of the Stage 1 TorchTrainer."""
-    import deepspeed
-
     config = Config.model_validate(loop_config["config"])
     cfg, seed = config.stage1, config.seed
     rank, world, device = deepspeed_worker(cfg.scaling)
+    import deepspeed  # after deepspeed_worker: it names the accelerator first
 
     setup_started = time.perf_counter()
     run_dir = RunStorage.open(loop_config["run"]).pull("data", "cf")

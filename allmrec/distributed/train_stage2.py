@@ -179,11 +179,11 @@ class _Worker:
 
 def _set_up(loop_config: dict) -> _Worker:
     """The worker's inputs, the model in its DeepSpeed engine, and the restored state."""
-    import deepspeed
-
     config = Config.model_validate(loop_config["config"])
     cfg = config.stage2
     rank, world, device = deepspeed_worker(cfg.scaling)
+    import deepspeed  # after deepspeed_worker: it names the accelerator first
+
     started = time.perf_counter()
     run_dir = RunStorage.open(loop_config["run"]).pull(*STAGE2_INPUTS)
     inputs = load_stage2_inputs(run_dir, config)
