@@ -106,9 +106,11 @@ def user_error(exc: BaseException) -> BaseException | None:
         if found is None or id(found) in seen:
             continue
         seen.add(id(found))
-        from_ray = type(found).__module__.split(".")[0] == "ray"
-        if isinstance(found, USER_ERRORS) and not from_ray:
-            return found
+        if type(found).__module__.split(".")[0] != "ray":
+            # ours or a library's: a user's error, or a bug whose context must not hide it
+            if isinstance(found, USER_ERRORS):
+                return found
+            continue
         todo += [getattr(found, "cause", None), found.__cause__, found.__context__]
     return None
 
