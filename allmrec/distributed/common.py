@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -20,12 +21,20 @@ from allmrec.config import TrainScaling
 
 def quiet_worker_warnings() -> None:
     """torch.distributed warns that DeepSpeed's collectives are deprecated on every call, so
-    once per training step and worker: hide those, they drown the progress lines."""
+    once per training step and worker: hide those, they drown the progress lines. Ray Train
+    logs every `report` of a worker at INFO under a logger named by its file's path, outside
+    `ray.train` (so `LoggingConfig` does not reach it): that one follows the same level."""
     warnings.filterwarnings(
         "ignore",
         message=r".*is deprecated\. Please use `torch\.distributed",
         category=FutureWarning,
     )
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: its lines stay
+        return
+    level = os.environ.get("ALLMREC_RAY_TRAIN_LOG_LEVEL", "WARNING")
+    logging.getLogger(train_context.__file__).setLevel(level)
 
 
 def deepspeed_worker(scaling: TrainScaling) -> tuple[int, int, torch.device]:

@@ -70,7 +70,8 @@ def init_ray(cfg: RayConfig) -> None:
     unset_on_node = [k for k in WORKER_ENV if k not in os.environ]
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
-    runtime_env = {"env_vars": {k: os.environ[k] for k in WORKER_ENV}}
+    forwarded = [*WORKER_ENV, *(k for k in ("ALLMREC_RAY_TRAIN_LOG_LEVEL",) if k in os.environ)]
+    runtime_env = {"env_vars": {k: os.environ[k] for k in forwarded}}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address and _inside_ray_job():
         # Under `ray job submit` the job's runtime env (its working dir, the submitter's

@@ -33,6 +33,7 @@ from allmrec.distributed.common import (
     make_trainer,
     maybe_fail,
     print_epoch,
+    quiet_worker_warnings,
     run_name,
 )
 from allmrec.evaluation import (
@@ -100,6 +101,7 @@ def _read_shard(shard) -> dict[str, np.ndarray]:
 
 def cf_train_loop(loop_config: dict) -> None:
     """`train_loop_per_worker` of the CF TorchTrainer."""
+    quiet_worker_warnings()
     cfg = CFConfig.model_validate(loop_config["cf"])
     seed = loop_config["seed"]
     context = ray.train.get_context()
