@@ -76,11 +76,11 @@ class Client:
         return ItemInfo.model_validate(self._call("GET", f"/items/{item_id}"))
 
     def ready(self) -> bool:
-        """True when both the recommender and the LLM answer; False while they load or when
-        nothing listens at the URL (no retries)."""
+        """True when both the recommender and the LLM answer; False while they load, when the
+        answer does not come within 10 s, or when nothing listens at the URL (no retries)."""
         try:
             response = self.session.get(f"{self.url}/readyz", timeout=min(self.timeout_s, 10))
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # starting: the proxy may hang
             return False
         return response.status_code == 200
 
