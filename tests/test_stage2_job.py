@@ -17,6 +17,15 @@ from safetensors.torch import load_file
 from allmrec.config import load_config
 from allmrec.manifest import ArtifactError
 
+# Two workers under ZeRO-3, two epochs, a worker failing once at the start of the second: one
+# Ray Train run checks partitioning and resuming.
+TWO_WORKERS_FAILING_ONCE = (
+    "stage2.scaling.num_workers=2",
+    "stage2.zero_stage=3",
+    "stage2.epochs=2",
+    "stage2.fail_at_epoch=2",
+)
+
 
 def _config(llm, *overrides):
     return load_config(
@@ -52,10 +61,7 @@ def two_worker_run(stage1_run, tiny_llm, tmp_path_factory):
     manifest = train_stage2(
         _config(
             tiny_llm,
-            "stage2.scaling.num_workers=2",
-            "stage2.zero_stage=3",
-            "stage2.epochs=2",
-            "stage2.fail_at_epoch=2",
+            *TWO_WORKERS_FAILING_ONCE,
         ),
         run_dir,
     )
@@ -219,10 +225,7 @@ def rank_run(stage1_run, tiny_llm, tmp_path_factory):
             "stage2.examples_per_user=2",
             "stage2.targets=sequence",
             "stage2.validate_every_steps=2",
-            "stage2.scaling.num_workers=2",
-            "stage2.zero_stage=3",
-            "stage2.epochs=2",
-            "stage2.fail_at_epoch=2",
+            *TWO_WORKERS_FAILING_ONCE,
         ),
         run_dir,
     )
