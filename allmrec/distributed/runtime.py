@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 
 import ray
 
@@ -67,6 +69,18 @@ def init_ray(cfg: RayConfig) -> None:
     """Join `cfg.address` (or $RAY_ADDRESS, as `ray job submit` sets), else start locally."""
     if ray.is_initialized():
         return
+    # ray.init installs its own SIGTERM handler (it prints a stack and exits); keep the
+    # command's, which shuts Serve and this Ray down first (allmrec.cli.command_lifetime).
+    in_main = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if in_main else None
+    try:
+        _init_ray(cfg)
+    finally:
+        if callable(sigterm):
+            signal.signal(signal.SIGTERM, sigterm)
+
+
+def _init_ray(cfg: RayConfig) -> None:
     unset_on_node = [k for k in WORKER_ENV if k not in os.environ]
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
