@@ -354,7 +354,9 @@ def test_sigterm_stops_allmrec_serve_and_every_process_of_its_ray(stack_run, tmp
         env=env,
     )
     try:
-        _wait_for(lambda: Client(f"http://127.0.0.1:{port}").ready(), 300, "allmrec serve")
+        serving = tmp_path / "serve.log"
+        _wait_for(lambda: "stops it" in serving.read_text(), 300, "allmrec serve to be serving")
+        assert Client(f"http://127.0.0.1:{port}").ready()
         started = psutil.Process(proc.pid).children(recursive=True)
         names = {" ".join(p.cmdline()) for p in started}
         assert any("raylet" in n for n in names) and any("dashboard" in n for n in names)
