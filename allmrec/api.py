@@ -7,6 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The environment variable that holds the bearer token, where the ingress runs and for clients.
+TOKEN_ENV = "ALLMREC_SERVE_TOKEN"
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")

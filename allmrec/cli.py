@@ -18,6 +18,7 @@ import threading
 import traceback
 from pathlib import Path
 
+from allmrec.api import TOKEN_ENV
 from allmrec.config import Config, ConfigError, load_config
 from allmrec.manifest import ArtifactError
 from allmrec.storage import RunStorage, StorageError, join, leave_job_working_dir
@@ -291,7 +292,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     serve_config = _serve_config(args, run_dir)
     init_ray(config.ray)
     url = start(serve_config)
-    token_env = serve_config["applications"][0]["args"].get("token_env", "ALLMREC_SERVE_TOKEN")
+    token_env = serve_config["applications"][0]["args"].get("token_env", TOKEN_ENV)
     print(f"allmrec is serving {run_dir.home} at {url} (API docs: {url}/docs)")
     print(f"bearer token: {'required (' + token_env + ')' if os.environ.get(token_env) else 'off'}")
     print(
@@ -317,7 +318,7 @@ def _demo_serve(args: argparse.Namespace, run_dir: RunStorage) -> None:
     from allmrec.distributed.serve_launch import start
 
     serve_config = _serve_config(args, run_dir)
-    token_env = serve_config["applications"][0]["args"].get("token_env", "ALLMREC_SERVE_TOKEN")
+    token_env = serve_config["applications"][0]["args"].get("token_env", TOKEN_ENV)
     url = start(serve_config)
     try:
         answer = Client(url, token=os.environ.get(token_env) or None).recommend(user_id="1", k=5)
@@ -462,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--k", type=int, default=10, help="how many items (default 10)")
     recommend.add_argument("--mode", choices=("rank", "generate"), default="rank")
     recommend.add_argument(
-        "--token-env", default="ALLMREC_SERVE_TOKEN", help="variable holding the bearer token"
+        "--token-env", default=TOKEN_ENV, help="variable holding the bearer token"
     )
     recommend.add_argument("--timeout", type=float, default=300.0, help="seconds a request")
     recommend.set_defaults(func=_cmd_recommend)

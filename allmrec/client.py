@@ -22,9 +22,7 @@ from typing import Any, Literal
 
 import requests
 
-from allmrec.api import ItemInfo, NewItem, RecommendRequest, RecommendResponse
-
-TOKEN_ENV = "ALLMREC_SERVE_TOKEN"
+from allmrec.api import TOKEN_ENV, ItemInfo, NewItem, RecommendRequest, RecommendResponse
 
 
 class ServeError(RuntimeError):

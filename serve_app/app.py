@@ -30,6 +30,7 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from allmrec.api import (
+    TOKEN_ENV,
     BadRequest,
     ItemInfo,
     NewItem,
@@ -272,9 +273,7 @@ class AppArgs(BaseModel):
     max_new_tokens: int = Field(24, ge=1, description="generate mode's answer length")
     max_batch_size: int = Field(8, ge=1, description="@serve.batch of the LLM deployment")
     max_body_bytes: int = Field(65536, ge=1)
-    token_env: str = Field(
-        "ALLMREC_SERVE_TOKEN", description="if set where the ingress runs, the bearer token"
-    )
+    token_env: str = Field(TOKEN_ENV, description="if set where the ingress runs, the bearer token")
     # `serve run` applies the config's `deployments` itself; `allmrec serve` passes them here.
     deployments: list[dict] = Field(default_factory=list)
 
