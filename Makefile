@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_TRAIN_ENABLE_PRINT_PATCH := 0
 
-.PHONY: demo serve test lint format install install-dev clean-venv cluster-up cluster-down cluster-status
+.PHONY: demo serve test test-fast lint format install install-dev clean-venv cluster-up cluster-down cluster-status
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,8 +46,13 @@ cluster-down:
 cluster-status:
 	cluster/local.sh status
 
+# Unit tier first (Ray-free, seconds to a couple of minutes), then the integration tier (a
+# real local Ray, real training runs and real HTTP).
 test: $(VENV)/.dev
-	$(PY) -m pytest -x -q --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -x -q --durations=15 tests/unit tests/integration $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.dev
+	$(PY) -m pytest -x -q --durations=5 tests/unit $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check allmrec jobs tune serve_app tests benchmarks

@@ -21,6 +21,7 @@ from pathlib import Path
 from allmrec.api import TOKEN_ENV
 from allmrec.config import Config, ConfigError, load_config
 from allmrec.manifest import ArtifactError
+from allmrec.stages import STAGES
 from allmrec.storage import RunStorage, StorageError, join, leave_job_working_dir
 
 log = logging.getLogger("allmrec")
@@ -156,97 +157,13 @@ def run_stage(stage: str, config: Config, run: RunStorage) -> dict:
     return manifest
 
 
-def _cmd_data_prepare(args: argparse.Namespace) -> int:
-    if args.max_bad_lines is not None:
+def _cmd_stage(args: argparse.Namespace) -> int:
+    """`data prepare`, `train cf|stage1|stage2`, `evaluate`: one stage, then its summary."""
+    if getattr(args, "max_bad_lines", None) is not None:
         args.overrides.append(f"data.max_bad_lines={args.max_bad_lines}")
     config, run_dir = job_from_args(args)
-    manifest = run_stage("data", config, run_dir)
-    print(json.dumps(manifest["counts"], indent=2))
-    return 0
-
-
-def format_cf_metrics(manifest: dict) -> str:
-    rows = [
-        "| model | test HR@10 (100 neg) | test NDCG@10 (100 neg) | test Hit@1 (19 neg) |",
-        "|---|---|---|---|",
-    ]
-    for name, m in manifest["metrics"].items():
-        label = manifest["backbone"]["name"] if name == "model" else name
-        rows.append(
-            f"| {label} | {m['test_100neg_hit@10']:.4f} | "
-            f"{m['test_100neg_ndcg@10']:.4f} | {m['test_19neg_hit@1']:.4f} |"
-        )
-    return "\n".join(rows)
-
-
-def _cmd_train_cf(args: argparse.Namespace) -> int:
-    config, run_dir = job_from_args(args)
-    manifest = run_stage("cf", config, run_dir)
-    print(format_cf_metrics(manifest))
-    print(
-        f"epochs run {manifest['epochs_run']}, best epoch {manifest['best_epoch']}, "
-        f"{manifest['train_seconds']} s"
-    )
-    return 0
-
-
-def format_stage1_metrics(manifest: dict) -> str:
-    m = manifest["metrics"]
-    keys = [
-        k
-        for k in (
-            "valid_hit@1",
-            "valid_ndcg@10",
-            "valid_coldtext_hit@1",
-            "valid_coldtext_ndcg@10",
-            "z_mean_cosine",
-            "z_mean_dim_variance",
-        )
-        if k in m
-    ]
-    return "\n".join([f"{k}: {m[k]:.4f}" for k in keys])
-
-
-def _cmd_train_stage1(args: argparse.Namespace) -> int:
-    config, run_dir = job_from_args(args)
-    manifest = run_stage("stage1", config, run_dir)
-    print(format_stage1_metrics(manifest))
-    return 0
-
-
-def format_stage2_metrics(manifest: dict) -> str:
-    m = manifest["metrics"]
-    objective = manifest.get("objective", "generate")
-    prompts = manifest.get("train_prompts")
-    lines = [
-        f"{manifest['llm']['name']}, {objective} objective, {manifest['train_users']} users x "
-        f"{manifest['epochs_run']} epoch(s){f' ({prompts} prompts)' if prompts else ''}: final "
-        f"loss {m['loss']:.4f}, {m['samples_per_second']:.2f} prompts/s, "
-        f"ZeRO-{manifest['zero_stage']} on {manifest['workers']} worker(s), each holding "
-        f"{m['llm_local_param_share']:.1%} of the LLM's parameters, "
-        f"{m['mean_worker_rss_gib']:.2f} GiB resident per worker"
-    ]
-    curve = manifest.get("curve") or []
-    if curve:
-        keys = [k for k in curve[-1] if k.startswith("valid_")]
-        points = ", ".join(
-            f"{p['prompts']}: " + " / ".join(f"{p[k]:.3f}" for k in keys) for p in curve
-        )
-        lines.append(f"validation Hit@1 ({' / '.join(keys)}) by training prompts: {points}")
-    return "\n".join(lines)
-
-
-def _cmd_train_stage2(args: argparse.Namespace) -> int:
-    config, run_dir = job_from_args(args)
-    manifest = run_stage("stage2", config, run_dir)
-    print(format_stage2_metrics(manifest))
-    return 0
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    config, run_dir = job_from_args(args)
-    run_stage("eval", config, run_dir)
-    print((run_dir.local / "eval" / "results.md").read_text())
+    manifest = run_stage(args.stage, config, run_dir)
+    print(STAGES[args.stage].summary(manifest, run_dir.local / args.stage))
     return 0
 
 
@@ -334,17 +251,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     config, run_dir = job_from_args(args)
     manifests = run_pipeline(config, run_dir, force=args.force)
-    counts = manifests["data"]["counts"]
-    print(
-        f"\ndata: {manifests['data']['source']['name']} in {run_dir.uri('data')}: "
-        f"{counts['users']} users, {counts['items']} items, "
-        f"{counts['interactions']} interactions {counts['splits']}"
-    )
-    print(f"\nCF pre-training ({run_dir.uri('cf')}):\n" + format_cf_metrics(manifests["cf"]))
-    print(f"\nStage 1 ({run_dir.uri('stage1')}):\n" + format_stage1_metrics(manifests["stage1"]))
-    print(f"\nStage 2 ({run_dir.uri('stage2')}):\n" + format_stage2_metrics(manifests["stage2"]))
-    results = (run_dir.local / "eval" / "results.md").read_text()
-    print(f"\nEvaluation ({run_dir.uri('eval')}):\n" + results)
+    for name, stage in STAGES.items():
+        summary = stage.summary(manifests[name], run_dir.local / name)
+        print(f"\n{stage.title} ({run_dir.uri(name)}):\n{summary}")
     if not args.no_serve:
         _demo_serve(args, run_dir)
     return 0
@@ -413,22 +322,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="malformed lines tolerated (default data.max_bad_lines, 0)",
     )
-    prep.set_defaults(func=_cmd_data_prepare)
+    prep.set_defaults(func=_cmd_stage, stage="data")
 
     train = sub.add_parser("train", help="Ray Train jobs").add_subparsers(
         dest="train_command", required=True
     )
     train_cf = train.add_parser("cf", help="pre-train the CF backbone (SASRec by default)")
     add_job_options(train_cf)
-    train_cf.set_defaults(func=_cmd_train_cf)
+    train_cf.set_defaults(func=_cmd_stage, stage="cf")
 
     train_s1 = train.add_parser("stage1", help="Stage 1: align CF items with item texts")
     add_job_options(train_s1)
-    train_s1.set_defaults(func=_cmd_train_stage1)
+    train_s1.set_defaults(func=_cmd_stage, stage="stage1")
 
     train_s2 = train.add_parser("stage2", help="Stage 2: projectors into the frozen LLM")
     add_job_options(train_s2)
-    train_s2.set_defaults(func=_cmd_train_stage2)
+    train_s2.set_defaults(func=_cmd_stage, stage="stage2")
 
     tune_cmd = sub.add_parser("tune", help="Ray Tune: search Stage 1's alpha and beta")
     add_job_options(tune_cmd)
@@ -441,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="A-LLMRec and the baselines on the same candidates: eval/results.*"
     )
     add_job_options(evaluate)
-    evaluate.set_defaults(func=_cmd_evaluate)
+    evaluate.set_defaults(func=_cmd_stage, stage="eval")
 
     demo = sub.add_parser("demo", help="the whole chain on the embedded default")
     add_job_options(demo)

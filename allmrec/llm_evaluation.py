@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from allmrec.config import Config
+from allmrec.data.prepared import seeded_users
 from allmrec.evaluation import metrics_from_ranks, popularity_scorer, random_scorer
 from allmrec.models.projection import ALLMRecLM, hit_contains, hit_exact
 from allmrec.sequences import left_pad
@@ -473,9 +474,3 @@ class Progress:
             self.last = now
             rate = done / max(now - self.started, 1e-9)
             log.info("%s: %d/%d prompts (%.2f/s)", self.tag, done, total, rate)
-
-
-def seeded_users(users: np.ndarray, max_users: int | None, seed: int) -> np.ndarray:
-    if max_users is not None and len(users) > max_users:
-        users = np.sort(np.random.default_rng(seed).permutation(users)[:max_users])
-    return users

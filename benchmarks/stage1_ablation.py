@@ -37,7 +37,6 @@ from allmrec.training.stage1 import (
     stage1_batch,
     stage1_quality,
     tokenize,
-    training_users,
 )
 
 
@@ -52,7 +51,7 @@ def train(args, alpha: float, beta: float, data, frozen, texts, no_train, cold) 
         groups.append({"params": text_params, "lr": args.text_lr})
     optimizer = torch.optim.Adam(groups, lr=args.lr, betas=(0.9, 0.98))
     q_cache = encode_texts(aligner, texts, "cpu") if args.text_encoder == "frozen" else None
-    users = training_users(data)
+    users = data.training_users()
     row = {}
     for epoch in range(1, args.epochs + 1):
         started = time.perf_counter()

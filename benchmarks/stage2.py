@@ -33,14 +33,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from allmrec.config import Config, load_config
+from allmrec.data.prepared import seeded_users
 from allmrec.llm import load_llm
-from allmrec.llm_evaluation import ALLMREC, LLM_ONLY, evaluate_cases, seeded_users
+from allmrec.llm_evaluation import ALLMREC, LLM_ONLY, evaluate_cases
 from allmrec.training.stage2 import (
     build_stage2_model,
     eval_cases,
     llm_dtype,
     load_stage2_inputs,
-    stage2_training_users,
     start_readouts,
     training_examples,
     training_targets,
@@ -61,7 +61,7 @@ def train_speed(model, inputs, config: Config, steps: int, peak: float) -> float
     cfg = config.stage2
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trained, lr=cfg.lr)
-    pairs = training_targets(stage2_training_users(inputs.data), inputs.data, config, epoch=1)
+    pairs = training_targets(inputs.data.training_users(), inputs.data, config, epoch=1)
     rng = np.random.default_rng(0)
     model.train()
     prompts, tokens, seconds, flops = 0, 0, 0.0, 0

@@ -50,10 +50,24 @@ class PreparedData:
             )
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
 
+    def training_users(self) -> np.ndarray:
+        """Users with a target and at least one item before it in their training sequence:
+        those CF, Stage 1 and Stage 2 train on."""
+        return np.array(
+            [u for u in range(1, self.num_users + 1) if len(self.train[u]) >= 2], dtype=np.int64
+        )
+
     def interacted(self, user: int) -> np.ndarray:
         """Every item user `user` interacted with, in any split."""
         extra = [i for i in (self.valid[user], self.test[user]) if i]
         return np.append(self.train[user], extra).astype(np.int64)
+
+
+def seeded_users(users: np.ndarray, max_users: int | None, seed: int) -> np.ndarray:
+    """A seeded sample of at most `max_users` of `users` (all of them if None), sorted."""
+    if max_users is not None and len(users) > max_users:
+        users = np.sort(np.random.default_rng(seed).permutation(users)[:max_users])
+    return users
 
 
 def load_prepared(run_dir: str | Path) -> PreparedData:

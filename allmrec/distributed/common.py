@@ -1,12 +1,15 @@
-"""Helpers shared by the Ray Train loops: cross-worker sums, run names, fault injection."""
+"""What every Ray Train stage shares: the driver's steps (`train_stage`), the workers' set-up,
+checkpoints and cross-worker sums, and fault injection."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
+import tempfile
+import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +17,12 @@ import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from allmrec.config import TrainScaling
+from allmrec.config import Config, TrainScaling
+from allmrec.stages import run_name, stage_inputs
+
+log = logging.getLogger(__name__)
 
 
 def quiet_worker_warnings() -> None:
@@ -85,12 +91,6 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
-def run_name(stage: str, settings: dict) -> str:
-    """Same settings -> same Ray Train run name, so a restarted driver resumes that run."""
-    key = json.dumps(settings, sort_keys=True, default=str)
-    return f"{stage}-" + hashlib.sha256(key.encode()).hexdigest()[:10]
-
-
 def maybe_fail(fail_at_epoch: int | None, epoch: int, rank: int, marker_dir: str) -> None:
     """Test hook: raise once in a real worker at `fail_at_epoch` (a marker file in the run's
     storage, seen by the restarted worker on any node, makes it once)."""
@@ -147,6 +147,72 @@ def make_trainer(
         ),
         datasets=datasets,
     )
+
+
+def save_deepspeed(engine, rank: int, weights: dict, state: dict, metrics: dict, weights_file: str):
+    """Report `metrics` to Ray Train with a checkpoint: every rank's DeepSpeed shard of the
+    trained parameters and optimizer state, and from rank 0 the gathered `weights` (what the
+    stage's output is made from) and `state.json`."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag="deepspeed", exclude_frozen_parameters=True)
+        if rank == 0:
+            save_file(weights, str(Path(tmp) / weights_file))
+            (Path(tmp) / "state.json").write_text(json.dumps(state))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+@dataclass
+class TrainedRun:
+    """What a stage's Ray Train run left: its final state and weights, and its identity."""
+
+    state: dict
+    weights: dict[str, torch.Tensor]
+    inputs: dict  # the stage's inputs (allmrec.stages.stage_inputs): its manifest records them
+    name: str  # the Ray Train run
+    seconds: float
+
+
+def train_stage(
+    stage: str,
+    config: Config,
+    run_dir: Path,
+    *,
+    loop,
+    loop_config: dict,
+    rows: list[dict],
+    scaling: TrainScaling,
+    storage: str,
+    weights_file: str,
+    checkpoints_to_keep: int = 1,
+    callbacks: list | None = None,
+    describe: str = "",
+) -> TrainedRun:
+    """The driver's side of a Train stage: `rows` (one per user) as the Ray Dataset the workers
+    shard, the run named by the stage's inputs (a restarted driver resumes it), fitted, and
+    its final checkpoint read back."""
+    import ray.data
+
+    started = time.perf_counter()
+    # Per-epoch lines are the progress here; Ray Data's bars from every worker are noise.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    dataset = ray.data.from_items(rows).materialize()
+    inputs = stage_inputs(stage, config, run_dir)
+    name = run_name(stage, inputs)
+    trainer = make_trainer(
+        loop,
+        loop_config,
+        scaling,
+        storage,
+        name,
+        {"train": dataset},
+        checkpoints_to_keep,
+        callbacks,
+    )
+    log.info("%s, run %s", describe or stage, name)
+    state, weights = fit_and_load(trainer, weights_file)
+    return TrainedRun(state, weights, inputs, name, time.perf_counter() - started)
 
 
 def fit_and_load(trainer: TorchTrainer, weights_file: str) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -30,6 +30,7 @@ from allmrec.data.readers import BadLine, iter_interaction_batches, read_items
 from allmrec.data.schema import ITEMS_SCHEMA, USERS_SCHEMA, item_text_emb_schema
 from allmrec.data.sources import ResolvedSource, resolve_source
 from allmrec.manifest import staged_output, tree_sha256, write_manifest
+from allmrec.stages import stage_inputs
 from allmrec.storage import RunStorage, open_run
 from allmrec.text_encoder import ItemTextEmbedder
 
@@ -415,6 +416,7 @@ def prepare_data(config: Config, run_dir: str | Path | RunStorage) -> dict:
             out,
             "data",
             config=config_to_dict(config),
+            inputs=stage_inputs("data", config, out),
             source={
                 "name": source.name,
                 "format": source.format,

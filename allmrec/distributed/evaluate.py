@@ -18,6 +18,7 @@ import numpy as np
 import ray
 
 from allmrec.config import Config, config_to_dict
+from allmrec.data.prepared import seeded_users
 from allmrec.distributed.runtime import check_fits_locally
 from allmrec.llm_evaluation import (
     ALLMREC,
@@ -30,13 +31,13 @@ from allmrec.llm_evaluation import (
     plot_hit1,
     scenario_differences,
     scenario_tables,
-    seeded_users,
     summarize,
 )
-from allmrec.manifest import file_sha256, read_manifest, staged_output, write_manifest
+from allmrec.manifest import read_manifest, staged_output, write_manifest
+from allmrec.stages import stage_inputs
 from allmrec.storage import RunStorage, open_run
 from allmrec.training.cf import write_json
-from allmrec.training.stage2 import PROJECTORS_FILE, STACK, STAGE2_INPUTS
+from allmrec.training.stage2 import STACK, STAGE2_INPUTS
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +179,7 @@ def evaluate_stack(config: Config, run_dir: str | Path | RunStorage) -> dict:
             out,
             "eval",
             config=config_to_dict(config),
-            data_fingerprint=data.fingerprint,
-            projectors_sha256=file_sha256(run_dir / "stage2" / PROJECTORS_FILE),
+            inputs=stage_inputs("eval", config, run_dir),
             users=len(users),
             tables=tables,
             differences=differences,

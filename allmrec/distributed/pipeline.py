@@ -1,77 +1,23 @@
-"""The whole chain, stage after stage, skipping a stage whose outputs are current.
-
-A stage is current when its manifest exists, it was made with the same config section (and
-seed), and from the very inputs now on disk (the data fingerprint, the CF model's hash).
-"""
+"""The whole chain, stage after stage, skipping a stage whose outputs are current
+(`allmrec.stages.is_current`: made from the very config settings and upstream outputs that
+are there now)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-from allmrec.config import Config, config_to_dict
-from allmrec.manifest import MANIFEST, file_sha256
+from allmrec.config import Config
+from allmrec.stages import STAGES, is_current, read_finished
 from allmrec.storage import RunStorage, open_run
 
 log = logging.getLogger(__name__)
-STAGES = ("data", "cf", "stage1", "stage2", "eval")
-
-
-def _manifest(path: Path) -> dict | None:
-    try:
-        return json.loads((path / MANIFEST).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def stage_is_current(stage: str, config: Config, run_dir: Path) -> bool:
-    settings = config_to_dict(config)
-    mine = _manifest(run_dir / stage)
-    if mine is None or mine.get("stage") != stage:
-        return False
-    recorded = mine.get("config", {})
-    if recorded.get("seed") != settings["seed"]:
-        return False
-    if stage == "data":
-        return recorded.get("data") == settings["data"]
-    data = _manifest(run_dir / "data")
-    if data is None or mine.get("data_fingerprint") != data.get("fingerprint"):
-        return False
-    if stage == "cf":
-        return recorded.get("cf") == settings["cf"]
-    if stage == "stage1":
-        cf_model = run_dir / "cf" / "model.safetensors"
-        return (
-            recorded.get("stage1") == settings["stage1"]
-            and recorded.get("data", {}).get("text_encoder") == settings["data"]["text_encoder"]
-            and cf_model.is_file()
-            and mine.get("cf_model_sha256") == file_sha256(cf_model)
-        )
-    if stage == "stage2":
-        from allmrec.training.stage2 import stage1_sha256
-
-        joint = run_dir / "stage1" / "joint_item_emb.parquet"
-        return (
-            recorded.get("stage2") == settings["stage2"]
-            and recorded.get("data", {}).get("domain") == settings["data"]["domain"]
-            and joint.is_file()
-            and mine.get("stage1_sha256") == stage1_sha256(run_dir)
-        )
-    if stage == "eval":
-        projectors = run_dir / "stage2" / "projectors.safetensors"
-        return (
-            recorded.get("evaluate") == settings["evaluate"]
-            and projectors.is_file()
-            and mine.get("projectors_sha256") == file_sha256(projectors)
-        )
-    raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
 
 
 def run_pipeline(
     config: Config,
     run_dir: str | Path | RunStorage,
-    stages: tuple[str, ...] = STAGES,
+    stages: tuple[str, ...] = tuple(STAGES),
     force: bool = False,
 ) -> dict[str, dict]:
     """Run `stages` in order on one Ray; returns each stage's manifest. The run's finished
@@ -95,9 +41,9 @@ def run_pipeline(
     run_dir = run.pull(*STAGES)
     manifests = {}
     for stage in stages:
-        if not force and stage_is_current(stage, config, run_dir):
+        if not force and is_current(stage, config, run_dir):
             log.info("%s: up to date in %s, skipped", stage, run_dir / stage)
-            manifests[stage] = _manifest(run_dir / stage)
+            manifests[stage] = read_finished(run_dir / stage)
             continue
         log.info("%s: running", stage)
         manifests[stage] = runners[stage](config, run)

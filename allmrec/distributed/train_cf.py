@@ -26,23 +26,18 @@ from ray.train import Checkpoint
 from safetensors.torch import load_file
 
 from allmrec.config import CFConfig, Config, config_to_dict
-from allmrec.data.prepared import load_prepared
+from allmrec.data.prepared import load_prepared, seeded_users
 from allmrec.distributed.common import (
     all_reduce_sum,
-    fit_and_load,
-    make_trainer,
     maybe_fail,
     print_epoch,
     quiet_worker_warnings,
-    run_name,
+    train_stage,
 )
 from allmrec.evaluation import (
-    ALLMREC_PROTOCOL,
     SASREC_PROTOCOL,
     evaluate,
     model_scorer,
-    popularity_scorer,
-    random_scorer,
 )
 from allmrec.manifest import staged_output, write_manifest
 from allmrec.plots import plot_curves
@@ -51,6 +46,7 @@ from allmrec.training.cf import (
     MODEL_FILE,
     backbone_spec,
     build_cf_model,
+    evaluate_cf_and_baselines,
     save_model,
     state_dict_cpu,
     train_epoch,
@@ -63,9 +59,7 @@ log = logging.getLogger(__name__)
 
 def _validate(model, data, cfg: CFConfig, seed: int, rank: int, world: int) -> dict:
     """HR@10/NDCG@10 (100 negatives) on this worker's slice of users, summed over workers."""
-    users = data.eval_users("valid")
-    if cfg.eval_users is not None:
-        users = np.random.default_rng(seed).permutation(users)[: cfg.eval_users]
+    users = seeded_users(data.eval_users("valid"), cfg.eval_users, seed)
     mine = users[rank::world]
     m = evaluate(
         model_scorer(model, _device()),
@@ -189,40 +183,25 @@ def train_cf(config: Config, run_dir: str | Path | RunStorage) -> dict:
     run = open_run(run_dir)
     run_dir = run.pull("data")
     data = load_prepared(run_dir)
-    started = time.perf_counter()
-    users = [u for u in range(1, data.num_users + 1) if len(data.train[u]) >= 2]
-    # Per-epoch lines are the progress here; Ray Data's bars from every worker are noise.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    train_ds = ray.data.from_items(
-        [{"user_idx": u, "items": data.train[u].astype(np.int64)} for u in users]
-    ).materialize()
-    storage = run.uri("checkpoints")
-    name = run_name(
-        "cf", {"cf": config_to_dict(config)["cf"], "seed": config.seed, "data": data.fingerprint}
-    )
-    trainer = make_trainer(
-        cf_train_loop,
-        {"cf": config_to_dict(config)["cf"], "seed": config.seed, "run": run.home},
-        cfg.scaling,
-        storage,
-        name,
-        {"train": train_ds},
+    users = data.training_users()
+    trained = train_stage(
+        "cf",
+        config,
+        run_dir,
+        loop=cf_train_loop,
+        loop_config={"cf": config_to_dict(config)["cf"], "seed": config.seed, "run": run.home},
+        rows=[{"user_idx": int(u), "items": data.train[u].astype(np.int64)} for u in users],
+        scaling=cfg.scaling,
+        storage=run.uri("checkpoints"),
+        weights_file="best_model.safetensors",
         checkpoints_to_keep=2,
+        describe=f"CF pre-training {cfg.backbone} on {len(users)} users x {data.num_items} "
+        f"items ({cfg.scaling.num_workers} worker(s))",
     )
-    log.info(
-        "CF pre-training %s on %d users x %d items (%d worker(s)), run %s",
-        cfg.backbone,
-        len(users),
-        data.num_items,
-        cfg.scaling.num_workers,
-        name,
-    )
-    state, best = fit_and_load(trainer, "best_model.safetensors")
-    train_seconds = time.perf_counter() - started
-
+    state = trained.state
     torch.manual_seed(config.seed)
     model = build_cf_model(cfg, data.num_users, data.num_items)
-    model.load_state_dict(best)
+    model.load_state_dict(trained.weights)
     model.eval()
     metrics = evaluate_cf_and_baselines(model, data, config.seed, cfg.max_len)
     with staged_output(run_dir / "cf") as out:
@@ -237,33 +216,15 @@ def train_cf(config: Config, run_dir: str | Path | RunStorage) -> dict:
             out,
             "cf",
             config=config_to_dict(config),
+            inputs=trained.inputs,
             backbone=backbone_spec(model),
-            data_fingerprint=data.fingerprint,
             epochs_run=state["epoch"],
             best_epoch=state["best_epoch"],
             stopped_early=state["bad_evals"] >= cfg.patience,
             resumed_from_epochs=state.get("resumed_from", []),
             metrics=metrics,
-            train_seconds=round(train_seconds, 1),
+            train_seconds=round(trained.seconds, 1),
             workers=cfg.scaling.num_workers,
         )
     run.push("cf")
     return manifest
-
-
-def evaluate_cf_and_baselines(model, data, seed: int, max_len: int) -> dict:
-    """Validation and test metrics of the model, popularity and random, same candidates."""
-    scorers = {
-        "model": model_scorer(model),
-        "popularity": popularity_scorer(data),
-        "random": random_scorer(seed),
-    }
-    out: dict[str, dict] = {}
-    for name, scorer in scorers.items():
-        row = {}
-        for split in ("valid", "test"):
-            for protocol in (SASREC_PROTOCOL, ALLMREC_PROTOCOL):
-                m = evaluate(scorer, data, split, protocol, seed, max_len=max_len)
-                row.update({f"{split}_{protocol.name}_{k}": v for k, v in m.items()})
-        out[name] = row
-    return out

@@ -15,31 +15,24 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import psutil
-import ray
-import ray.train
-import ray.train.torch
 import torch
-from ray.train import Checkpoint
 from safetensors.torch import save_file
 
 from allmrec.config import Config, config_to_dict
 from allmrec.distributed.common import (
     all_reduce_sum,
     deepspeed_worker,
-    fit_and_load,
-    make_trainer,
     maybe_fail,
     print_epoch,
     restore_deepspeed,
-    run_name,
+    save_deepspeed,
     shard_user_ids,
+    train_stage,
 )
 from allmrec.llm_evaluation import validation_cases, validation_hits
 from allmrec.manifest import staged_output, write_manifest
@@ -56,23 +49,13 @@ from allmrec.training.stage2 import (
     build_stage2_model,
     llm_dtype,
     load_stage2_inputs,
-    stage1_sha256,
-    stage2_training_users,
     start_readouts,
     training_examples,
     training_targets,
 )
-from allmrec.training.zero import deepspeed_config, full_state_dict, local_share
+from allmrec.training.zero import deepspeed_config, full_state_dict, local_share, memory_stats
 
 log = logging.getLogger(__name__)
-
-
-def memory_stats(device: torch.device) -> dict:
-    """This worker's resident memory and, on a GPU, its peak allocated memory (GiB)."""
-    stats = {"rss_gib": psutil.Process().memory_info().rss / 2**30}
-    if device.type == "cuda":
-        stats["gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return stats
 
 
 @dataclass
@@ -99,12 +82,7 @@ class _Worker:
             module = getattr(self.model, name, None)
             if module is not None:
                 weights |= full_state_dict(module, f"{name}.")
-        with tempfile.TemporaryDirectory() as tmp:
-            self.engine.save_checkpoint(tmp, tag="deepspeed", exclude_frozen_parameters=True)
-            if self.rank == 0:
-                save_file(weights, str(Path(tmp) / WEIGHTS))
-                write_json(Path(tmp) / "state.json", self.state)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        save_deepspeed(self.engine, self.rank, weights, self.state, metrics, WEIGHTS)
 
     def validate(self) -> dict:
         """Validation Hit@1 over every worker's share of the cases: a point of the curve."""
@@ -288,53 +266,32 @@ def train_stage2(config: Config, run_dir: str | Path | RunStorage) -> dict:
     inputs = load_stage2_inputs(run_dir, config)  # fail early, with a clear message
     if cfg.llm.startswith(EMBEDDED_PREFIX):
         embedded_llm_path(cfg.llm)  # dequantize once here, not in every worker at once
-    started = time.perf_counter()
     rng = np.random.default_rng(config.seed)
-    users = rng.permutation(stage2_training_users(inputs.data))
+    users = rng.permutation(inputs.data.training_users())
     if cfg.train_user_share < 1:
         users = users[: max(1, round(cfg.train_user_share * len(users)))]
     if cfg.max_train_users is not None:
         users = users[: cfg.max_train_users]
     users = np.sort(users)
-    stage1_hash = stage1_sha256(run_dir)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    train_ds = ray.data.from_items([{"user_idx": int(u)} for u in users]).materialize()
     settings = config_to_dict(config)
-    name = run_name(
+    trained = train_stage(
         "stage2",
-        {
-            "stage2": settings["stage2"],
-            "domain": settings["data"]["domain"],
-            "seed": config.seed,
-            "data": inputs.data.fingerprint,
-            "cf": inputs.cf_manifest["model_sha256"],
-            "stage1": stage1_hash,
-        },
-    )
-    trainer = make_trainer(
-        stage2_train_loop,
-        {
+        config,
+        run_dir,
+        loop=stage2_train_loop,
+        loop_config={
             "config": settings,
             "run": run.home,
             "probe_users": [int(u) for u in users[: cfg.batch_size]],
         },
-        cfg.scaling,
-        run.uri("checkpoints"),
-        name,
-        {"train": train_ds},
-        checkpoints_to_keep=1,
+        rows=[{"user_idx": int(u)} for u in users],
+        scaling=cfg.scaling,
+        storage=run.uri("checkpoints"),
+        weights_file=WEIGHTS,
+        describe=f"Stage 2 ({cfg.llm}, ZeRO-{cfg.zero_stage}, {cfg.scaling.num_workers} "
+        f"worker(s), {len(users)} users x {cfg.epochs} epoch(s))",
     )
-    log.info(
-        "Stage 2 (%s, ZeRO-%d, %d worker(s), %d users x %d epoch(s)), run %s",
-        cfg.llm,
-        cfg.zero_stage,
-        cfg.scaling.num_workers,
-        len(users),
-        cfg.epochs,
-        name,
-    )
-    state, weights = fit_and_load(trainer, WEIGHTS)
-    train_seconds = time.perf_counter() - started
+    state, weights = trained.state, trained.weights
 
     with staged_output(run_dir / "stage2") as out:
         save_file(weights, str(out / WEIGHTS))
@@ -348,9 +305,7 @@ def train_stage2(config: Config, run_dir: str | Path | RunStorage) -> dict:
             out,
             "stage2",
             config=settings,
-            data_fingerprint=inputs.data.fingerprint,
-            cf_model_sha256=inputs.cf_manifest["model_sha256"],
-            stage1_sha256=stage1_hash,
+            inputs=trained.inputs,
             llm={"name": cfg.llm, "dtype": str(llm_dtype(config)).removeprefix("torch.")},
             objective=cfg.objective,
             readout=(
@@ -369,7 +324,7 @@ def train_stage2(config: Config, run_dir: str | Path | RunStorage) -> dict:
             resumed_from=state.get("resumed_from", []),
             workers=cfg.scaling.num_workers,
             zero_stage=cfg.zero_stage,
-            train_seconds=round(train_seconds, 1),
+            train_seconds=round(trained.seconds, 1),
         )
     run.push("stage2")
     return manifest

@@ -13,9 +13,18 @@ from safetensors.torch import load_file, save_file
 
 from allmrec.config import CFConfig
 from allmrec.data.prepared import PreparedData
+from allmrec.evaluation import (
+    ALLMREC_PROTOCOL,
+    SASREC_PROTOCOL,
+    evaluate,
+    model_scorer,
+    popularity_scorer,
+    random_scorer,
+)
 from allmrec.manifest import ArtifactError, file_sha256, read_manifest
 from allmrec.models import BACKBONES, CFBackbone, build_backbone
 from allmrec.sequences import training_batch
+from allmrec.stages import recorded_upstream
 
 MODEL_FILE = "model.safetensors"
 
@@ -55,10 +64,11 @@ def load_cf_model(
     """The frozen CF backbone of a run, refusing one trained on other data than `data`."""
     cf_dir = Path(run_dir) / "cf"
     manifest = read_manifest(cf_dir, "cf")
-    if data is not None and manifest["data_fingerprint"] != data.fingerprint:
+    trained_on = recorded_upstream(manifest, "data")
+    if data is not None and trained_on != data.fingerprint:
         raise ArtifactError(
-            f"{cf_dir / 'manifest.json'}: field 'data_fingerprint' is "
-            f"{manifest['data_fingerprint'][:12]}..., but {data.directory} holds data "
+            f"{cf_dir / 'manifest.json'}: field 'inputs.upstream.data' is "
+            f"{str(trained_on)[:12]}..., but {data.directory} holds data "
             f"{data.fingerprint[:12]}...; retrain the CF model on this data (allmrec train cf)"
         )
     spec = manifest["backbone"]
@@ -117,3 +127,21 @@ def train_epoch(
 
 def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def evaluate_cf_and_baselines(model, data, seed: int, max_len: int) -> dict:
+    """Validation and test metrics of the model, popularity and random, same candidates."""
+    scorers = {
+        "model": model_scorer(model),
+        "popularity": popularity_scorer(data),
+        "random": random_scorer(seed),
+    }
+    out: dict[str, dict] = {}
+    for name, scorer in scorers.items():
+        row = {}
+        for split in ("valid", "test"):
+            for protocol in (SASREC_PROTOCOL, ALLMREC_PROTOCOL):
+                m = evaluate(scorer, data, split, protocol, seed, max_len=max_len)
+                row.update({f"{split}_{protocol.name}_{k}": v for k, v in m.items()})
+        out[name] = row
+    return out

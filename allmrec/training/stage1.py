@@ -8,15 +8,20 @@ one negative sampled from items the user has not trained on.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from safetensors.torch import save_file
 
+from allmrec.config import Config
 from allmrec.data.prepared import PreparedData
 from allmrec.evaluation import ALLMREC_PROTOCOL, evaluate
-from allmrec.models.alignment import CollabTextAligner
+from allmrec.models.alignment import CollabTextAligner, set_text_encoder_trainable
 from allmrec.sequences import left_pad, sample_negatives
+from allmrec.text_encoder import load_sentence_encoder
 
 
 @dataclass
@@ -61,10 +66,6 @@ def item_texts(data: PreparedData) -> tuple[list[str], np.ndarray, np.ndarray]:
         no_train[idx] = n == 0
         cold[idx] = is_cold
     return texts, no_train, cold
-
-
-def training_users(data: PreparedData) -> np.ndarray:
-    return np.array([u for u in range(1, data.num_users + 1) if len(data.train[u]) >= 2])
 
 
 def stage1_batch(
@@ -175,4 +176,51 @@ def collapse_stats(z: torch.Tensor) -> dict[str, float]:
         "mean_cosine": float(cos / (n * (n - 1))),
         "mean_centered_cosine": float(ccos / (n * (n - 1))),
         "mean_dim_variance": float(z.var(0).mean()),
+    }
+
+
+def build_aligner(config: Config, cf_dim: int, device: str = "cpu") -> CollabTextAligner:
+    """The Sentence-BERT named by `data.text_encoder` and both autoencoders."""
+    cfg = config.stage1
+    text_encoder = load_sentence_encoder(config.data.text_encoder, device=device)
+    set_text_encoder_trainable(text_encoder, cfg.text_encoder_trainable)
+    text_dim = int(text_encoder.get_embedding_dimension())
+    return CollabTextAligner(text_encoder, cf_dim, text_dim, cfg.latent_dim)
+
+
+def write_stage1_artifact(
+    out: Path,
+    aligner: CollabTextAligner,
+    frozen,
+    texts: list[str],
+    no_train: np.ndarray,
+    max_tokens: int,
+) -> dict:
+    """stage1/: autoencoders and text encoder as safetensors, z_i of every item as Parquet."""
+    save_file(
+        {k: v.contiguous() for k, v in aligner.item_ae.state_dict().items()},
+        str(out / "item_autoencoder.safetensors"),
+    )
+    save_file(
+        {k: v.contiguous() for k, v in aligner.text_ae.state_dict().items()},
+        str(out / "text_autoencoder.safetensors"),
+    )
+    aligner.text_encoder.save(str(out / "text_encoder"), safe_serialization=True)
+    q = encode_texts(aligner, texts, "cpu", max_tokens=max_tokens)
+    z = joint_embeddings(aligner, frozen, q, no_train)
+    dim = z.shape[1]
+    table = pa.table(
+        {
+            "item_idx": pa.array(np.arange(1, len(z), dtype=np.int32)),
+            "z": pa.FixedSizeListArray.from_arrays(
+                pa.array(z[1:].reshape(-1).numpy(), pa.float32()), dim
+            ),
+            "source": pa.array(np.where(no_train[1:], "text", "item")),
+        }
+    )
+    pq.write_table(table, out / "joint_item_emb.parquet")
+    return {
+        "items": len(z) - 1,
+        "text_path_items": int(no_train[1:].sum()),
+        **collapse_stats(z[1:]),
     }

@@ -27,10 +27,11 @@ import torch
 from allmrec.config import Config
 from allmrec.data.prepared import PreparedData, load_prepared
 from allmrec.evaluation import sample_candidates
-from allmrec.manifest import ArtifactError, file_sha256, read_manifest
+from allmrec.manifest import ArtifactError, read_manifest
 from allmrec.models.projection import ALLMRecLM, Stage2Example
 from allmrec.prompts import build_prompt, shuffle_candidates
 from allmrec.sequences import left_pad
+from allmrec.stages import output_digest, recorded_upstream
 
 
 @dataclass
@@ -101,13 +102,13 @@ def load_stage2_inputs(run_dir: Path, config: Config) -> Stage2Inputs:
     data = load_prepared(run_dir)
     cf_model, cf_manifest = load_cf_model(run_dir, data)
     stage1_manifest = read_manifest(run_dir / "stage1", "stage1")
-    if stage1_manifest.get("cf_model_sha256") != cf_manifest["model_sha256"]:
+    if recorded_upstream(stage1_manifest, "cf") != cf_manifest["model_sha256"]:
         raise ArtifactError(
-            f"{run_dir / 'stage1' / 'manifest.json'}: field 'cf_model_sha256' does not match "
+            f"{run_dir / 'stage1' / 'manifest.json'}: field 'inputs.upstream.cf' does not match "
             f"{run_dir / 'cf' / 'model.safetensors'}: the CF model changed after Stage 1; "
             "rerun `allmrec train stage1`"
         )
-    if stage1_manifest.get("data_fingerprint") != data.fingerprint:
+    if recorded_upstream(stage1_manifest, "data") != data.fingerprint:
         raise ArtifactError(
             f"{run_dir / 'stage1' / 'manifest.json'}: made from another data preparation; "
             "rerun `allmrec train stage1`"
@@ -127,11 +128,6 @@ def load_stage2_inputs(run_dir: Path, config: Config) -> Stage2Inputs:
     )
 
 
-def stage1_sha256(run_dir: Path) -> str:
-    """What Stage 2 records of its Stage 1 input: the joint embeddings' hash."""
-    return file_sha256(Path(run_dir) / "stage1" / "joint_item_emb.parquet")
-
-
 @torch.no_grad()
 def user_vectors_of(
     inputs: Stage2Inputs, users: np.ndarray, histories: list[np.ndarray]
@@ -140,13 +136,6 @@ def user_vectors_of(
     model = inputs.cf_model
     seqs = torch.as_tensor(left_pad(histories, model.config.max_len))
     return model.user_representation(torch.as_tensor(users, dtype=torch.long), seqs).float()
-
-
-def stage2_training_users(data: PreparedData) -> np.ndarray:
-    """Users with a target and at least one history item in their training sequence."""
-    return np.array(
-        [u for u in range(1, data.num_users + 1) if len(data.train[u]) >= 2], dtype=np.int64
-    )
 
 
 def training_targets(
@@ -345,7 +334,9 @@ def load_trained_stage2(run_dir: Path, device: str = "cpu", inputs_dir: Path | N
     manifest = read_manifest(stage2_dir, "stage2")
     trained = _trained_config(manifest, device)
     inputs = load_stage2_inputs(Path(inputs_dir or run_dir), trained)
-    if inputs_dir is None and manifest.get("stage1_sha256") != stage1_sha256(run_dir):
+    if inputs_dir is None and recorded_upstream(manifest, "stage1") != output_digest(
+        "stage1", run_dir
+    ):
         raise ArtifactError(
             f"{stage2_dir / 'manifest.json'}: Stage 1 changed after Stage 2 was trained; "
             "rerun `allmrec train stage2`"

@@ -7,6 +7,7 @@ included, so what must be partitioned (the frozen LLM in Stage 2) must be inside
 
 from __future__ import annotations
 
+import psutil
 import torch
 from torch import nn
 
@@ -59,3 +60,11 @@ def local_share(params: list[nn.Parameter]) -> float:
     total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     local = sum(p.ds_tensor.numel() if is_partitioned(p) else p.numel() for p in params)
     return local / max(total, 1)
+
+
+def memory_stats(device: torch.device) -> dict:
+    """This worker's resident memory and, on a GPU, its peak allocated memory (GiB)."""
+    stats = {"rss_gib": psutil.Process().memory_info().rss / 2**30}
+    if device.type == "cuda":
+        stats["gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return stats

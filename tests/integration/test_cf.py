@@ -118,10 +118,10 @@ def test_mismatched_artifacts_are_refused(ml100k_prepared, tmp_path):
             {
                 "format_version": 1,
                 "stage": "cf",
-                "data_fingerprint": "0" * 64,
+                "inputs": {"upstream": {"data": "0" * 64}},
                 "backbone": {"name": "sasrec", "config": {}},
             }
         )
     )
-    with pytest.raises(ArtifactError, match="data_fingerprint"):
+    with pytest.raises(ArtifactError, match="inputs.upstream.data"):
         load_cf_model(run_dir, data)

@@ -15,7 +15,7 @@ import pytest
 import ray
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RAY_CLI = str(Path(sys.executable).with_name("ray"))
 IMAGE_HOME = "/home/ray/allmrec"  # where cluster/Dockerfile puts the repository
 

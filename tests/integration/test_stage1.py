@@ -166,7 +166,6 @@ def test_reconstruction_ablation(cf_run):
         item_texts,
         stage1_batch,
         stage1_quality,
-        training_users,
     )
 
     torch.set_num_threads(2)
@@ -183,7 +182,7 @@ def test_reconstruction_ablation(cf_run):
         aligner = CollabTextAligner(encoder, 50, 384)
         params = [*aligner.item_ae.parameters(), *aligner.text_ae.parameters()]
         optimizer = torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.98))
-        users = training_users(data)
+        users = data.training_users()
         for epoch in range(30):
             rng = np.random.default_rng(epoch)
             order = rng.permutation(users)

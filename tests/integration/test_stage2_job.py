@@ -114,10 +114,9 @@ def test_resume_after_a_worker_failure_and_no_llm_in_checkpoints(two_worker_run,
 
 @pytest.mark.slow
 def test_evaluate_writes_the_table_on_shared_candidates(two_worker_run):
-    from allmrec.data.prepared import load_prepared
+    from allmrec.data.prepared import load_prepared, seeded_users
     from allmrec.distributed.evaluate import evaluate_stack
     from allmrec.evaluation import ALLMREC_PROTOCOL, evaluate, model_scorer
-    from allmrec.llm_evaluation import seeded_users
     from allmrec.training.cf import load_cf_model
 
     run_dir, _ = two_worker_run
