@@ -254,6 +254,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for name, stage in STAGES.items():
         summary = stage.summary(manifests[name], run_dir.local / name)
         print(f"\n{stage.title} ({run_dir.uri(name)}):\n{summary}")
+    if config.tracking.mlflow_uri:
+        from allmrec.tracking import experiment_name, tracking_uri
+
+        print(
+            f"\nMLflow: experiment {experiment_name(config, run_dir.home)!r} in "
+            f"{tracking_uri(config)} (mlflow ui --backend-store-uri {tracking_uri(config)})"
+        )
     if not args.no_serve:
         _demo_serve(args, run_dir)
     return 0

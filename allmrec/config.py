@@ -293,6 +293,17 @@ class TuneConfig(_Section):
     name: str = Field("alpha-beta", description="the experiment's name under storage")
 
 
+class TrackingConfig(_Section):
+    mlflow_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI: a local file store (e.g. file:./mlruns or a path) "
+        "or a tracking server (http://host:5000); None logs nothing. Needs allmrec[tracking]",
+    )
+    experiment: str | None = Field(
+        None, description="MLflow experiment (default: allmrec:<the run's home>)"
+    )
+
+
 class RayConfig(_Section):
     address: str | None = Field(None, description="cluster address; None starts a local Ray")
     object_store_gb: float = Field(2.0, gt=0, description="object store of a local Ray")
@@ -316,6 +327,7 @@ class Config(_Section):
     stage2: Stage2Config = Field(default_factory=Stage2Config)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
 

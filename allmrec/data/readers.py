@@ -6,14 +6,16 @@ parsed is never silently dropped: it comes back as a `BadLine` with its 1-based 
 and the reason, so `prepare` can count and report it. Only problems that make a whole file
 unreadable (no header, empty, not gzip, not decodable) raise `DataFormatError`.
 
-Paths may name a member of a zip archive as "archive.whl!inner/path": MovieLens' licence
-forbids redistributing it, so the project reads it straight out of RecBole's pip wheels.
+Paths are local or any fsspec URL (s3://, gs://, ...). They may name a member of a zip
+archive as "archive.whl!inner/path" (fsspec's zip filesystem over the archive): MovieLens'
+licence forbids redistributing it, so the project reads it straight out of RecBole's wheels.
 """
 
 from __future__ import annotations
 
 import errno
 import gzip
+import hashlib
 import io
 import json
 import logging
@@ -26,7 +28,9 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TextIO
 
+import fsspec
 import pyarrow as pa
+from fsspec.utils import infer_compression
 
 from allmrec.data.schema import RAW_INTERACTIONS_SCHEMA, RAW_ITEMS_SCHEMA
 
@@ -159,53 +163,73 @@ def _split_archive(path: str) -> tuple[str, str] | None:
     return archive, member.lstrip("/")
 
 
-def _open_zip(path: str, archive: str) -> zipfile.ZipFile:
-    if not os.path.isfile(archive):
-        raise FileNotFoundError(errno.ENOENT, "no such archive", archive)
+@contextmanager
+def _filesystem(path: str) -> Iterator[tuple[fsspec.AbstractFileSystem, str, str]]:
+    """(fsspec filesystem, path in it, what to call it in errors) of a local or remote file
+    (s3://, gs://, any fsspec URL) or of a member of a zip archive that is itself local or
+    remote: fsspec's zip filesystem over the archive's URL."""
+    split = _split_archive(path)
+    if split is None:
+        fs, inner = fsspec.core.url_to_fs(path)
+        yield fs, inner, path
+        return
+    archive, member = split
     try:
-        return zipfile.ZipFile(archive)
+        # A new instance, not fsspec's cached one: an archive rewritten in place must be read
+        # again (the tests do; so does a user fixing a download).
+        fs = fsspec.filesystem("zip", fo=archive, skip_instance_cache=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "no such archive", archive) from None
     except zipfile.BadZipFile as exc:
         raise DataFormatError(path, f"{archive} is not a valid zip archive ({exc})") from exc
+    try:
+        yield fs, member, f"member {member!r} of {archive}"
+    finally:
+        fs.close()
 
 
-def _missing_member(zf: zipfile.ZipFile, archive: str, member: str) -> FileNotFoundError:
+def _check_file(fs: fsspec.AbstractFileSystem, inner: str, path: str) -> None:
+    """FileNotFoundError naming a missing file ("no member X in Y" for a zip member, with the
+    members of the same name), IsADirectoryError for a directory."""
+    if fs.isfile(inner):
+        return
+    if fs.isdir(inner):
+        raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+    split = _split_archive(path)
+    if split is None:
+        raise FileNotFoundError(errno.ENOENT, "no such file", path)
+    archive, member = split
     base = member.rsplit("/", 1)[-1]
-    near = [n for n in zf.namelist() if n.rsplit("/", 1)[-1] == base][:5]
+    near = [n for n in fs.find("") if n.rsplit("/", 1)[-1] == base][:5]
     hint = f"; members with that name: {', '.join(near)}" if near else ""
-    return FileNotFoundError(f"no member {member!r} in {archive}{hint}")
+    raise FileNotFoundError(f"no member {member!r} in {archive}{hint}")
 
 
 @contextmanager
 def open_binary(path: str) -> Iterator[BinaryIO]:
-    """Open a plain file, a gzip file or a zip member ("archive.whl!inner/path") for reading.
+    """Open a file (local or any fsspec URL), or a zip member ("archive.whl!inner/path"), for
+    reading, decompressed when it is gzip.
 
-    Gzip is recognised by the ".gz" name or by its magic bytes, so a dump that was compressed
-    without the suffix reads too; one named ".gz" that is not gzip fails on the first read.
-    A missing file raises FileNotFoundError naming it ("no member X in Y" for a zip member).
+    Gzip is recognised by the name (fsspec's inference) or by its magic bytes, so a dump that
+    was compressed without the suffix reads too; one named ".gz" that is not gzip fails on the
+    first read. A missing file raises FileNotFoundError naming it ("no member X in Y" for a
+    zip member).
     """
     with ExitStack() as stack:
-        split = _split_archive(path)
-        raw: Any
-        if split is None:
-            if not os.path.exists(path):
-                raise FileNotFoundError(errno.ENOENT, "no such file", path)
-            raw = stack.enter_context(open(path, "rb"))
-            name = path
-        else:
-            archive, member = split
-            zf = stack.enter_context(_open_zip(path, archive))
-            try:
-                info = zf.getinfo(member)
-            except KeyError:
-                raise _missing_member(zf, archive, member) from None
-            if info.is_dir():
-                raise IsADirectoryError(errno.EISDIR, f"member {member!r} is a directory", path)
-            # ZipExtFile.readline is pure Python; a C BufferedReader over it is ~2x faster.
-            raw = stack.enter_context(io.BufferedReader(zf.open(info), 1 << 16))
-            name = member
-        if name.lower().endswith(".gz") or raw.peek(2)[:2] == _GZIP_MAGIC:
+        fs, inner, _ = stack.enter_context(_filesystem(path))
+        _check_file(fs, inner, path)
+        # readline of a zip member is pure Python; a C BufferedReader over it is ~2x faster.
+        raw: Any = stack.enter_context(io.BufferedReader(fs.open(inner, "rb"), 1 << 16))
+        if infer_compression(inner) == "gzip" or raw.peek(2)[:2] == _GZIP_MAGIC:
             raw = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
         yield raw
+
+
+def source_sha256(path: str) -> str:
+    """sha256 of a file's bytes as stored (a zip member's own, not its archive's; a gzip file's
+    compressed bytes), local or remote."""
+    with _filesystem(path) as (fs, inner, _), fs.open(inner, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @contextmanager
@@ -645,17 +669,8 @@ def _no_valid_line(
 
 def _check_exists(path: str) -> None:
     """Fail at the call for a missing file or zip member, not at the first read."""
-    split = _split_archive(path)
-    if split is None:
-        if not os.path.exists(path):
-            raise FileNotFoundError(errno.ENOENT, "no such file", path)
-        return
-    archive, member = split
-    with _open_zip(path, archive) as zf:
-        try:
-            zf.getinfo(member)
-        except KeyError:
-            raise _missing_member(zf, archive, member) from None
+    with _filesystem(path) as (fs, inner, _):
+        _check_file(fs, inner, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -807,23 +822,19 @@ def read_items(path: str, fmt: str, encoding: str | None = None) -> tuple[pa.Tab
 
 
 def _list_dir(directory: str) -> list[str]:
-    """File names directly under `directory` (or under "archive.zip!prefix")."""
+    """File names directly under `directory` (a local or remote one, or "archive.zip!prefix")."""
     split = _split_archive(directory)
-    if split is None:
-        if not os.path.isdir(directory):
+    with _filesystem(directory) as (fs, inner, _):
+        inner = inner.strip("/") if split else inner
+        if inner and not fs.isdir(inner):
+            if split:
+                raise FileNotFoundError(f"no member under {split[1].strip('/')!r} in {split[0]}")
             raise FileNotFoundError(errno.ENOENT, "no such directory", directory)
-        return sorted(e.name for e in os.scandir(directory) if e.is_file())
-    archive, prefix = split
-    prefix = prefix.strip("/")
-    with _open_zip(directory, archive) as zf:
-        names = []
-        for n in zf.namelist():
-            head, _, base = n.rpartition("/")
-            if head == prefix and base:
-                names.append(base)
-    if not names:
-        raise FileNotFoundError(f"no member under {prefix!r} in {archive}")
-    return sorted(names)
+        entries = fs.ls(inner, detail=True)
+    names = sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "file")
+    if split and not names:
+        raise FileNotFoundError(f"no member under {split[1].strip('/')!r} in {split[0]}")
+    return names
 
 
 def _join(directory: str, name: str) -> str:

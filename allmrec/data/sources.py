@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from allmrec.config import DataConfig
 from allmrec.data.fetch import FETCHABLE, fetch_dataset
-from allmrec.data.readers import FORMATS, find_source_files
-from allmrec.manifest import file_sha256
+from allmrec.data.readers import FORMATS, find_source_files, source_sha256
 
 
 @dataclass(frozen=True)
@@ -26,15 +23,6 @@ class ResolvedSource:
     expected_raw: dict[str, int] | None = None
 
 
-def _sha_of(path: str) -> str:
-    """sha256 of a file, or of the member of `archive!member` (not the archive's)."""
-    if "!" not in path:
-        return file_sha256(path)
-    archive, member = path.split("!", 1)
-    with zipfile.ZipFile(archive) as zf, zf.open(member) as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def resolve_source(cfg: DataConfig) -> ResolvedSource:
     if cfg.source in FETCHABLE:
         fetched = fetch_dataset(cfg.source)
@@ -45,7 +33,7 @@ def resolve_source(cfg: DataConfig) -> ResolvedSource:
             format=spec.format,
             interaction_paths=fetched.interaction_paths,
             item_paths=fetched.item_paths,
-            hashes={p: _sha_of(p) for p in paths},
+            hashes={p: source_sha256(p) for p in paths},
             expected_raw={
                 "users": spec.raw_users,
                 "items": spec.raw_items,
@@ -79,5 +67,5 @@ def resolve_source(cfg: DataConfig) -> ResolvedSource:
         format=cfg.format,
         interaction_paths=interactions,
         item_paths=items,
-        hashes={p: _sha_of(p) for p in interactions + items},
+        hashes={p: source_sha256(p) for p in interactions + items},
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 from allmrec.config import Config
 from allmrec.stages import STAGES, is_current, read_finished
 from allmrec.storage import RunStorage, open_run
+from allmrec.tracking import log_stage
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,10 @@ def run_pipeline(
         if not force and is_current(stage, config, run_dir):
             log.info("%s: up to date in %s, skipped", stage, run_dir / stage)
             manifests[stage] = read_finished(run_dir / stage)
-            continue
-        log.info("%s: running", stage)
-        manifests[stage] = runners[stage](config, run)
+        else:
+            log.info("%s: running", stage)
+            manifests[stage] = runners[stage](config, run)
+        tracked = log_stage(config, run.home, run_dir / stage, manifests[stage])
+        if tracked:
+            log.info("%s: logged to MLflow run %s (%s)", stage, tracked, config.tracking.mlflow_uri)
     return manifests

@@ -56,6 +56,25 @@ def _space(config: Config) -> dict:
     return {"alpha": draw(*cfg.alpha_range), "beta": draw(*cfg.beta_range)}
 
 
+def _tracking_callbacks(config: Config, run_home: str) -> list:
+    """Ray Tune's MLflow callback, one MLflow run per trial under `<experiment>/tune`, when
+    `tracking.mlflow_uri` is set."""
+    if not config.tracking.mlflow_uri:
+        return []
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    from allmrec.tracking import experiment_name, require_mlflow, tracking_uri
+
+    require_mlflow()
+    return [
+        MLflowLoggerCallback(
+            tracking_uri=tracking_uri(config),
+            experiment_name=f"{experiment_name(config, run_home)}/tune",
+            tags={"allmrec.stage": "tune", "allmrec.run": run_home},
+        )
+    ]
+
+
 def search_alpha_beta(
     config: Config, run_dir: str | Path | RunStorage, resume: bool = False
 ) -> dict:
@@ -109,6 +128,7 @@ def search_alpha_beta(
                 name=cfg.name,
                 storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                callbacks=_tracking_callbacks(config, run.home),
             ),
         )
         log.info(

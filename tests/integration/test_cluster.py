@@ -240,7 +240,9 @@ CURRENT = [
 
 
 @pytest.mark.slow
-def test_the_pipeline_as_a_ray_job_on_two_nodes(local_cluster, stage1_run, tiny_llm):
+def test_the_pipeline_as_a_ray_job_on_two_nodes(local_cluster, stage1_run, tiny_llm, monkeypatch):
+    import mlflow
+
     base, client_env = local_cluster
     run = base / "bucket" / "tiny"
     for stage in ("data", "cf", "stage1"):  # a run in the bucket, as an earlier job left it
@@ -260,6 +262,7 @@ def test_the_pipeline_as_a_ray_job_on_two_nodes(local_cluster, stage1_run, tiny_
         "evaluate.max_users=4",
         "evaluate.num_workers=2",
         "evaluate.cpus_per_worker=1",
+        f"tracking.mlflow_uri={base / 'mlruns'}",
     ]
     args = ["jobs/pipeline.py", "--config", "configs/ml-100k-cpu.yaml"]
     for override in overrides:
@@ -283,3 +286,12 @@ def test_the_pipeline_as_a_ray_job_on_two_nodes(local_cluster, stage1_run, tiny_
     assert mirrors, "nothing ran on the worker node"
     assert all((mirrors[0] / s / "manifest.json").is_file() for s in ("data", "cf", "stage1"))
     assert not (REPO / "runs" / "tiny").exists()
+
+    # The stages that ran are in MLflow, with their curves and final metrics.
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this test's own client
+    client = mlflow.MlflowClient(tracking_uri=(base / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name(f"allmrec:file://{base / 'bucket'}/tiny")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"stage2", "eval"}  # data, cf and stage1 were current: not rerun
+    assert client.get_metric_history(runs["stage2"].info.run_id, "loss")
+    assert "final/tables.all users.A-LLMRec _rank_.hit_at_1" in runs["eval"].data.metrics

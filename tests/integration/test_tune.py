@@ -47,11 +47,11 @@ def _finished_trials(experiment: Path) -> dict[str, bytes]:
     return finished
 
 
-def _search_until_a_trial_finishes(run_dir: Path) -> dict[str, bytes]:
+def _search_until_a_trial_finishes(run_dir: Path, tracking: list[str]) -> dict[str, bytes]:
     """Start the search in a driver process of its own (with its own local Ray), wait until a
     trial has finished, then SIGKILL the driver and its Ray: an interrupted search."""
     args = [sys.executable, "-m", "allmrec.cli", "tune", "--config", "configs/ml-100k-cpu.yaml"]
-    for o in [*SEARCH, "ray.num_cpus=2"]:
+    for o in [*SEARCH, *tracking, "ray.num_cpus=2"]:
         args += ["--set", o]
     driver = subprocess.Popen(
         [*args, "--run-dir", str(run_dir)],
@@ -75,16 +75,20 @@ def _search_until_a_trial_finishes(run_dir: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_a_killed_search_resumes_stops_trials_early_and_feeds_stage1(cf_run, tmp_path):
+def test_a_killed_search_resumes_stops_trials_early_and_feeds_stage1(cf_run, tmp_path, monkeypatch):
     """One search, interrupted and resumed: the finished trials are not run again, ASHA stops
-    a trial early, and best.yaml feeds the next Stage 1 run."""
+    a trial early, best.yaml feeds the next Stage 1 run, and every trial is in MLflow."""
+    import mlflow
+
     from allmrec.distributed.tune_alpha_beta import search_alpha_beta
 
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this test's own client
+    tracking = [f"tracking.mlflow_uri={tmp_path / 'mlruns'}", "tracking.experiment=search"]
     run_dir = _copy(cf_run, tmp_path / "run")
-    finished = _search_until_a_trial_finishes(run_dir)
+    finished = _search_until_a_trial_finishes(run_dir, tracking)
     assert len(finished) < 4
 
-    config = load_config(["configs/ml-100k-cpu.yaml"], SEARCH)
+    config = load_config(["configs/ml-100k-cpu.yaml"], SEARCH + tracking)
     summary = search_alpha_beta(config, run_dir, resume=True)
     after = _finished_trials(run_dir / "tune" / "alpha-beta")
     for trial, content in finished.items():
@@ -95,6 +99,12 @@ def test_a_killed_search_resumes_stops_trials_early_and_feeds_stage1(cf_run, tmp
     assert all(r["status"] == "done" and r["metric"] is not None for r in rows), rows
     assert any(r["stopped_early"] for r in rows), rows  # ASHA cut at least one
     assert any(r["epochs"] == 4 for r in rows)
+    client = mlflow.MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("search/tune")
+    logged = client.search_runs([experiment.experiment_id])
+    # one MLflow run per trial, the killed driver's and the resumed one's, with its curve
+    assert len({r.info.run_name for r in logged}) == 4, [r.info.run_name for r in logged]
+    assert any(len(client.get_metric_history(r.info.run_id, "valid_ndcg@10")) for r in logged)
     out = run_dir / "tune"
     assert (out / "results.csv").read_text().count("\n") == 5
     assert "| alpha | beta |" in (out / "results.md").read_text()

@@ -21,6 +21,7 @@ from allmrec.data.readers import (
     iter_interaction_batches,
     open_text,
     read_items,
+    source_sha256,
 )
 from allmrec.data.schema import RAW_INTERACTIONS_SCHEMA, RAW_ITEMS_SCHEMA
 from allmrec.data.sources import resolve_source
@@ -507,6 +508,40 @@ def test_open_text_variants(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"no member 'dir/other.txt' in .*bundle.zip"):
         with open_text(f"{archive}!dir/other.txt"):
             pass
+
+
+def test_remote_files_and_archives_read_through_fsspec() -> None:
+    """A bucket as the data's home: fsspec's in-memory filesystem stands for s3:// or gs://
+    (the same code path: only the protocol differs)."""
+    import io
+
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/bucket/ml/u.data", b"1\t10\t5\t881250949\n2\t20\t3\t891717742\n")
+    fs.pipe("/bucket/ml/u.item", gzip.compress(b"10|Toy Story (1995)|01-Jan-1995||" + b"|0" * 19))
+    packed = io.BytesIO()
+    with zipfile.ZipFile(packed, "w") as zf:
+        zf.writestr("inner/u.data", "3\t30\t4\t881250950\n")
+    fs.pipe("/bucket/bundle.zip", packed.getvalue())
+
+    assert find_source_files("memory://bucket/ml", "grouplens-100k") == (
+        ["memory://bucket/ml/u.data"],
+        ["memory://bucket/ml/u.item"],
+    )
+    batches = list(iter_interaction_batches("memory://bucket/ml/u.data", "grouplens-100k"))
+    assert batches[0][0].column("user_id").to_pylist() == ["1", "2"]
+    # gzip without the suffix, recognised by its magic bytes, remote too
+    items, bad = read_items("memory://bucket/ml/u.item", "grouplens-100k")
+    assert items.column("title").to_pylist() == ["Toy Story (1995)"] and not bad
+    member = "memory://bucket/bundle.zip!inner/u.data"
+    (table, _), *_ = iter_interaction_batches(member, "grouplens-100k")
+    assert table.column("item_id").to_pylist() == ["30"]
+    assert source_sha256(member) == hashlib.sha256(b"3\t30\t4\t881250950\n").hexdigest()
+    with pytest.raises(FileNotFoundError, match=r"no member 'inner/u.item' in memory://bucket"):
+        read_items("memory://bucket/bundle.zip!inner/u.item", "grouplens-100k")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_items("memory://bucket/ml/missing.item", "grouplens-100k")
 
 
 def test_bad_line_text_is_truncated_and_error_pickles(tmp_path: Path) -> None:

@@ -1,0 +1,95 @@
+"""MLflow tracking of a finished stage, into a real local file store, read back with MLflow's
+own client."""
+
+import json
+import sys
+from pathlib import Path
+
+import mlflow  # allmrec[tracking], part of the dev extra
+import pytest
+
+from allmrec.config import ConfigError, load_config
+from allmrec.manifest import write_manifest
+from allmrec.stages import stage_inputs
+from allmrec.tracking import experiment_name, log_stage
+
+
+@pytest.fixture(autouse=True)
+def _file_store_allowed(monkeypatch):
+    # what tracking_uri sets for a file store; here for the test's own client too
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
+def _finished_cf(run_dir: Path, config) -> tuple[Path, dict]:
+    """A CF stage as train_cf writes it: history, a plot, the model file and the manifest."""
+    out = run_dir / "cf"
+    out.mkdir(parents=True)
+    history = [
+        {"epoch": 5, "loss": 0.9, "valid_hr@10": 0.31},
+        {"epoch": 10, "loss": 0.7, "valid_hr@10": 0.42},
+    ]
+    (out / "history.json").write_text(json.dumps({"history": history}))
+    (out / "curves.png").write_bytes(b"\x89PNG not really")
+    (out / "model.safetensors").write_bytes(b"weights")
+    manifest = write_manifest(
+        out,
+        "cf",
+        inputs=stage_inputs("cf", config, run_dir),
+        metrics={"model": {"test_19neg_hit@1": 0.44}, "popularity": {"test_19neg_hit@1": 0.21}},
+    )
+    return out, manifest
+
+
+def test_a_stage_is_one_mlflow_run_with_its_settings_curves_and_outputs(tmp_path: Path):
+    store = tmp_path / "mlruns"
+    config = load_config(overrides=[f"tracking.mlflow_uri={store}", "cf.lr=0.002"])
+    stage_dir, manifest = _finished_cf(tmp_path / "run", config)
+
+    run_id = log_stage(config, str(tmp_path / "run"), stage_dir, manifest)
+
+    client = mlflow.MlflowClient(tracking_uri=store.resolve().as_uri())
+    experiment = client.get_experiment_by_name(experiment_name(config, str(tmp_path / "run")))
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.run_id == run_id and run.info.run_name == "cf"
+    assert run.info.status == "FINISHED"
+    assert json.loads(run.data.params["cf.lr"]) == 0.002
+    assert json.loads(run.data.params["seed"]) == 42
+    assert run.data.params["upstream.data"] == "null"  # no data stage in this run directory
+    history = client.get_metric_history(run_id, "valid_hr_at_10")
+    assert [(m.step, m.value) for m in history] == [(5, 0.31), (10, 0.42)]
+    assert run.data.metrics["final/model.test_19neg_hit_at_1"] == pytest.approx(0.44)
+    assert run.data.tags["allmrec.output.model.safetensors"] == str(stage_dir / "model.safetensors")
+    logged = {a.path for a in client.list_artifacts(run_id)}
+    assert {"curves.png", "history.json", "manifest.json"} <= logged
+    assert "model.safetensors" not in logged  # outputs are named, not copied
+    # the same stage output seen again (a later chain that skipped it as current): one run
+    assert log_stage(config, str(tmp_path / "run"), stage_dir, manifest) == run_id
+    assert len(client.search_runs([experiment.experiment_id])) == 1
+
+
+def test_two_runs_of_a_stage_sit_side_by_side_in_one_experiment(tmp_path: Path):
+    store = tmp_path / "mlruns"
+    for lr in ("0.001", "0.002"):
+        config = load_config(overrides=[f"tracking.mlflow_uri={store}", f"cf.lr={lr}"])
+        run_dir = tmp_path / f"run-{lr}"
+        stage_dir, manifest = _finished_cf(run_dir, config)
+        log_stage(config, "shared", stage_dir, manifest)
+    client = mlflow.MlflowClient(tracking_uri=store.resolve().as_uri())
+    experiment = client.get_experiment_by_name("allmrec:shared")
+    runs = client.search_runs([experiment.experiment_id], order_by=["params.`cf.lr`"])
+    assert [json.loads(r.data.params["cf.lr"]) for r in runs] == [0.001, 0.002]
+
+
+def test_tracking_off_logs_nothing(tmp_path: Path):
+    config = load_config()
+    stage_dir, manifest = _finished_cf(tmp_path / "run", config)
+    assert log_stage(config, str(tmp_path / "run"), stage_dir, manifest) is None
+    assert not any(tmp_path.rglob("meta.yaml"))
+
+
+def test_tracking_without_mlflow_installed_says_how_to_install_it(tmp_path, monkeypatch):
+    config = load_config(overrides=[f"tracking.mlflow_uri={tmp_path / 'mlruns'}"])
+    stage_dir, manifest = _finished_cf(tmp_path / "run", config)
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow now raises ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'allmrec\[tracking\]'"):
+        log_stage(config, str(tmp_path / "run"), stage_dir, manifest)
