@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifests record their inputs (allmrec.stages)
 _VERSIONED = (
     "allmrec",
     "torch",

@@ -116,7 +116,7 @@ def test_mismatched_artifacts_are_refused(ml100k_prepared, tmp_path):
     (run_dir / "cf" / "manifest.json").write_text(
         json.dumps(
             {
-                "format_version": 1,
+                "format_version": 2,
                 "stage": "cf",
                 "inputs": {"upstream": {"data": "0" * 64}},
                 "backbone": {"name": "sasrec", "config": {}},

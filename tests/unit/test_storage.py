@@ -19,7 +19,7 @@ def _stage(directory: Path, marker: str) -> None:
     (directory / "parts" / "a.bin").write_bytes(os.urandom(1000))
     (directory / "note.txt").write_text(marker)
     (directory / MANIFEST).write_text(
-        json.dumps({"format_version": 1, "stage": "data", "marker": marker})
+        json.dumps({"format_version": 2, "stage": "data", "marker": marker})
     )
 
 
