@@ -55,6 +55,15 @@ def deepspeed_worker(scaling: TrainScaling) -> tuple[int, int, torch.device]:
     import ray.train.torch
 
     quiet_worker_warnings()
+    if not scaling.use_gpu:
+        # DeepSpeed JIT-compiles a shared-memory CPU all-reduce at every process-group start,
+        # holding a lock file in torch's extension cache meanwhile: a worker killed in that
+        # second (Ctrl-C, a failed node) leaves the lock, and every later worker on the machine
+        # waits for it forever (seen here). Only DeepSpeed's inference all-reduce uses the op;
+        # training's collectives are gloo's. So it is not built.
+        import deepspeed.comm.torch as deepspeed_comm
+
+        deepspeed_comm.build_shm_op = lambda: None
     context = ray.train.get_context()
     torch.set_num_threads(max(1, math.ceil(scaling.cpus_per_worker)))
     deepspeed.init_distributed(dist_backend="nccl" if scaling.use_gpu else "gloo")
