@@ -15,11 +15,13 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
 from allmrec.api import TOKEN_ENV
 from allmrec.config import Config, ConfigError, load_config
+from allmrec.console import log_path, quiet_console, write_log_to
 from allmrec.manifest import ArtifactError
 from allmrec.stages import STAGES
 from allmrec.storage import RunStorage, StorageError, join, leave_job_working_dir
@@ -33,6 +35,7 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.captureWarnings(True)  # library warnings as records: the log file's, not the terminal's
 
 
 def add_job_options(parser: argparse.ArgumentParser) -> None:
@@ -60,8 +63,13 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
 
 
 def job_from_args(args: argparse.Namespace) -> tuple[Config, RunStorage]:
+    """The command's config and run; from here on its log file is `<run>/logs/`."""
     config = load_config(args.config, args.overrides)
-    return config, RunStorage.open(args.run_dir or join(config.storage, config.name))
+    run = RunStorage.open(args.run_dir or join(config.storage, config.name))
+    words = [getattr(args, k, None) for k in ("command", "train_command", "data_command")]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    write_log_to(run.local / "logs" / f"{'-'.join(w for w in words if w)}-{stamp}.log")
+    return config, run
 
 
 def _interrupt(signum, frame) -> None:
@@ -254,6 +262,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for name, stage in STAGES.items():
         summary = stage.summary(manifests[name], run_dir.local / name)
         print(f"\n{stage.title} ({run_dir.uri(name)}):\n{summary}")
+    plots = sorted(str(p) for name in STAGES for p in (run_dir.local / name).glob("*.png"))
+    print("\nplots:\n  " + "\n  ".join(plots))
     if config.tracking.mlflow_uri:
         from allmrec.tracking import experiment_name, tracking_uri
 
@@ -392,17 +402,29 @@ def main(argv: list[str] | None = None) -> int:
     points that name their command): one code path and one error policy."""
     leave_job_working_dir()
     args = build_parser().parse_args(argv)
-    setup_logging(getattr(args, "verbose", False))
-    if getattr(args, "verbose", False):
+    verbose = getattr(args, "verbose", False)
+    if verbose:
         os.environ.setdefault("ALLMREC_RAY_TRAIN_LOG_LEVEL", "INFO")
-    try:
-        with command_lifetime():
-            return args.func(args)
-    except Exception as exc:  # noqa: BLE001 - a user error becomes one line, the rest raises
-        return _report(exc, getattr(args, "verbose", False))
-    except KeyboardInterrupt:
-        print("allmrec: interrupted", file=sys.stderr)
-        return 130
+    with quiet_console(verbose):
+        setup_logging(verbose)
+        try:
+            with command_lifetime():
+                code = args.func(args)
+        except Exception as exc:  # noqa: BLE001 - a user error becomes one line, the rest raises
+            _name_the_log()
+            return _report(exc, verbose)
+        except KeyboardInterrupt:
+            _name_the_log()
+            print("allmrec: interrupted", file=sys.stderr)
+            return 130
+        _name_the_log()
+        return code
+
+
+def _name_the_log() -> None:
+    path = log_path()
+    if path is not None:
+        print(f"\nlog (every line, Ray's and the libraries' too): {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

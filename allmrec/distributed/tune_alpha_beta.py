@@ -63,11 +63,19 @@ def _tracking_callbacks(config: Config, run_home: str) -> list:
         return []
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-    from allmrec.tracking import experiment_name, require_mlflow, tracking_uri
+    from allmrec.tracking import experiment_name, metric_name, require_mlflow, tracking_uri
 
     require_mlflow()
+
+    class _Callback(MLflowLoggerCallback):
+        """MLflow refuses "@" in metric names (valid_hit@1): logged as the stages log them."""
+
+        def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+            named = {metric_name(k) if isinstance(k, str) else k: v for k, v in result.items()}
+            super().log_trial_result(iteration, trial, named)
+
     return [
-        MLflowLoggerCallback(
+        _Callback(
             tracking_uri=tracking_uri(config),
             experiment_name=f"{experiment_name(config, run_home)}/tune",
             tags={"allmrec.stage": "tune", "allmrec.run": run_home},

@@ -104,7 +104,7 @@ def test_a_killed_search_resumes_stops_trials_early_and_feeds_stage1(cf_run, tmp
     logged = client.search_runs([experiment.experiment_id])
     # one MLflow run per trial, the killed driver's and the resumed one's, with its curve
     assert len({r.info.run_name for r in logged}) == 4, [r.info.run_name for r in logged]
-    assert any(len(client.get_metric_history(r.info.run_id, "valid_ndcg@10")) for r in logged)
+    assert any(len(client.get_metric_history(r.info.run_id, "valid_ndcg_at_10")) for r in logged)
     out = run_dir / "tune"
     assert (out / "results.csv").read_text().count("\n") == 5
     assert "| alpha | beta |" in (out / "results.md").read_text()

@@ -1,0 +1,170 @@
+"""What a command prints: its own lines on the terminal, everything in the run's log file.
+
+A command's terminal would otherwise be Ray's: every worker's output comes back to the driver
+prefixed "(ActorName pid=N)" (Ray Data's progress tables, weight-loading bars, DeepSpeed's
+build lines, Ray Train's internals), and Ray's own driver logs sit between. `quiet_console`
+puts a line filter in front of stdout and stderr: by default the terminal gets allmrec's lines
+(its log records, what it prints, the per-epoch lines its workers print, tagged "[cf]",
+"[stage1]", "[stage2 ...]", and its workers' log records) plus any error of another library;
+with `verbose`, every line. Every line, shown or not, goes to the log file that
+`write_log_to` names once the run directory is known (lines before that are kept for it).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# Ray's prefix of a line forwarded from a worker: "(RayTrainWorker pid=12, ip=10.0.0.2) ",
+# coloured on a terminal.
+_FORWARDED = re.compile(
+    r"^(?:\x1b\[[\d;]*m)?\((?P<who>.*? pid=\d+(?:, ip=[\w.:-]+)?)\)(?:\x1b\[0m)? ?"
+)
+_ANSI = re.compile(r"\x1b\[[\d;]*m")
+_OURS_FROM_WORKERS = re.compile(r"^\[(?:cf|stage1|stage2|data|evaluate)[\] ]|^[\d\- :,.]+allmrec\.")
+# Serve's access log of a request to allmrec's app: what an operator of `allmrec serve` watches
+_ACCESS = re.compile(r" allmrec_\w+ .* -- (?:GET|POST|PUT|PATCH|DELETE) /\S* \d{3} ")
+# A log record in the driver's format (allmrec.cli.setup_logging): "12:00:01 INFO name: ..."
+_RECORD = re.compile(r"^\d\d:\d\d:\d\d (?P<level>[A-Z]+) (?P<name>[\w.]+): ")
+# Ray's driver-side records: "2026-12-02 00:10:31,312\tINFO worker.py:2029 -- ..."
+_RAY_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\t(?P<level>[A-Z]+) ")
+_LOUD = {"ERROR", "CRITICAL", "FATAL"}
+
+
+def shown_on_terminal(line: str) -> str | None:
+    """The line as the terminal shows it by default (a worker's line without Ray's prefix),
+    or None for a line that only goes to the log file."""
+    forwarded = _FORWARDED.match(line)
+    if forwarded:
+        payload = line[forwarded.end() :]
+        plain = _ANSI.sub("", payload)
+        return payload if _OURS_FROM_WORKERS.search(plain) or _ACCESS.search(plain) else None
+    record = _RECORD.match(line)
+    if record:
+        ours = record["name"] == "allmrec" or record["name"].startswith("allmrec.")
+        return line if ours or record["level"] in _LOUD else None
+    ray_record = _RAY_RECORD.match(line)
+    if ray_record:
+        return line if ray_record["level"] in _LOUD else None
+    return line
+
+
+class _Log:
+    """The log file shared by both streams; lines written before it is named are kept."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.file: io.TextIOBase | None = None
+        self.path: Path | None = None
+        self.early: list[str] = []
+
+    def write(self, text: str) -> None:
+        with self.lock:
+            if self.file is not None:
+                self.file.write(_ANSI.sub("", text))
+                self.file.flush()
+            elif len(self.early) < 10_000:
+                self.early.append(text)
+
+    def open(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self.lock:
+            if self.file is not None:
+                return
+            self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            self.path = path
+            self.file.write(_ANSI.sub("", "".join(self.early)))
+            self.early.clear()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.file is not None:
+                self.file.close()
+                self.file = None
+
+
+class _FilteredStream(io.TextIOBase):
+    """A text stream that writes whole lines to the log and the chosen ones to `target`."""
+
+    def __init__(self, target, log: _Log, verbose: bool) -> None:
+        self.target, self.log, self.verbose = target, log, verbose
+        self.pending = ""
+        self.passthrough = False  # after the command: straight to `target`
+        self.lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if self.passthrough:
+            return self.target.write(text)
+        with self.lock:
+            self.pending += text
+            *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self._emit(line + "\n")
+        return len(text)
+
+    def _emit(self, line: str) -> None:
+        self.log.write(line)
+        shown = line if self.verbose else shown_on_terminal(line)
+        if shown is not None:
+            self.target.write(shown)
+
+    def flush(self) -> None:
+        self.target.flush()  # a partial line waits for its end: it is filtered as a whole
+
+    def finish(self) -> None:
+        with self.lock:
+            rest, self.pending = self.pending, ""
+        if rest:
+            self._emit(rest)
+        self.passthrough = True
+        self.target.flush()
+
+    def isatty(self) -> bool:
+        # Not a terminal: libraries that would redraw live progress displays on one (Ray
+        # Data's) log lines instead, which the filter can tell apart.
+        return False
+
+    def fileno(self) -> int:
+        return self.target.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.target, "encoding", "utf-8")
+
+
+_log = _Log()
+
+
+@contextmanager
+def quiet_console(verbose: bool = False) -> Iterator[None]:
+    """Filter this process's stdout and stderr for the block (see the module docstring)."""
+    out = _FilteredStream(sys.stdout, _log, verbose)
+    err = _FilteredStream(sys.stderr, _log, verbose)
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err
+    try:
+        yield
+    finally:
+        out.finish()
+        err.finish()
+        sys.stdout, sys.stderr = saved
+        _log.close()
+        _log.path = None
+        _log.early.clear()
+
+
+def write_log_to(path: Path) -> None:
+    """Name the command's log file (inside `quiet_console`; once: later calls are ignored)."""
+    _log.open(Path(path))
+
+
+def log_path() -> Path | None:
+    return _log.path

@@ -1,0 +1,82 @@
+"""The terminal filter, on lines as Ray, DeepSpeed and allmrec really print them (taken from a
+`make demo` log), and the log file that keeps every line."""
+
+import io
+import sys
+
+from allmrec.console import log_path, quiet_console, shown_on_terminal, write_log_to
+
+RAY = "\x1b[36m(RayTrainWorker pid=26609)\x1b[0m "
+EMBEDDER = "\x1b[36m(MapWorker(MapBatches(ItemTextEmbedder)) pid=26435)\x1b[0m "
+REPORT_LINE = RAY + "Reporting training result 1: TrainingReport(checkpoint=Checkpoint(...))"
+HIDDEN = [
+    REPORT_LINE,
+    "\x1b[36m(ServeController pid=27001)\x1b[0m INFO 2026-12-02 02:00:58,001 controller 27001 "
+    "-- Deploying new version of Deployment(name='Ingress', app='allmrec').",
+    RAY + "Reporting training result 1: TrainingReport(checkpoint=Checkpoint(filesystem=local",
+    RAY + "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully",
+    EMBEDDER + "\rLoading weights:   0%|          | 0/103 [00:00<?, ?it/s]",
+    "\x1b[36m(TrainController pid=32317)\x1b[0m [2026-12-02 01:05:52,025 E 32317 32355] "
+    "core_worker.cc:2465: Actor with class name: 'PreemptionWatcher'",
+    "2026-12-02 00:10:34,300\tINFO worker.py:2029 -- Started a local Ray instance.",
+    "2026-12-02 00:10:31,312\tWARNING authentication_token_setup.py:85 -- Token authentication",
+    "2026-12-02 00:10:34,868\tINFO logging_progress.py:225 -- Total Progress: 0/?",
+    "00:10:35 INFO filelock: Lock 140 acquired on /root/.cache/x.lock",
+    "00:10:35 WARNING transformers.modeling_utils: Some weights were not used",
+]
+CF_LINE = "[cf] epoch=1 loss=1.3944 epoch_seconds=0.6383"
+VALIDATION_LINE = "[stage2 validation] prompts=1000 valid_rank_hit@1=0.51"
+EVAL_LINE = "2026-12-02 00:17:56,995 allmrec.llm_evaluation: evaluate [1/1]: 100/100 prompts"
+SHOWN = {  # line -> what the terminal shows (None: the line as it is)
+    RAY + CF_LINE: CF_LINE,
+    RAY + VALIDATION_LINE: VALIDATION_LINE,
+    "\x1b[36m(_evaluate_shard pid=29301)\x1b[0m " + EVAL_LINE: EVAL_LINE,
+    "00:10:34 INFO allmrec.distributed.pipeline: data: running": None,
+    "2026-12-02 00:10:34,300\tERROR worker.py:1 -- a Ray error stays visible": None,
+    "00:10:35 ERROR transformers: so does another library's error": None,
+    "| A-LLMRec (rank) | 100 | 0.5300 |": None,
+    "\x1b[36m(ServeReplica:allmrec:Ingress pid=27326)\x1b[0m INFO 2026-12-02 02:01:04,469 "
+    "allmrec_Ingress va8yhr7a 8d4e -- POST /recommend 404 33.7ms": "INFO 2026-12-02 "
+    "02:01:04,469 allmrec_Ingress va8yhr7a 8d4e -- POST /recommend 404 33.7ms",
+    "allmrec: error: data/u.data line 3: expected 4 fields": None,
+}
+
+
+def test_ray_and_library_chatter_is_hidden_and_our_lines_are_shown():
+    for line in HIDDEN:
+        assert shown_on_terminal(line) is None, line
+    for line, shown in SHOWN.items():
+        assert shown_on_terminal(line) == (shown or line), line
+
+
+def _run_command(tmp_path, verbose: bool) -> tuple[str, str]:
+    terminal = io.StringIO()
+    saved = sys.stdout
+    sys.stdout = terminal
+    try:
+        with quiet_console(verbose=verbose):
+            print(REPORT_LINE)
+            write_log_to(tmp_path / "logs" / "demo.log")  # lines before this are kept for it
+            print(next(iter(SHOWN)))
+            sys.stdout.write("| a table | without its newline yet")
+            print(" |")
+            assert log_path() == tmp_path / "logs" / "demo.log"
+    finally:
+        sys.stdout = saved
+    return terminal.getvalue(), (tmp_path / "logs" / "demo.log").read_text()
+
+
+def test_the_terminal_gets_our_lines_and_the_log_file_every_line(tmp_path):
+    terminal, logged = _run_command(tmp_path, verbose=False)
+    assert (
+        terminal
+        == "[cf] epoch=1 loss=1.3944 epoch_seconds=0.6383\n| a table | without its newline yet |\n"
+    )
+    assert "Reporting training result 1" in logged and "[cf] epoch=1" in logged
+    assert "\x1b[" not in logged  # colours stripped in the file
+    assert log_path() is None  # the command is over
+
+
+def test_verbose_shows_every_line(tmp_path):
+    terminal, _ = _run_command(tmp_path, verbose=True)
+    assert "Reporting training result 1" in terminal
