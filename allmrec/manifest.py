@@ -100,7 +100,8 @@ def read_manifest(stage_dir: str | Path, stage: str) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
             f"{path}: field 'format_version' is {manifest.get('format_version')!r}, "
-            f"expected {FORMAT_VERSION}"
+            f"expected {FORMAT_VERSION}: made by another version of allmrec; rerun it "
+            f"(`allmrec {_command_for(stage)}`, or `allmrec demo` for the whole chain)"
         )
     return manifest
 

@@ -15,6 +15,7 @@ import logging
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,10 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.train import Checkpoint
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from allmrec.config import CFConfig, Config, config_to_dict
-from allmrec.data.prepared import load_prepared, seeded_users
+from allmrec.data.prepared import PreparedData, load_prepared, seeded_users
 from allmrec.distributed.common import (
     all_reduce_sum,
     maybe_fail,
@@ -55,6 +56,7 @@ from allmrec.training.cf import (
 )
 
 log = logging.getLogger(__name__)
+BEST_FILE = "best_model.safetensors"  # the best epoch's weights, in every checkpoint
 
 
 def _validate(model, data, cfg: CFConfig, seed: int, rank: int, world: int) -> dict:
@@ -93,8 +95,72 @@ def _read_shard(shard) -> dict[str, np.ndarray]:
     return user_rows(np.concatenate(users), items)
 
 
-def cf_train_loop(loop_config: dict) -> None:
-    """`train_loop_per_worker` of the CF TorchTrainer."""
+@dataclass
+class _Worker:
+    """One Ray Train worker of CF pre-training: its model (DDP over several workers), Adam,
+    its shard of users and the resumable state, with the best weights so far."""
+
+    cfg: CFConfig
+    seed: int
+    rank: int
+    world: int
+    data: PreparedData
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    state: dict
+    best_weights: dict[str, torch.Tensor]
+    shard_rows: dict | None = None
+
+    def train_epoch(self, epoch: int) -> dict:
+        started = time.perf_counter()
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        # Dropout draws from torch's generator: seed it per epoch so a resumed run draws
+        # exactly what an uninterrupted one would have.
+        torch.manual_seed(int(rng.integers(2**62)))
+        cfg = self.cfg
+        loss_sum, batches = train_epoch(
+            self.model,
+            self.optimizer,
+            self.shard_rows,
+            cfg.batch_size,
+            cfg.max_len,
+            self.data.num_items,
+            rng,
+            _device(),
+        )
+        loss_total, batch_total = all_reduce_sum([loss_sum, batches])
+        return {
+            "epoch": epoch,
+            "loss": loss_total / max(batch_total, 1),
+            "epoch_seconds": time.perf_counter() - started,
+        }
+
+    def validate(self, epoch: int) -> dict:
+        """Validation metrics; keeps the best weights by NDCG@10, counts evaluations without."""
+        model = getattr(self.model, "module", self.model)
+        metrics = _validate(model, self.data, self.cfg, self.seed, self.rank, self.world)
+        if metrics["valid_ndcg@10"] > self.state["best_ndcg"]:
+            self.state.update(best_ndcg=metrics["valid_ndcg@10"], best_epoch=epoch, bad_evals=0)
+            self.best_weights = state_dict_cpu(self.model)
+        else:
+            self.state["bad_evals"] += 1
+        return metrics
+
+    def save(self, metrics: dict) -> None:
+        """Report `metrics` with a checkpoint: one copy of the weights, from rank 0."""
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if self.rank == 0:
+                save_model(self.model, Path(tmp) / MODEL_FILE)
+                save_file(self.best_weights, str(Path(tmp) / BEST_FILE))
+                torch.save(self.optimizer.state_dict(), Path(tmp) / "optimizer.pt")
+                write_json(Path(tmp) / "state.json", self.state)
+                checkpoint = Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _set_up(loop_config: dict) -> _Worker:
+    """The worker's data and model, restored from the run's checkpoint if there is one."""
     quiet_worker_warnings()
     cfg = CFConfig.model_validate(loop_config["cf"])
     seed = loop_config["seed"]
@@ -102,77 +168,47 @@ def cf_train_loop(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, math.ceil(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(seed)  # the same initial weights on every worker
-
     data = load_prepared(RunStorage.open(loop_config["run"]).pull("data"))
     model = build_cf_model(cfg, data.num_users, data.num_items)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
     state = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": 0, "bad_evals": 0, "history": []}
     best_weights = state_dict_cpu(model)
-
     optimizer_state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt:
             ckpt = Path(ckpt)
             model.load_state_dict(load_file(str(ckpt / MODEL_FILE)))
-            best_weights = load_file(str(ckpt / "best_model.safetensors"))
+            best_weights = load_file(str(ckpt / BEST_FILE))
             optimizer_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
             state = json.loads((ckpt / "state.json").read_text())
         state.setdefault("resumed_from", []).append(state["epoch"])
         print(f"[cf] rank {rank}: resumed from epoch {state['epoch']}", flush=True)
-
     model = ray.train.torch.prepare_model(model)  # DDP when several workers; to the device
     if optimizer_state is not None:  # after the move, so Adam's moments follow the params
         optimizer.load_state_dict(optimizer_state)
-    shard_rows = _read_shard(ray.train.get_dataset_shard("train"))
+    return _Worker(cfg, seed, rank, world, data, model, optimizer, state, best_weights)
+
+
+def cf_train_loop(loop_config: dict) -> None:
+    """`train_loop_per_worker` of the CF TorchTrainer: set up, restore, then per epoch train,
+    validate (every `eval_every`), save; stop after `patience` evaluations without a better
+    NDCG@10."""
+    worker = _set_up(loop_config)
+    cfg, state = worker.cfg, worker.state
+    worker.shard_rows = _read_shard(ray.train.get_dataset_shard("train"))
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        maybe_fail(cfg.fail_at_epoch, epoch, rank, loop_config["marker_dir"])
-        started = time.perf_counter()
-        rng = np.random.default_rng([seed, epoch, rank])
-        # Dropout draws from torch's generator: seed it per epoch so a resumed run draws
-        # exactly what an uninterrupted one would have.
-        torch.manual_seed(int(rng.integers(2**62)))
-        loss_sum, batches = train_epoch(
-            model,
-            optimizer,
-            shard_rows,
-            cfg.batch_size,
-            cfg.max_len,
-            data.num_items,
-            rng,
-            _device(),
-        )
-        loss_total, batch_total = all_reduce_sum([loss_sum, batches])
-        metrics = {
-            "epoch": epoch,
-            "loss": loss_total / max(batch_total, 1),
-            "epoch_seconds": time.perf_counter() - started,
-        }
+        maybe_fail(cfg.fail_at_epoch, epoch, worker.rank, loop_config["marker_dir"])
+        metrics = worker.train_epoch(epoch)
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            metrics.update(_validate(getattr(model, "module", model), data, cfg, seed, rank, world))
-            if metrics["valid_ndcg@10"] > state["best_ndcg"]:
-                state.update(best_ndcg=metrics["valid_ndcg@10"], best_epoch=epoch, bad_evals=0)
-                best_weights = state_dict_cpu(model)
-            else:
-                state["bad_evals"] += 1
+            metrics |= worker.validate(epoch)
         state["epoch"] = epoch
         state["history"].append(metrics)
         stop = state["bad_evals"] >= cfg.patience
-        metrics["best_epoch"] = state["best_epoch"]
-        metrics["stopped_early"] = stop
-        if rank == 0:
+        metrics |= {"best_epoch": state["best_epoch"], "stopped_early": stop}
+        if worker.rank == 0:
             print_epoch("cf", metrics)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:  # one copy of the weights, from rank 0
-                from safetensors.torch import save_file
-
-                save_model(model, Path(tmp) / MODEL_FILE)
-                save_file(best_weights, str(Path(tmp) / "best_model.safetensors"))
-                torch.save(optimizer.state_dict(), Path(tmp) / "optimizer.pt")
-                write_json(Path(tmp) / "state.json", state)
-                ckpt = Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+        worker.save(metrics)
         if stop:
             break
 
@@ -193,7 +229,7 @@ def train_cf(config: Config, run_dir: str | Path | RunStorage) -> dict:
         rows=[{"user_idx": int(u), "items": data.train[u].astype(np.int64)} for u in users],
         scaling=cfg.scaling,
         storage=run.uri("checkpoints"),
-        weights_file="best_model.safetensors",
+        weights_file=BEST_FILE,
         checkpoints_to_keep=2,
         describe=f"CF pre-training {cfg.backbone} on {len(users)} users x {data.num_items} "
         f"items ({cfg.scaling.num_workers} worker(s))",
