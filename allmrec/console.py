@@ -23,7 +23,8 @@ from pathlib import Path
 # Ray's prefix of a line forwarded from a worker: "(RayTrainWorker pid=12, ip=10.0.0.2) ",
 # coloured on a terminal.
 _FORWARDED = re.compile(
-    r"^(?:\x1b\[[\d;]*m)?\((?P<who>.*? pid=\d+(?:, ip=[\w.:-]+)?)\)(?:\x1b\[0m)? ?"
+    r"^(?:\x1b\[[\d;]*m)?\((?P<who>.*? pid=\d+(?:, ip=[\w.:-]+)?|raylet|gcs_server|autoscaler"
+    r"|monitor)(?:, ip=[\w.:-]+)?\)(?:\x1b\[0m)? ?"
 )
 _ANSI = re.compile(r"\x1b\[[\d;]*m")
 _OURS_FROM_WORKERS = re.compile(r"^\[(?:cf|stage1|stage2|data|evaluate)[\] ]|^[\d\- :,.]+allmrec\.")
@@ -31,8 +32,12 @@ _OURS_FROM_WORKERS = re.compile(r"^\[(?:cf|stage1|stage2|data|evaluate)[\] ]|^[\
 _ACCESS = re.compile(r" allmrec_\w+ .* -- (?:GET|POST|PUT|PATCH|DELETE) /\S* \d{3} ")
 # A log record in the driver's format (allmrec.cli.setup_logging): "12:00:01 INFO name: ..."
 _RECORD = re.compile(r"^\d\d:\d\d:\d\d (?P<level>[A-Z]+) (?P<name>[\w.]+): ")
-# Ray's driver-side records: "2026-12-02 00:10:31,312\tINFO worker.py:2029 -- ..."
-_RAY_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\t(?P<level>[A-Z]+) ")
+# Ray's driver-side records: "2026-12-02 00:10:31,312\tINFO worker.py:2029 -- ...", and
+# Serve's: "INFO 2026-12-02 03:04:41,752 serve 27776 -- Started Serve in namespace ..."
+_RAY_RECORD = re.compile(
+    r"^(?:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\t(?P<level>[A-Z]+) "
+    r"|(?P<serve_level>[A-Z]+) \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ \S+ )"
+)
 _LOUD = {"ERROR", "CRITICAL", "FATAL"}
 
 
@@ -50,7 +55,8 @@ def shown_on_terminal(line: str) -> str | None:
         return line if ours or record["level"] in _LOUD else None
     ray_record = _RAY_RECORD.match(line)
     if ray_record:
-        return line if ray_record["level"] in _LOUD else None
+        level = ray_record["level"] or ray_record["serve_level"]
+        return line if level in _LOUD or _ACCESS.search(line) else None
     return line
 
 

@@ -11,6 +11,9 @@ EMBEDDER = "\x1b[36m(MapWorker(MapBatches(ItemTextEmbedder)) pid=26435)\x1b[0m "
 REPORT_LINE = RAY + "Reporting training result 1: TrainingReport(checkpoint=Checkpoint(...))"
 HIDDEN = [
     REPORT_LINE,
+    'INFO 2026-12-02 03:04:41,752 serve 27776 -- Started Serve in namespace "serve".',
+    "\x1b[33m(raylet)\x1b[0m Task ServeController.graceful_shutdown failed. There are infinite "
+    "retries remaining, so the task will be retried.",
     "\x1b[36m(ServeController pid=27001)\x1b[0m INFO 2026-12-02 02:00:58,001 controller 27001 "
     "-- Deploying new version of Deployment(name='Ingress', app='allmrec').",
     RAY + "Reporting training result 1: TrainingReport(checkpoint=Checkpoint(filesystem=local",
@@ -35,6 +38,7 @@ SHOWN = {  # line -> what the terminal shows (None: the line as it is)
     "2026-12-02 00:10:34,300\tERROR worker.py:1 -- a Ray error stays visible": None,
     "00:10:35 ERROR transformers: so does another library's error": None,
     "| A-LLMRec (rank) | 100 | 0.5300 |": None,
+    "INFO 2026-12-02 03:04:53,822 allmrec_Ingress clq 806a -- POST /recommend 200 4ms": None,
     "\x1b[36m(ServeReplica:allmrec:Ingress pid=27326)\x1b[0m INFO 2026-12-02 02:01:04,469 "
     "allmrec_Ingress va8yhr7a 8d4e -- POST /recommend 404 33.7ms": "INFO 2026-12-02 "
     "02:01:04,469 allmrec_Ingress va8yhr7a 8d4e -- POST /recommend 404 33.7ms",
