@@ -96,8 +96,12 @@ def train_speed(model, inputs, config: Config, steps: int, peak: float) -> float
 
 def eval_speed(name: str, model, inputs, cases, config: Config, rows, baselines=False) -> float:
     started = time.perf_counter()
-    evaluate_cases(model, inputs, cases, config, rows, baselines=baselines)
+    records = evaluate_cases(model, inputs, cases, config, rows, baselines=baselines)
     rate = len(cases) / (time.perf_counter() - started)
+    made = {row for r in records for row in (*r["ranks"], *r["generated"])}
+    if not any(row.startswith(tuple(rows)) for row in made) and rows:
+        # a config that does not ask for the row evaluates nothing, at any speed
+        raise SystemExit(f"evaluation, {name}: no {rows} row was made (rows made: {made})")
     print(f"evaluation, {name}: {rate:.3f} users/s ({1 / rate:.2f} s a user)")
     return rate
 
@@ -151,8 +155,18 @@ def main() -> None:
     }
     for name, overrides in (
         ("likelihood", ["evaluate.generation=false"]),
-        ("generation, batch 1", ["evaluate.ranking=false", "evaluate.generation_batch_size=1"]),
-        (f"generation, batch {base.evaluate.generation_batch_size}", ["evaluate.ranking=false"]),
+        (
+            "generation, batch 1",
+            [
+                "evaluate.ranking=false",
+                "evaluate.generation=true",
+                "evaluate.generation_batch_size=1",
+            ],
+        ),
+        (
+            f"generation, batch {base.evaluate.generation_batch_size}",
+            ["evaluate.ranking=false", "evaluate.generation=true"],
+        ),
     ):
         config = load_config(args.config, ["stage2.objective=generate", *only, *overrides])
         speeds[name] = eval_speed(name, generate_model, inputs, cases, config, [LLM_ONLY])
