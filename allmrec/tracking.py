@@ -122,16 +122,13 @@ def log_stage(config: Config, run_home: str, stage_dir: Path, manifest: dict) ->
         settings = flatten(inputs["settings"]) | {"seed": inputs["seed"]}
         settings |= {f"upstream.{k}": v for k, v in inputs["upstream"].items()}
         params = [Param(k, json.dumps(v)[:_MAX_PARAM_CHARS]) for k, v in settings.items()]
-        for start in range(0, len(params), 100):  # MLflow takes 100 parameters a call
-            client.log_batch(run_id, params=params[start : start + 100])
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v, step in _series(Path(stage_dir))]
         final = manifest.get("metrics") or {}
         if name == "eval":  # every section's table and paired differences
             final = {k: manifest.get(k, {}) for k in ("tables", "differences")}
         metrics += [Metric(f"final/{k}", v, now, 0) for k, v in _numbers(final).items()]
-        for start in range(0, len(metrics), 1000):  # and 1,000 metrics a call
-            client.log_batch(run_id, metrics=metrics[start : start + 1000])
+        client.log_batch(run_id, metrics=metrics, params=params)  # MLflow splits the batches
         for path in sorted(Path(stage_dir).iterdir()):
             if path.suffix == ".png" or path.name in _SMALL_ARTIFACTS:
                 client.log_artifact(run_id, str(path))

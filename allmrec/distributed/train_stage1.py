@@ -283,7 +283,7 @@ def train_stage1(
     run = open_run(run_dir)
     run_dir = run.pull("data", "cf")
     data = load_prepared(run_dir)
-    cf_model, cf_manifest = load_cf_model(run_dir, data)  # fail early, with a clear message
+    cf_model, _ = load_cf_model(run_dir, data)  # fail early, with a clear message
     users = seeded_users(data.training_users(), cfg.max_train_users, config.seed)
     settings = config_to_dict(config)
     trained = train_stage(
