@@ -22,9 +22,10 @@ from pathlib import Path
 from allmrec.api import TOKEN_ENV
 from allmrec.config import Config, ConfigError, load_config
 from allmrec.console import log_path, quiet_console, write_log_to
+from allmrec.distributed.job_dir import leave_job_working_dir, refuse_relative_home
 from allmrec.manifest import ArtifactError
 from allmrec.stages import STAGES
-from allmrec.storage import RunStorage, StorageError, join, leave_job_working_dir
+from allmrec.storage import RunStorage, StorageError, join
 
 log = logging.getLogger("allmrec")
 
@@ -65,7 +66,9 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
 def job_from_args(args: argparse.Namespace) -> tuple[Config, RunStorage]:
     """The command's config and run; from here on its log file is `<run>/logs/`."""
     config = load_config(args.config, args.overrides)
-    run = RunStorage.open(args.run_dir or join(config.storage, config.name))
+    home = args.run_dir or join(config.storage, config.name)
+    refuse_relative_home(home)
+    run = RunStorage.open(home)
     words = [getattr(args, k, None) for k in ("command", "train_command", "data_command")]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     write_log_to(run.local / "logs" / f"{'-'.join(w for w in words if w)}-{stamp}.log")
@@ -331,30 +334,24 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = data.add_parser("fetch", help="download a fetchable data set into the cache")
     fetch.add_argument("name", help="movielens-100k or movielens-1m")
     fetch.set_defaults(func=_cmd_data_fetch)
-    prep = data.add_parser("prepare", help="Ray Data: raw files -> Parquet splits + embeddings")
-    add_job_options(prep)
-    prep.add_argument(
+    train = sub.add_parser("train", help="Ray Train jobs").add_subparsers(
+        dest="train_command", required=True
+    )
+    # One command per stage, as its declaration names it: `data prepare`, `train cf`, ...
+    groups = {"data": data, "train": train}
+    commands = {}
+    for stage in STAGES.values():
+        *group, word = stage.command.split()
+        command = (groups[group[0]] if group else sub).add_parser(word, help=stage.help)
+        add_job_options(command)
+        command.set_defaults(func=_cmd_stage, stage=stage.name)
+        commands[stage.name] = command
+    commands["data"].add_argument(
         "--max-bad-lines",
         type=int,
         default=None,
         help="malformed lines tolerated (default data.max_bad_lines, 0)",
     )
-    prep.set_defaults(func=_cmd_stage, stage="data")
-
-    train = sub.add_parser("train", help="Ray Train jobs").add_subparsers(
-        dest="train_command", required=True
-    )
-    train_cf = train.add_parser("cf", help="pre-train the CF backbone (SASRec by default)")
-    add_job_options(train_cf)
-    train_cf.set_defaults(func=_cmd_stage, stage="cf")
-
-    train_s1 = train.add_parser("stage1", help="Stage 1: align CF items with item texts")
-    add_job_options(train_s1)
-    train_s1.set_defaults(func=_cmd_stage, stage="stage1")
-
-    train_s2 = train.add_parser("stage2", help="Stage 2: projectors into the frozen LLM")
-    add_job_options(train_s2)
-    train_s2.set_defaults(func=_cmd_stage, stage="stage2")
 
     tune_cmd = sub.add_parser("tune", help="Ray Tune: search Stage 1's alpha and beta")
     add_job_options(tune_cmd)
@@ -362,12 +359,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue an interrupted search (Tuner.restore)"
     )
     tune_cmd.set_defaults(func=_cmd_tune)
-
-    evaluate = sub.add_parser(
-        "evaluate", help="A-LLMRec and the baselines on the same candidates: eval/results.*"
-    )
-    add_job_options(evaluate)
-    evaluate.set_defaults(func=_cmd_stage, stage="eval")
 
     demo = sub.add_parser("demo", help="the whole chain on the embedded default")
     add_job_options(demo)

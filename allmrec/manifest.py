@@ -81,40 +81,6 @@ def write_manifest(stage_dir: str | Path, stage: str, **fields: Any) -> dict:
     return manifest
 
 
-def read_manifest(stage_dir: str | Path, stage: str) -> dict:
-    """The manifest of a finished `stage` in `stage_dir`, or an error saying what is wrong."""
-    path = Path(stage_dir) / MANIFEST
-    if not path.is_file():
-        raise ArtifactError(
-            f"{path}: missing. The '{stage}' stage has not finished in {stage_dir}; "
-            f"run it first (e.g. `allmrec {_command_for(stage)}`)."
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({exc})") from exc
-    if manifest.get("stage") != stage:
-        raise ArtifactError(
-            f"{path}: field 'stage' is {manifest.get('stage')!r}, expected {stage!r}"
-        )
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path}: field 'format_version' is {manifest.get('format_version')!r}, "
-            f"expected {FORMAT_VERSION}: made by another version of allmrec; rerun it "
-            f"(`allmrec {_command_for(stage)}`, or `allmrec demo` for the whole chain)"
-        )
-    return manifest
-
-
-def _command_for(stage: str) -> str:
-    return {
-        "data": "data prepare",
-        "cf": "train cf",
-        "stage1": "train stage1",
-        "stage2": "train stage2",
-    }.get(stage, stage)
-
-
 @contextmanager
 def staged_output(final_dir: str | Path) -> Iterator[Path]:
     """A temporary directory beside `final_dir` that replaces it only if the block succeeds.

@@ -30,11 +30,12 @@ from safetensors.torch import load_file
 
 from allmrec.api import BadRequest, ItemInfo, NewItem, RecommendRequest
 from allmrec.config import Config
-from allmrec.manifest import file_sha256, read_manifest
+from allmrec.manifest import file_sha256
 from allmrec.models.alignment import Autoencoder
 from allmrec.models.base import SequentialBackbone
 from allmrec.models.projection import Stage2Example
 from allmrec.prompts import build_prompt, shuffle_candidates
+from allmrec.stages import read_manifest
 
 
 @dataclass

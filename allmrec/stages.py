@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from allmrec.config import Config, config_to_dict
-from allmrec.manifest import MANIFEST, file_sha256
+from allmrec.manifest import FORMAT_VERSION, MANIFEST, ArtifactError, file_sha256
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
+    command: str  # the CLI's command that runs it: "train cf"
+    help: str  # that command's one-line help
     title: str  # what the CLI calls its output
     settings: tuple[str, ...]  # config paths the output depends on: "cf", "data.text_encoder"
     upstream: tuple[str, ...]  # stages whose outputs it reads
@@ -99,10 +101,30 @@ def _eval_summary(manifest: dict, stage_dir: Path) -> str:
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
-        Stage("data", "data", ("data",), (), None, _data_summary),
-        Stage("cf", "CF pre-training", ("cf",), ("data",), "model.safetensors", _cf_summary),
+        Stage(
+            "data",
+            "data prepare",
+            "Ray Data: raw files -> Parquet splits + embeddings",
+            "data",
+            ("data",),
+            (),
+            None,
+            _data_summary,
+        ),
+        Stage(
+            "cf",
+            "train cf",
+            "pre-train the CF backbone (SASRec by default)",
+            "CF pre-training",
+            ("cf",),
+            ("data",),
+            "model.safetensors",
+            _cf_summary,
+        ),
         Stage(
             "stage1",
+            "train stage1",
+            "Stage 1: align CF items with item texts",
             "Stage 1",
             ("stage1", "data.text_encoder"),
             ("data", "cf"),
@@ -111,6 +133,8 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "stage2",
+            "train stage2",
+            "Stage 2: projectors into the frozen LLM",
             "Stage 2",
             ("stage2", "data.domain"),
             ("data", "cf", "stage1"),
@@ -119,6 +143,8 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "eval",
+            "evaluate",
+            "A-LLMRec and the baselines on the same candidates: eval/results.*",
             "Evaluation",
             ("evaluate",),
             ("data", "cf", "stage1", "stage2"),
@@ -133,6 +159,31 @@ def _stage(name: str) -> Stage:
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
     return STAGES[name]
+
+
+def read_manifest(stage_dir: str | Path, stage: str) -> dict:
+    """The manifest of a finished `stage` in `stage_dir`, or an error saying what is wrong."""
+    path = Path(stage_dir) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(
+            f"{path}: missing. The '{stage}' stage has not finished in {stage_dir}; "
+            f"run it first (e.g. `allmrec {_stage(stage).command}`)."
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})") from exc
+    if manifest.get("stage") != stage:
+        raise ArtifactError(
+            f"{path}: field 'stage' is {manifest.get('stage')!r}, expected {stage!r}"
+        )
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: field 'format_version' is {manifest.get('format_version')!r}, "
+            f"expected {FORMAT_VERSION}: made by another version of allmrec; rerun it "
+            f"(`allmrec {_stage(stage).command}`, or `allmrec demo` for the whole chain)"
+        )
+    return manifest
 
 
 def read_finished(stage_dir: Path) -> dict | None:

@@ -25,7 +25,6 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -82,37 +81,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ALLMREC_CACHE", Path.home() / ".cache" / "allmrec"))
 
 
-JOB_COPY_ENV = "ALLMREC_JOB_WORKING_COPY"
-
-
-def _inside_job_working_dir() -> bool:
-    # `ray job submit --working-dir` runs the entry point in an unpacked copy under the
-    # session's runtime_resources: anything written relative to it is lost with the session.
-    return JOB_COPY_ENV in os.environ or "runtime_resources" in Path.cwd().parts
-
-
-def leave_job_working_dir() -> None:
-    """Move a submitted job's driver into a private copy of its working dir.
-
-    Ray 2.60 deletes and re-extracts a job's working dir on a node whenever it sets up a new
-    runtime env that carries it (Ray Train's workers and Ray Data's actors add env vars of
-    their own), which pulls the directory out from under the driver running in it: the next
-    `os.getcwd()` fails. A copy that Ray does not manage keeps the driver's relative paths
-    (`--config configs/x.yaml`) working for the whole job.
-    """
-    cwd = Path.cwd()
-    if "runtime_resources" not in cwd.parts or JOB_COPY_ENV in os.environ:
-        return
-    import atexit
-
-    copy = Path(tempfile.mkdtemp(prefix="allmrec-job-"))
-    shutil.copytree(cwd, copy, symlinks=True, dirs_exist_ok=True)
-    os.chdir(copy)
-    os.environ[JOB_COPY_ENV] = str(copy)
-    atexit.register(shutil.rmtree, copy, ignore_errors=True)
-    log.debug("job driver runs in %s, a copy of %s", copy, cwd)
-
-
 @dataclass(frozen=True)
 class RunStorage:
     """A run's home (`home`, a path or URI) and this node's working copy (`local`)."""
@@ -124,13 +92,6 @@ class RunStorage:
     def open(cls, home: str | Path) -> RunStorage:
         home = str(home)
         if not is_uri(home):
-            if not Path(home).is_absolute() and _inside_job_working_dir():
-                raise StorageError(
-                    f"storage: the run directory {home!r} is relative, and this job runs from a "
-                    "temporary copy of its working dir, which Ray deletes: give an absolute "
-                    "path every node mounts or an s3:// / gs:// URI (--set storage=... or "
-                    "--run-dir ...)"
-                )
             path = Path(home).resolve()
             return cls(home=str(path), local=path)
         home = home.rstrip("/")

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from allmrec.manifest import ArtifactError, read_manifest
+from allmrec.manifest import ArtifactError
+from allmrec.stages import read_manifest
 
 
 @dataclass

@@ -33,8 +33,8 @@ from allmrec.llm_evaluation import (
     scenario_tables,
     summarize,
 )
-from allmrec.manifest import read_manifest, staged_output, write_manifest
-from allmrec.stages import stage_inputs
+from allmrec.manifest import staged_output, write_manifest
+from allmrec.stages import read_manifest, stage_inputs
 from allmrec.storage import RunStorage, open_run
 from allmrec.training.cf import write_json
 from allmrec.training.stage2 import STACK, STAGE2_INPUTS

@@ -21,10 +21,10 @@ from allmrec.evaluation import (
     popularity_scorer,
     random_scorer,
 )
-from allmrec.manifest import ArtifactError, file_sha256, read_manifest
+from allmrec.manifest import ArtifactError, file_sha256
 from allmrec.models import BACKBONES, CFBackbone, build_backbone
 from allmrec.sequences import training_batch
-from allmrec.stages import recorded_upstream
+from allmrec.stages import read_manifest, recorded_upstream
 
 MODEL_FILE = "model.safetensors"
 

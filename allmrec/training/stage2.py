@@ -27,11 +27,11 @@ import torch
 from allmrec.config import Config
 from allmrec.data.prepared import PreparedData, load_prepared
 from allmrec.evaluation import sample_candidates
-from allmrec.manifest import ArtifactError, read_manifest
+from allmrec.manifest import ArtifactError
 from allmrec.models.projection import ALLMRecLM, Stage2Example
 from allmrec.prompts import build_prompt, shuffle_candidates
 from allmrec.sequences import left_pad
-from allmrec.stages import output_digest, recorded_upstream
+from allmrec.stages import output_digest, read_manifest, recorded_upstream
 
 
 @dataclass

@@ -86,3 +86,16 @@ def test_run_names_follow_the_inputs(finished_run):
 def test_an_unknown_stage_is_a_clear_error(tmp_path: Path):
     with pytest.raises(ValueError, match="stages are data, cf, stage1, stage2, eval"):
         stage_inputs("stage3", load_config(), tmp_path)
+
+
+def test_each_stage_is_the_cli_command_its_declaration_names(tmp_path: Path):
+    from allmrec.cli import build_parser
+    from allmrec.manifest import ArtifactError
+    from allmrec.stages import read_manifest
+
+    parser = build_parser()
+    for name, stage in STAGES.items():
+        assert parser.parse_args(stage.command.split()).stage == name
+        # A stage that has not run names that command as the fix.
+        with pytest.raises(ArtifactError, match=f"run it first .*`allmrec {stage.command}`"):
+            read_manifest(tmp_path / name, name)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from allmrec.manifest import MANIFEST, read_manifest
+from allmrec.manifest import MANIFEST
+from allmrec.stages import read_manifest
 from allmrec.storage import RecordLog, RunStorage, StorageError, join
 
 
@@ -87,12 +88,17 @@ def test_push_replaces_the_stage_and_manifest_marks_it_finished(tmp_path, monkey
 
 
 def test_relative_home_inside_a_job_working_dir_is_refused(tmp_path, monkeypatch):
+    from allmrec.distributed.job_dir import refuse_relative_home
+
     job_dir = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "x"
     job_dir.mkdir(parents=True)
     monkeypatch.chdir(job_dir)
     with pytest.raises(StorageError, match="relative.*absolute path every node mounts"):
-        RunStorage.open("runs/demo")
-    assert RunStorage.open(str(tmp_path / "shared")).home == str(tmp_path / "shared")
+        refuse_relative_home("runs/demo")
+    refuse_relative_home(str(tmp_path / "shared"))  # absolute: fine
+    refuse_relative_home("s3://bucket/runs/demo")  # a URI: fine
+    monkeypatch.chdir(tmp_path)
+    refuse_relative_home("runs/demo")  # outside a job: a relative path is the user's choice
 
 
 def test_unknown_protocol_is_a_clear_error(tmp_path):
