@@ -12,6 +12,7 @@ into `<experiment>/tune`. Nothing here needs Ray.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -19,6 +20,8 @@ from pathlib import Path
 
 from allmrec.config import Config, ConfigError
 from allmrec.stages import run_name, stage_inputs
+
+log = logging.getLogger(__name__)
 
 # MLflow names allow letters, digits, _ - . space : and /; "hit@1" becomes "hit_at_1".
 _NOT_ALLOWED = re.compile(r"[^A-Za-z0-9_\-. :/]")
@@ -137,3 +140,23 @@ def log_stage(config: Config, run_home: str, stage_dir: Path, manifest: dict) ->
         raise
     client.set_terminated(run_id)
     return run_id
+
+
+def track_stage(config: Config, run_home: str, stage_dir: Path, manifest: dict) -> str | None:
+    """`log_stage`, where a tracking store that fails (a server down, a full disk) costs a
+    warning and not the stage: its output is kept, and the next run of the chain, which finds
+    the stage current, logs it then. MLflow missing is the config's error and still raises."""
+    try:
+        return log_stage(config, run_home, stage_dir, manifest)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any tracking failure: warn, keep going
+        log.warning(
+            "%s: not logged to MLflow at %s (%s: %s); its output is kept, and the next run of "
+            "the chain logs it",
+            manifest.get("stage"),
+            config.tracking.mlflow_uri,
+            type(exc).__name__,
+            str(exc).splitlines()[0][:200] if str(exc) else "",
+        )
+        return None

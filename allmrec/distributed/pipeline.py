@@ -10,7 +10,7 @@ from pathlib import Path
 from allmrec.config import Config
 from allmrec.stages import STAGES, is_current, read_finished
 from allmrec.storage import RunStorage, open_run
-from allmrec.tracking import log_stage
+from allmrec.tracking import require_mlflow, track_stage
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ def run_pipeline(
         "stage2": train_stage2,
         "eval": evaluate_stack,
     }
+    if config.tracking.mlflow_uri:
+        require_mlflow()  # before hours of training, not after
     init_ray(config.ray)
     run = open_run(run_dir)
     run_dir = run.pull(*STAGES)
@@ -48,7 +50,7 @@ def run_pipeline(
         else:
             log.info("%s: running", stage)
             manifests[stage] = runners[stage](config, run)
-        tracked = log_stage(config, run.home, run_dir / stage, manifests[stage])
+        tracked = track_stage(config, run.home, run_dir / stage, manifests[stage])
         if tracked:
             log.info("%s: logged to MLflow run %s (%s)", stage, tracked, config.tracking.mlflow_uri)
     return manifests

@@ -93,3 +93,20 @@ def test_tracking_without_mlflow_installed_says_how_to_install_it(tmp_path, monk
     monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow now raises ImportError
     with pytest.raises(ConfigError, match=r"pip install 'allmrec\[tracking\]'"):
         log_stage(config, str(tmp_path / "run"), stage_dir, manifest)
+
+
+def test_a_failing_tracking_store_warns_and_the_next_run_logs_the_stage(tmp_path, caplog):
+    from allmrec.tracking import track_stage
+
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the store's directory should be")
+    config = load_config(overrides=[f"tracking.mlflow_uri={blocked}"])
+    stage_dir, manifest = _finished_cf(tmp_path / "run", config)
+    with caplog.at_level("WARNING", logger="allmrec.tracking"):
+        assert track_stage(config, str(tmp_path / "run"), stage_dir, manifest) is None
+    assert "cf: not logged to MLflow" in caplog.text and "its output is kept" in caplog.text
+    assert (stage_dir / "model.safetensors").is_file()
+    # The store is back (here: another one): the same finished stage is logged then.
+    config = load_config(overrides=[f"tracking.mlflow_uri={tmp_path / 'mlruns'}"])
+    run_id = track_stage(config, str(tmp_path / "run"), stage_dir, manifest)
+    assert mlflow.MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri()).get_run(run_id)
