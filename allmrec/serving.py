@@ -215,6 +215,10 @@ class StackRecommender:
             train_interactions=int(counts[idx]) if idx < len(counts) else 0,
         )
 
+    def joint_embedding(self, item_id: str) -> list[float]:
+        """The item's joint embedding z_i as this process holds it (an added item's too)."""
+        return self.z[self._item(item_id, "item_id")].tolist()
+
     @torch.no_grad()
     def add_item(self, item: NewItem) -> ItemInfo:
         """A new item from its text alone: z = enc_T(q), q from the fine-tuned Sentence-BERT."""

@@ -84,6 +84,16 @@ class Recommender:
         except BadRequest as err:
             return {"error": err.payload(), "status": err.status}
 
+    def item_embedding(self, item_id: str) -> dict:
+        """The item's joint embedding as this replica holds it, and which replica answered:
+        for an operator (or a test) checking that every replica knows an added item alike."""
+        self._replay()
+        replica = serve.get_replica_context().replica_id.unique_id
+        try:
+            return {"ok": {"replica": replica, "z": self.core.joint_embedding(item_id)}}
+        except BadRequest as err:
+            return {"error": err.payload(), "status": err.status}
+
     def catalogue(self, query: list[float], history: list[int], k: int) -> list[dict]:
         """The top `k` of the whole catalogue by the readout's user vector `query`."""
         self._replay()
@@ -181,18 +191,30 @@ class Ingress:
         token_env: str,
     ) -> None:
         self.recommender, self.llm = recommender, llm
+        self.retried_calls = 0  # calls whose replica died under them, since this replica began
         api.state.max_body_bytes = max_body_bytes
         api.state.token = os.environ.get(token_env, "")
 
-    async def _call(self, handle: DeploymentHandle, method: str, *args, retries: int = 2):
-        """A handle call, retried when the replica died under it (another one takes over)."""
+    async def _call(self, handle: DeploymentHandle, method: str, *args, retries: int = 4):
+        """A handle call, retried when the replica died under it: the router may still pick
+        the dead replica for a moment, so the waits grow (0.25 s to 2 s, 3.75 s in all) until
+        another replica takes over. `/readyz` reports how many calls were retried."""
         for attempt in range(retries + 1):
             try:
                 return await getattr(handle, method).remote(*args)
-            except RayActorError:
+            except RayActorError as exc:
                 if attempt == retries:
                     raise
-                await asyncio.sleep(0.5 * (attempt + 1))
+                self.retried_calls += attempt == 0
+                log.warning(
+                    "%s.%s: its replica died (%s); retry %d of %d",
+                    handle.deployment_name,
+                    method,
+                    type(exc).__name__,
+                    attempt + 1,
+                    retries,
+                )
+                await asyncio.sleep(0.25 * 2**attempt)
 
     @staticmethod
     def _unwrap(result: dict) -> dict:
@@ -257,7 +279,13 @@ class Ingress:
             return JSONResponse(
                 status_code=503, content={"status": "not ready", "error": type(exc).__name__}
             )
-        return JSONResponse(content={"status": "ready", "model_version": version})
+        return JSONResponse(
+            content={
+                "status": "ready",
+                "model_version": version,
+                "retried_calls": self.retried_calls,
+            }
+        )
 
 
 class AppArgs(BaseModel):

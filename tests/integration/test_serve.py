@@ -236,6 +236,35 @@ def test_a_cold_item_added_at_run_time_is_ranked(served):
         assert response.status_code == 200, response.text
         ranked = [i["item_id"] for i in response.json()["items"]]
         assert item["item_id"] in ranked and len(ranked) == 3
+    # Its joint embedding is enc_T(q) of its text, Stage 1's cold-item route, and every
+    # recommender replica holds the same one (each replays the log of added items).
+    import torch
+    from ray import serve
+    from safetensors.torch import load_file
+
+    from allmrec.models.alignment import Autoencoder
+    from allmrec.text_encoder import load_sentence_encoder
+
+    stage1 = served / "stage1"
+    # The stack's template is "{title} ({release_year}), {class}"; a new item has a title only.
+    text = "The Quiet Orbit (),"
+    q = load_sentence_encoder(str(stage1 / "text_encoder")).encode([text], convert_to_tensor=True)
+    weights = load_file(str(stage1 / "text_autoencoder.safetensors"))
+    latent, dim = weights["encoder.0.weight"].shape
+    text_ae = Autoencoder(dim, latent)
+    text_ae.load_state_dict(weights)
+    with torch.no_grad():
+        expected = text_ae.eval().encode(q.float().cpu())[0]
+    handle = serve.get_deployment_handle("Recommender", app_name="allmrec")
+    held = {}
+    for _ in range(60):
+        answer = handle.item_embedding.remote(item["item_id"]).result()["ok"]
+        held[answer["replica"]] = torch.tensor(answer["z"])
+        if len(held) == 2:
+            break
+    assert len(held) == 2, f"only replica(s) {list(held)} answered"
+    for replica, z in held.items():
+        assert torch.allclose(z, expected, atol=1e-5), replica
 
 
 @pytest.mark.slow
@@ -306,28 +335,41 @@ def test_autoscaling_from_one_to_two_llm_replicas_and_back(served):
 
 @pytest.mark.slow
 def test_a_killed_replica_is_replaced_while_requests_go_on(served):
+    """An LLM replica killed while it holds generations in flight: every client still gets
+    its answer, because the ingress retried the lost calls on the other replica."""
     import ray
 
-    names = [
-        a["name"]
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if "Recommender" in a["name"] and a["namespace"] == "serve"
-    ]
-    assert len(names) == 2, names
+    def retried() -> int:
+        return requests.get(f"{URL}/readyz", timeout=10).json()["retried_calls"]
+
+    before = retried()
     stop, results = threading.Event(), []
-    with ThreadPoolExecutor(4) as pool:
-        for _ in range(4):
-            pool.submit(_load, stop, results, {"user_id": "4"})
-        time.sleep(2)
-        ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
-        time.sleep(8)
-        stop.set()
+    with ThreadPoolExecutor(8) as pool:
+        # 8 clients of generations against at most 4 in flight per replica: once there are
+        # two replicas, each one always holds work.
+        for _ in range(8):
+            pool.submit(_load, stop, results, {"user_id": "4", "mode": "generate"})
+        try:
+            _wait_for(lambda: _replicas("LLM").get("RUNNING", 0) == 2, 90, "2 LLM replicas")
+            time.sleep(2)
+            names = [
+                a["name"]
+                for a in ray.util.list_named_actors(all_namespaces=True)
+                if "#LLM#" in a["name"] and a["namespace"] == "serve"
+            ]
+            assert len(names) == 2, names
+            in_flight = len(results)
+            ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+            time.sleep(8)
+        finally:
+            stop.set()
     failures = [r for r in results if r != 200]
-    print(f"\nreplica kill: {len(results)} requests under load, {len(failures)} failed: {failures}")
-    assert len(results) > 10
-    assert len(failures) <= 1  # the ingress retries a call whose replica died
-    _wait_for(lambda: _replicas("Recommender") == {"RUNNING": 2}, 60, "a replacement replica")
-    assert _post("/recommend", {"user_id": "5"}).status_code == 200
+    print(f"\nreplica kill: {len(results)} requests, {len(failures)} failed, retried {retried()}")
+    assert len(results) > in_flight + 8  # requests went on after the kill
+    assert failures == []
+    assert retried() > before  # the kill cost calls, and the ingress retried them
+    _wait_for(lambda: _replicas("LLM").get("RUNNING", 0) >= 1, 60, "a running LLM replica")
+    assert _post("/recommend", {"user_id": "5", "mode": "generate"}).status_code == 200
 
 
 @pytest.mark.slow
