@@ -177,39 +177,6 @@ def test_evaluate_without_stage2_is_a_clear_error(stage1_run, tmp_path):
         evaluate_stack(load_config(["configs/ml-100k-cpu.yaml"]), run_dir)
 
 
-@pytest.mark.slow
-def test_evaluate_few_shot_and_cross_domain_sections(two_worker_run, tmp_path):
-    """Another run's projectors on this run's users (few-shot), this run's projectors on
-    another run's data (cross-domain: here a copy, which must give the same numbers)."""
-    from allmrec.distributed.evaluate import evaluate_stack
-
-    run_dir, _ = two_worker_run
-    few_shot = tmp_path / "few-shot"
-    shutil.copytree(run_dir, few_shot, ignore=shutil.ignore_patterns("checkpoints", "eval"))
-    other = tmp_path / "other-domain"
-    shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("checkpoints", "eval", "stage2"))
-    config = load_config(
-        ["configs/ml-100k-cpu.yaml"],
-        [
-            "evaluate.max_users=4",
-            "evaluate.generation=false",
-            "evaluate.llm_only_max_users=null",
-            "evaluate.llm_only=false",
-            f"evaluate.few_shot=[{few_shot}]",
-            f"evaluate.cross_domain=[{other}]",
-        ],
-    )
-    evaluate_stack(config, run_dir)
-    tables = json.loads((run_dir / "eval" / "results.json").read_text())["tables"]
-    few = next(v for k, v in tables.items() if k.startswith("few-shot"))
-    cross = next(v for k, v in tables.items() if k.startswith("cross-domain"))
-    own = tables["all users"]
-    assert list(few) == ["A-LLMRec (likelihood)"]  # the same projectors: the same ranking
-    assert few["A-LLMRec (likelihood)"] == own["A-LLMRec (likelihood)"]
-    assert cross["A-LLMRec (likelihood)"] == own["A-LLMRec (likelihood)"]
-    assert cross["Popularity"] == own["Popularity"]
-
-
 @pytest.fixture(scope="module")
 def rank_run(stage1_run, tiny_llm, tmp_path_factory):
     """The rank objective under the same conditions as `two_worker_run`: 2 workers, ZeRO-3,
@@ -298,3 +265,52 @@ def test_evaluate_a_rank_stack_rows_catalogue_and_paired_intervals(rank_run):
     markdown = (run_dir / "eval" / "results.md").read_text()
     assert "- paired: A-LLMRec (rank) - CF backbone (sasrec): Hit@1" in markdown
     assert "seeded subset of 4 of the users" in markdown
+
+
+@pytest.mark.slow
+def test_evaluate_few_shot_and_cross_domain_sections(
+    two_worker_run, rank_run, stage1_run, tmp_path
+):
+    """Few-shot: another run's Stage 2 (here the rank run's) on this run's users; cross-domain:
+    this run's Stage 2 on another run's CF and Stage 1 outputs (here a Stage 1 trained again
+    with another seed). Both other runs really differ, so ignoring either one fails."""
+    from allmrec.distributed.evaluate import evaluate_stack
+    from allmrec.distributed.train_stage1 import train_stage1
+
+    run_dir, _ = two_worker_run
+    few_shot, _ = rank_run
+    other = tmp_path / "other"
+    shutil.copytree(stage1_run, other, ignore=shutil.ignore_patterns("checkpoints", "stage1"))
+    train_stage1(
+        load_config(
+            ["configs/ml-100k-cpu.yaml"],
+            ["seed=7", "stage1.epochs=1", "stage1.eval_every=1", "stage1.checkpoint_every=1"],
+        ),
+        other,
+    )
+    overrides = [
+        "evaluate.max_users=8",
+        "evaluate.generation=false",
+        "evaluate.llm_only=false",
+    ]
+    sections = [f"evaluate.few_shot=[{few_shot}]", f"evaluate.cross_domain=[{other}]"]
+    evaluate_stack(load_config(["configs/ml-100k-cpu.yaml"], overrides + sections), run_dir)
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    few = next(v for k, v in results["sections"].items() if k.startswith("few-shot"))
+    cross = next(v for k, v in results["sections"].items() if k.startswith("cross-domain"))
+    own = results["records"]
+    assert [r["user"] for r in few] == [r["user"] for r in own] == [r["user"] for r in cross]
+
+    # Few-shot: the rank run's readout, exactly as that run ranks these users itself.
+    evaluate_stack(load_config(["configs/ml-100k-cpu.yaml"], overrides), few_shot)
+    rank_own = json.loads((few_shot / "eval" / "results.json").read_text())["records"]
+    assert [r["ranks"] for r in few] == [
+        {"A-LLMRec (rank)": r["ranks"]["A-LLMRec (rank)"]} for r in rank_own
+    ]
+
+    # Cross-domain: this run's projectors over the other Stage 1's item embeddings rank
+    # differently; the rows that do not read Stage 1 (the CF model, popularity) do not change.
+    row = "A-LLMRec (likelihood)"
+    assert [r["ranks"][row] for r in cross] != [r["ranks"][row] for r in own]
+    for baseline in ("CF backbone (sasrec)", "Popularity"):
+        assert [r["ranks"][baseline] for r in cross] == [r["ranks"][baseline] for r in own]
