@@ -13,13 +13,14 @@ without repeating finished trials, and a failed trial is retried `tune.max_failu
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
 
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from allmrec.config import Config, config_to_dict
 from allmrec.storage import RunStorage, join, open_run
@@ -46,6 +47,37 @@ def stage1_trial(trial: dict) -> None:
         callbacks=[TuneReportCallback()],
         write_artifact=False,
     )
+
+
+STOPPED_FILE = "stopped_by_asha.jsonl"
+
+
+class RecordingASHA(ASHAScheduler):
+    """ASHA that writes down each trial it cuts at a rung (one JSON line, beside the results,
+    on the driver), so the summary reports the scheduler's own decisions: a trial with fewer
+    epochs than the maximum may also be one that failed or was interrupted. Reaching max_t
+    (also a STOP for ASHA) is not a cut."""
+
+    def __init__(self, stopped_file: Path, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.stopped_file = str(stopped_file)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        iteration = result.get(self._time_attr)
+        if action == TrialScheduler.STOP and iteration is not None and iteration < self._max_t:
+            with open(self.stopped_file, "a") as out:
+                out.write(json.dumps({"trial_id": trial.trial_id, "at": iteration}) + "\n")
+        return action
+
+
+def read_stopped(tune_dir: Path) -> dict[str, int]:
+    """trial id -> the iteration at which ASHA cut it."""
+    path = Path(tune_dir) / STOPPED_FILE
+    if not path.is_file():
+        return {}
+    lines = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {line["trial_id"]: int(line["at"]) for line in lines}
 
 
 def _space(config: Config) -> dict:
@@ -108,6 +140,8 @@ def search_alpha_beta(
         log.info("resuming the search at %s", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
+        (run_dir / "tune").mkdir(parents=True, exist_ok=True)
+        (run_dir / "tune" / STOPPED_FILE).unlink(missing_ok=True)  # a new search's decisions
         per_trial = scaling.num_workers * scaling.cpus_per_worker
         concurrent = cfg.max_concurrent_trials or max(
             1, math.floor(ray.cluster_resources().get("CPU", 1) / per_trial)
@@ -123,7 +157,8 @@ def search_alpha_beta(
             tune_config=tune.TuneConfig(
                 metric=cfg.metric,
                 mode="max",
-                scheduler=ASHAScheduler(
+                scheduler=RecordingASHA(
+                    run_dir / "tune" / STOPPED_FILE,
                     time_attr="training_iteration",
                     max_t=config.stage1.epochs,
                     grace_period=cfg.grace_period,
@@ -146,6 +181,7 @@ def search_alpha_beta(
             concurrent,
         )
     grid = tuner.fit()
+    stopped = read_stopped(run_dir / "tune")
     rows = []
     for n, result in enumerate(grid):
         history = result.metrics_dataframe
@@ -162,10 +198,11 @@ def search_alpha_beta(
                 "beta": float(result.config["beta"]),
                 "metric": best,
                 "epochs": epochs,
-                "stopped_early": result.error is None and epochs < config.stage1.epochs,
+                "stopped_early": (result.metrics or {}).get("trial_id") in stopped,
                 "status": "error" if result.error else "done",
             }
         )
     best = write_results(rows, run_dir / "tune", cfg.metric, config.stage1.epochs)
-    run.push("tune", files=[f for f in RESULT_FILES if (run_dir / "tune" / f).is_file()])
+    files = [f for f in (*RESULT_FILES, STOPPED_FILE) if (run_dir / "tune" / f).is_file()]
+    run.push("tune", files=files)
     return {"experiment": path, "trials": rows, "best": best}

@@ -1,6 +1,7 @@
 """Ray Tune over Stage 1's alpha and beta on real MovieLens-100K: an interrupted search
-resumes without repeating the trials that finished, ASHA stops a trial early, best.yaml feeds
-the next Stage 1 run, and a search that cannot run is refused before it starts."""
+resumes without repeating the trials that finished, ASHA stops a trial early (by its own
+record), a Stage 1 run from best.yaml trains with its alpha and beta, and a search that
+cannot run is refused before it starts."""
 
 from __future__ import annotations
 
@@ -97,8 +98,15 @@ def test_a_killed_search_resumes_stops_trials_early_and_feeds_stage1(cf_run, tmp
     rows = summary["trials"]
     assert len(rows) == 4
     assert all(r["status"] == "done" and r["metric"] is not None for r in rows), rows
-    assert any(r["stopped_early"] for r in rows), rows  # ASHA cut at least one
-    assert any(r["epochs"] == 4 for r in rows)
+    # The scheduler's own decisions (it writes each cut down): at least one trial cut, each
+    # cut trial ran no epoch after its cut, and every trial not cut ran all 4 epochs, the
+    # trials the killed driver left half-way included.
+    from allmrec.distributed.tune_alpha_beta import read_stopped
+
+    cuts = read_stopped(run_dir / "tune")
+    assert cuts and sum(r["stopped_early"] for r in rows) == len(cuts), (cuts, rows)
+    assert sorted(r["epochs"] for r in rows if r["stopped_early"]) == sorted(cuts.values())
+    assert all(r["epochs"] == 4 for r in rows if not r["stopped_early"]), rows
     client = mlflow.MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
     experiment = client.get_experiment_by_name("search/tune")
     logged = client.search_runs([experiment.experiment_id])
@@ -121,6 +129,19 @@ def test_a_killed_search_resumes_stops_trials_early_and_feeds_stage1(cf_run, tmp
     assert overlaid.stage1.model_dump(exclude={"alpha", "beta"}) == base.stage1.model_dump(
         exclude={"alpha", "beta"}
     )
+    # ... and a Stage 1 run from it trains with them (one short epoch here).
+    from allmrec.distributed.train_stage1 import train_stage1
+
+    manifest = train_stage1(
+        load_config(
+            ["configs/ml-100k-cpu.yaml", out / "best.yaml"],
+            ["stage1.epochs=1", "stage1.eval_every=1", "stage1.checkpoint_every=1"],
+        ),
+        run_dir,
+    )
+    trained = manifest["inputs"]["settings"]["stage1"]
+    assert (trained["alpha"], trained["beta"]) == (best["alpha"], best["beta"])
+    assert (run_dir / "stage1" / "joint_item_emb.parquet").is_file()
 
 
 @pytest.mark.parametrize(
