@@ -100,6 +100,13 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def by_rank(name: str, value: float, rank: int, world: int) -> dict[str, float]:
+    """Every worker's `value` as {name_rank0: ..., name_rank1: ...}: a collective, every rank
+    calls it (each adds its value at its own place of a zero vector)."""
+    values = all_reduce_sum([value if r == rank else 0.0 for r in range(world)])
+    return {f"{name}_rank{r}": v for r, v in enumerate(values)}
+
+
 def maybe_fail(fail_at_epoch: int | None, epoch: int, rank: int, marker_dir: str) -> None:
     """Test hook: raise once in a real worker at `fail_at_epoch` (a marker file in the run's
     storage, seen by the restarted worker on any node, makes it once)."""

@@ -24,6 +24,7 @@ from allmrec.config import Config, Stage1Config, config_to_dict
 from allmrec.data.prepared import PreparedData, load_prepared, seeded_users
 from allmrec.distributed.common import (
     all_reduce_sum,
+    by_rank,
     deepspeed_worker,
     maybe_fail,
     print_epoch,
@@ -141,6 +142,7 @@ class _Worker:
             **{name: v / steps for name, v in zip(names, totals[:5], strict=True)},
             "epoch_seconds": time.perf_counter() - started,
             "local_param_share": self.share,
+            **by_rank("param_share", self.share, self.rank, self.world),
         }
 
     def validate(self) -> dict:
@@ -348,6 +350,7 @@ def train_stage1(
             workers=cfg.scaling.num_workers,
             zero_stage=cfg.zero_stage,
             local_param_share=last.get("local_param_share"),
+            param_share_by_rank=[v for k, v in last.items() if k.startswith("param_share_rank")],
             train_seconds=round(trained.seconds, 1),
         )
     run.push("stage1")

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from allmrec.config import Config, config_to_dict
 from allmrec.distributed.common import (
     all_reduce_sum,
+    by_rank,
     deepspeed_worker,
     maybe_fail,
     print_epoch,
@@ -234,6 +235,7 @@ def stage2_train_loop(loop_config: dict) -> None:
         metrics |= {k: v for k, v in worker.validate().items() if k.startswith("valid_")}
         memory = all_reduce_sum([memory_stats(worker.device)["rss_gib"]])[0] / worker.world
         metrics |= {"llm_local_param_share": worker.llm_share, "mean_worker_rss_gib": memory}
+        metrics |= by_rank("llm_param_share", worker.llm_share, worker.rank, worker.world)
         if worker.rank == 0:
             metrics |= {f"rank0_{k}": v for k, v in memory_stats(worker.device).items()}
             print_epoch("stage2", metrics)

@@ -103,8 +103,8 @@ def test_zero3_one_and_two_workers(cf_run, tmp_path):
         two_dir, "stage1.epochs=1", "stage1.eval_users=100", "stage1.scaling.num_workers=2"
     )
     # ZeRO-3 partitions the trained module: each of 2 workers holds about half its elements.
-    assert one["local_param_share"] == pytest.approx(1.0)
-    assert two["local_param_share"] == pytest.approx(0.5, abs=0.02)
+    assert one["param_share_by_rank"] == pytest.approx([1.0])
+    assert two["param_share_by_rank"] == pytest.approx([0.5, 0.5], abs=0.02)  # every rank's
     # The same first batch gives the same losses, partitioned or not.
     for key, value in one["probe"].items():
         assert two["probe"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key

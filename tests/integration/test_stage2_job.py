@@ -79,8 +79,9 @@ def test_zero3_partitions_the_llm_and_matches_one_worker(
         _config(tiny_llm, "stage2.zero_stage=3"), _copy(stage1_run, tmp_path / "one")
     )
     # The frozen LLM is inside the engine: each of 2 workers holds half of its elements.
-    assert one["metrics"]["llm_local_param_share"] == pytest.approx(1.0)
-    assert two["metrics"]["llm_local_param_share"] == pytest.approx(0.5, abs=0.02)
+    assert one["metrics"]["llm_param_share_rank0"] == pytest.approx(1.0)
+    shares = [two["metrics"][f"llm_param_share_rank{r}"] for r in (0, 1)]
+    assert shares == pytest.approx([0.5, 0.5], abs=0.02)  # every rank's, not only rank 0's
     # The same first batch, the same loss, partitioned or not.
     assert two["probe_loss"] == pytest.approx(one["probe_loss"], rel=1e-4)
     # The artifact holds the projectors only, never the LLM.
