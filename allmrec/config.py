@@ -224,6 +224,12 @@ class Stage2Config(_Section):
     fail_at_epoch: int | None = Field(
         None, description="test only: a worker raises once at the start of this epoch"
     )
+    fail_at_step: int | None = Field(
+        None,
+        ge=1,
+        description="test only: with fail_at_epoch, raise after this step of that epoch "
+        "(after its checkpoint, if one falls there) instead of at its start",
+    )
 
 
 class EvalConfig(_Section):

@@ -107,15 +107,25 @@ def by_rank(name: str, value: float, rank: int, world: int) -> dict[str, float]:
     return {f"{name}_rank{r}": v for r, v in enumerate(values)}
 
 
-def maybe_fail(fail_at_epoch: int | None, epoch: int, rank: int, marker_dir: str) -> None:
-    """Test hook: raise once in a real worker at `fail_at_epoch` (a marker file in the run's
-    storage, seen by the restarted worker on any node, makes it once)."""
+def maybe_fail(
+    fail_at_epoch: int | None,
+    epoch: int,
+    rank: int,
+    marker_dir: str,
+    *,
+    fail_at_step: int | None = None,
+    step: int = 0,
+) -> None:
+    """Test hook: raise once in a real worker at the start of `fail_at_epoch`, or after its
+    step `fail_at_step` (a marker file in the run's storage, seen by the restarted worker on
+    any node, makes it once)."""
     from allmrec.storage import create_once, join
 
-    if fail_at_epoch != epoch or rank != 0:
+    if fail_at_epoch != epoch or rank != 0 or (fail_at_step or 0) != step:
         return
-    if create_once(join(marker_dir, f"injected-failure-epoch-{epoch}"), "failed here once\n"):
-        raise RuntimeError(f"injected failure at epoch {epoch} (fail_at_epoch)")
+    where = f"epoch-{epoch}" + (f"-step-{step}" if step else "")
+    if create_once(join(marker_dir, f"injected-failure-{where}"), "failed here once\n"):
+        raise RuntimeError(f"injected failure at {where} (fail_at_epoch/fail_at_step)")
 
 
 def make_trainer(

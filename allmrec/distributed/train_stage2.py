@@ -74,6 +74,7 @@ class _Worker:
     llm_share: float = 1.0  # of the frozen LLM's parameter elements this worker holds
     validation: list[EvalCase] = field(default_factory=list)  # this worker's share, padded
     validation_weights: np.ndarray | None = None  # 0 for the padding cases
+    marker_dir: str = ""  # where the test hook's failure markers go
 
     def save(self, metrics: dict) -> None:
         """A DeepSpeed checkpoint (each worker its shard), the gathered trained weights and
@@ -142,6 +143,14 @@ class _Worker:
             every = cfg.checkpoint_every_steps
             if every and (step + 1) % every == 0 and step + 1 < steps:
                 self.save({"epoch": epoch, "step": step + 1, "loss": sums[0] / sums[2]})
+            maybe_fail(
+                cfg.fail_at_epoch,
+                epoch,
+                rank,
+                self.marker_dir,
+                fail_at_step=cfg.fail_at_step,
+                step=step + 1,
+            )
         totals = all_reduce_sum(sums.tolist())
         seconds = time.perf_counter() - started
         metrics = {
@@ -221,6 +230,7 @@ def stage2_train_loop(loop_config: dict) -> None:
     """`train_loop_per_worker` of the Stage 2 TorchTrainer: set up, restore, then per epoch
     train, validate, save."""
     worker = _set_up(loop_config)
+    worker.marker_dir = loop_config["marker_dir"]
     cfg, state = worker.config.stage2, worker.state
     # Each worker trains on its Ray Data shard of users (equal shards: ZeRO-3's collectives
     # need every worker to take the same number of steps).
@@ -230,7 +240,13 @@ def stage2_train_loop(loop_config: dict) -> None:
     if not state["curve"]:
         worker.validate()  # the untrained model: the curve's first point
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        maybe_fail(cfg.fail_at_epoch, epoch, worker.rank, loop_config["marker_dir"])
+        maybe_fail(
+            cfg.fail_at_epoch,
+            epoch,
+            worker.rank,
+            worker.marker_dir,
+            fail_at_step=cfg.fail_at_step,
+        )
         metrics = worker.train_epoch(epoch, shard_users)
         metrics |= {k: v for k, v in worker.validate().items() if k.startswith("valid_")}
         memory = all_reduce_sum([memory_stats(worker.device)["rss_gib"]])[0] / worker.world
