@@ -128,23 +128,38 @@ def test_zero3_one_and_two_workers(cf_run, tmp_path):
 
 @pytest.mark.slow
 def test_fine_tuned_text_encoder_and_resume(cf_run, tmp_path):
-    run_dir = tmp_path / "run"
-    shutil.copytree(cf_run, run_dir, ignore=shutil.ignore_patterns("checkpoints", "stage1"))
-    manifest = _stage1(
-        run_dir,
+    """A worker fails at the start of epoch 2 and the run resumes from epoch 1's checkpoint:
+    the outputs equal those of the same run uninterrupted, the fine-tuned encoder included."""
+    from safetensors.torch import load_file
+
+    settings = (
         "stage1.text_encoder_trainable=last:1",
         "stage1.epochs=2",
         "stage1.checkpoint_every=1",
-        "stage1.fail_at_epoch=2",
         "stage1.eval_users=50",
     )
-    assert manifest["resumed_from_epochs"] == [1]
-    assert manifest["epochs_run"] == 2
+    runs = {}
+    for name, hook in (("resumed", ("stage1.fail_at_epoch=2",)), ("uninterrupted", ())):
+        run_dir = tmp_path / name
+        shutil.copytree(cf_run, run_dir, ignore=shutil.ignore_patterns("checkpoints", "stage1"))
+        runs[name] = (run_dir / "stage1", _stage1(run_dir, *settings, *hook))
+    (resumed, manifest), (uninterrupted, twin) = runs["resumed"], runs["uninterrupted"]
+    assert manifest["resumed_from_epochs"] == [1] and twin["resumed_from_epochs"] == []
+    assert manifest["epochs_run"] == twin["epochs_run"] == 2
+    assert manifest["metrics"] == twin["metrics"]
+    for table in ("joint_item_emb.parquet",):
+        assert pq.read_table(resumed / table).equals(pq.read_table(uninterrupted / table))
+    for weights in sorted(
+        p.relative_to(uninterrupted) for p in uninterrupted.rglob("*.safetensors")
+    ):
+        ours, theirs = load_file(str(resumed / weights)), load_file(str(uninterrupted / weights))
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), weights
+
     from sentence_transformers import SentenceTransformer
 
     from allmrec.text_encoder import load_sentence_encoder
 
-    tuned = SentenceTransformer(str(run_dir / "stage1" / "text_encoder"), device="cpu")
+    tuned = SentenceTransformer(str(resumed / "text_encoder"), device="cpu")
     original = load_sentence_encoder("embedded:all-MiniLM-L6-v2")
     a = tuned.encode(["Toy Story (1995), Animation"], convert_to_tensor=True)
     b = original.encode(["Toy Story (1995), Animation"], convert_to_tensor=True)
