@@ -137,10 +137,13 @@ def make_trainer(
     datasets: dict,
     checkpoints_to_keep: int,
     callbacks: list | None = None,
+    best_by: str | None = None,
 ) -> TorchTrainer:
     """A TorchTrainer as every allmrec job uses it: gloo on CPU, NCCL on GPUs, a resumable run
     `storage/name` (a path or URI: Ray Train persists checkpoints there itself), and
-    `scaling.max_failures` worker failures survived from checkpoints."""
+    `scaling.max_failures` worker failures survived from checkpoints. With `best_by` (a
+    reported metric, higher is better), Ray keeps the `checkpoints_to_keep` best checkpoints
+    by it, and always the latest (the one a restarted worker resumes from)."""
     from allmrec.distributed.runtime import check_fits_locally
     from allmrec.storage import join
 
@@ -163,7 +166,11 @@ def make_trainer(
             name=name,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=scaling.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=checkpoints_to_keep,
+                checkpoint_score_attribute=best_by,
+                checkpoint_score_order="max",
+            ),
             callbacks=callbacks or [],
             # Ray Train's own INFO lines (every report and checkpoint, twice an epoch) bury
             # the stage's metrics; `-v` (ALLMREC_RAY_TRAIN_LOG_LEVEL=INFO) brings them back.
@@ -214,10 +221,12 @@ def train_stage(
     checkpoints_to_keep: int = 1,
     callbacks: list | None = None,
     describe: str = "",
+    best_by: str | None = None,
 ) -> TrainedRun:
     """The driver's side of a Train stage: `rows` (one per user) as the Ray Dataset the workers
     shard, the run named by the stage's inputs (a restarted driver resumes it), fitted, and
-    its final checkpoint read back."""
+    read back: the final checkpoint's state, and the weights of the final checkpoint or, with
+    `best_by`, of the checkpoint Ray scored best by that metric."""
     import ray.data
 
     started = time.perf_counter()
@@ -235,19 +244,25 @@ def train_stage(
         {"train": dataset},
         checkpoints_to_keep,
         callbacks,
+        best_by,
     )
     log.info("%s, run %s", describe or stage, name)
-    state, weights = fit_and_load(trainer, weights_file)
+    state, weights = fit_and_load(trainer, weights_file, best_by)
     return TrainedRun(state, weights, inputs, name, time.perf_counter() - started)
 
 
-def fit_and_load(trainer: TorchTrainer, weights_file: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Run `trainer`; return the final checkpoint's `state.json` and its `weights_file`."""
+def fit_and_load(
+    trainer: TorchTrainer, weights_file: str, best_by: str | None = None
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Run `trainer`; return the final checkpoint's `state.json` and the `weights_file` of the
+    final checkpoint, or of the best one by `best_by`."""
     result = trainer.fit()
     if result.error:
         raise result.error
     with result.checkpoint.as_directory() as ckpt:
         state = json.loads((Path(ckpt) / "state.json").read_text())
+    best = result.get_best_checkpoint(best_by, "max") if best_by else result.checkpoint
+    with best.as_directory() as ckpt:
         weights = load_file(str(Path(ckpt) / weights_file))
     return state, weights
 

@@ -2,10 +2,12 @@
 
 `train_cf(config, run_dir)` runs a `TorchTrainer` whose workers read their shard of users from
 Ray Data, train the backbone (DDP over gloo on CPU, NCCL on GPU), validate every
-`cf.eval_every` epochs on HR@10/NDCG@10 against 100 sampled negatives, and report metrics and a
-checkpoint every epoch. A worker that dies is replaced and training resumes from the last
-checkpoint (`FailureConfig`); a driver that dies resumes the same run when started again with
-the same config and data. The best validation epoch becomes `cf/model.safetensors`.
+`cf.eval_every` epochs on HR@10/NDCG@10 against 100 sampled negatives, and report metrics
+every epoch, with a checkpoint at every validation. A worker that dies is replaced and
+training resumes from the last checkpoint (`FailureConfig`); a driver that dies resumes the
+same run when started again with the same config and data. Ray Train scores the checkpoints by
+validation NDCG@10 and keeps the best (and the latest): the best becomes
+`cf/model.safetensors`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.train import Checkpoint
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from allmrec.config import CFConfig, Config, config_to_dict
 from allmrec.data.prepared import PreparedData, load_prepared, seeded_users
@@ -49,14 +51,13 @@ from allmrec.training.cf import (
     build_cf_model,
     evaluate_cf_and_baselines,
     save_model,
-    state_dict_cpu,
     train_epoch,
     user_rows,
     write_json,
 )
 
 log = logging.getLogger(__name__)
-BEST_FILE = "best_model.safetensors"  # the best epoch's weights, in every checkpoint
+BEST_BY = "valid_ndcg@10"  # Ray Train keeps the best checkpoint by it: cf/model.safetensors
 
 
 def _validate(model, data, cfg: CFConfig, seed: int, rank: int, world: int) -> dict:
@@ -108,7 +109,6 @@ class _Worker:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     state: dict
-    best_weights: dict[str, torch.Tensor]
     shard_rows: dict | None = None
 
     def train_epoch(self, epoch: int) -> dict:
@@ -136,23 +136,26 @@ class _Worker:
         }
 
     def validate(self, epoch: int) -> dict:
-        """Validation metrics; keeps the best weights by NDCG@10, counts evaluations without."""
+        """Validation metrics; counts the evaluations without a better NDCG@10 (for patience:
+        the best weights themselves are Ray's best-scored checkpoint)."""
         model = getattr(self.model, "module", self.model)
         metrics = _validate(model, self.data, self.cfg, self.seed, self.rank, self.world)
         if metrics["valid_ndcg@10"] > self.state["best_ndcg"]:
             self.state.update(best_ndcg=metrics["valid_ndcg@10"], best_epoch=epoch, bad_evals=0)
-            self.best_weights = state_dict_cpu(self.model)
         else:
             self.state["bad_evals"] += 1
         return metrics
 
     def save(self, metrics: dict) -> None:
-        """Report `metrics` with a checkpoint: one copy of the weights, from rank 0."""
+        """Report `metrics` with a checkpoint (one copy of the weights, from rank 0) when they
+        hold a validation (Ray scores checkpoints by it), else without one."""
+        if BEST_BY not in metrics:
+            ray.train.report(metrics)
+            return
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if self.rank == 0:
                 save_model(self.model, Path(tmp) / MODEL_FILE)
-                save_file(self.best_weights, str(Path(tmp) / BEST_FILE))
                 torch.save(self.optimizer.state_dict(), Path(tmp) / "optimizer.pt")
                 write_json(Path(tmp) / "state.json", self.state)
                 checkpoint = Checkpoint.from_directory(tmp)
@@ -172,14 +175,12 @@ def _set_up(loop_config: dict) -> _Worker:
     model = build_cf_model(cfg, data.num_users, data.num_items)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
     state = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": 0, "bad_evals": 0, "history": []}
-    best_weights = state_dict_cpu(model)
     optimizer_state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt:
             ckpt = Path(ckpt)
             model.load_state_dict(load_file(str(ckpt / MODEL_FILE)))
-            best_weights = load_file(str(ckpt / BEST_FILE))
             optimizer_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
             state = json.loads((ckpt / "state.json").read_text())
         state.setdefault("resumed_from", []).append(state["epoch"])
@@ -187,7 +188,7 @@ def _set_up(loop_config: dict) -> _Worker:
     model = ray.train.torch.prepare_model(model)  # DDP when several workers; to the device
     if optimizer_state is not None:  # after the move, so Adam's moments follow the params
         optimizer.load_state_dict(optimizer_state)
-    return _Worker(cfg, seed, rank, world, data, model, optimizer, state, best_weights)
+    return _Worker(cfg, seed, rank, world, data, model, optimizer, state)
 
 
 def cf_train_loop(loop_config: dict) -> None:
@@ -229,8 +230,9 @@ def train_cf(config: Config, run_dir: str | Path | RunStorage) -> dict:
         rows=[{"user_idx": int(u), "items": data.train[u].astype(np.int64)} for u in users],
         scaling=cfg.scaling,
         storage=run.uri("checkpoints"),
-        weights_file=BEST_FILE,
-        checkpoints_to_keep=2,
+        weights_file=MODEL_FILE,
+        best_by=BEST_BY,
+        checkpoints_to_keep=1,  # the best; Ray keeps the latest besides
         describe=f"CF pre-training {cfg.backbone} on {len(users)} users x {data.num_items} "
         f"items ({cfg.scaling.num_workers} worker(s))",
     )

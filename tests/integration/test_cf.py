@@ -77,6 +77,9 @@ def test_ray_train_resumes_after_worker_failure_and_repeats(ml100k_prepared, tmp
     assert failed["epochs_run"] == 4
     history = json.loads((runs[0] / "cf" / "history.json").read_text())["history"]
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+    # The weights are those of the checkpoint Ray scored best by validation NDCG@10.
+    scored = {row["epoch"]: row["valid_ndcg@10"] for row in history if "valid_ndcg@10" in row}
+    assert list(scored) == [2, 4] and failed["best_epoch"] == max(scored, key=scored.get)
     assert (runs[0] / "cf" / "model.safetensors").is_file()
     assert (runs[0] / "cf" / "curves.png").stat().st_size > 1000
 
