@@ -3,6 +3,7 @@ checkpoints and cross-worker sums, and fault injection."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,12 +16,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import (
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+    UserCallback,
+)
 from ray.train.torch import TorchConfig, TorchTrainer
 from safetensors.torch import load_file, save_file
 
 from allmrec.config import Config, TrainScaling
 from allmrec.stages import run_name, stage_inputs
+from allmrec.tracking import fail_live_run, log_report, open_live_run, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +205,22 @@ def save_deepspeed(engine, rank: int, weights: dict, state: dict, metrics: dict,
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+class MlflowReports(UserCallback):
+    """Every report of a stage's rank 0 into its MLflow run as it comes. Runs on Ray Train's
+    controller; a failure to log warns once and never stops the training."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri, self.run_id, self.warned = uri, run_id, False
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        try:
+            log_report(self.uri, self.run_id, metrics[0])
+        except Exception as exc:  # noqa: BLE001
+            if not self.warned:
+                log.warning("MLflow run %s: a report was not logged (%r)", self.run_id, exc)
+                self.warned = True
+
+
 @dataclass
 class TrainedRun:
     """What a stage's Ray Train run left: its final state and weights, and its identity."""
@@ -222,11 +247,13 @@ def train_stage(
     callbacks: list | None = None,
     describe: str = "",
     best_by: str | None = None,
+    run_home: str | None = None,
 ) -> TrainedRun:
     """The driver's side of a Train stage: `rows` (one per user) as the Ray Dataset the workers
     shard, the run named by the stage's inputs (a restarted driver resumes it), fitted, and
     read back: the final checkpoint's state, and the weights of the final checkpoint or, with
-    `best_by`, of the checkpoint Ray scored best by that metric."""
+    `best_by`, of the checkpoint Ray scored best by that metric. With tracking on and the
+    run's `run_home`, every report of rank 0 goes to the stage's MLflow run as it comes."""
     import ray.data
 
     started = time.perf_counter()
@@ -235,6 +262,9 @@ def train_stage(
     dataset = ray.data.from_items(rows).materialize()
     inputs = stage_inputs(stage, config, run_dir)
     name = run_name(stage, inputs)
+    live = open_live_run(config, run_home, stage, inputs) if run_home else None
+    if live is not None:
+        callbacks = [*(callbacks or []), MlflowReports(tracking_uri(config), live)]
     trainer = make_trainer(
         loop,
         loop_config,
@@ -247,7 +277,12 @@ def train_stage(
         best_by,
     )
     log.info("%s, run %s", describe or stage, name)
-    state, weights = fit_and_load(trainer, weights_file, best_by)
+    try:
+        state, weights = fit_and_load(trainer, weights_file, best_by)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the stage's own error is the one to see
+            fail_live_run(config, live)
+        raise
     return TrainedRun(state, weights, inputs, name, time.perf_counter() - started)
 
 

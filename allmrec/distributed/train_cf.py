@@ -232,6 +232,7 @@ def train_cf(config: Config, run_dir: str | Path | RunStorage) -> dict:
         storage=run.uri("checkpoints"),
         weights_file=MODEL_FILE,
         best_by=BEST_BY,
+        run_home=run.home,
         checkpoints_to_keep=1,  # the best; Ray keeps the latest besides
         describe=f"CF pre-training {cfg.backbone} on {len(users)} users x {data.num_items} "
         f"items ({cfg.scaling.num_workers} worker(s))",

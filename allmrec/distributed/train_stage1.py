@@ -299,6 +299,7 @@ def train_stage1(
         storage=storage or run.uri("checkpoints"),
         weights_file=WEIGHTS,
         callbacks=callbacks,
+        run_home=run.home if write_artifact else None,  # a Tune trial: Tune's callback logs it
         describe=f"Stage 1 (alpha={cfg.alpha}, beta={cfg.beta}, ZeRO-{cfg.zero_stage}, "
         f"{cfg.scaling.num_workers} worker(s))",
     )

@@ -142,7 +142,16 @@ class _Worker:
                     print_epoch("stage2 validation", point)
             every = cfg.checkpoint_every_steps
             if every and (step + 1) % every == 0 and step + 1 < steps:
-                self.save({"epoch": epoch, "step": step + 1, "loss": sums[0] / sums[2]})
+                point = self.state["curve"][-1] if self.state["curve"] else {}
+                self.save(
+                    {
+                        "epoch": epoch,
+                        "step": step + 1,
+                        "prompts": self.state["prompts"],
+                        "loss": sums[0] / sums[2],
+                    }
+                    | {k: v for k, v in point.items() if k.startswith("valid_")}
+                )
             maybe_fail(
                 cfg.fail_at_epoch,
                 epoch,
@@ -250,6 +259,7 @@ def stage2_train_loop(loop_config: dict) -> None:
         metrics = worker.train_epoch(epoch, shard_users)
         metrics |= {k: v for k, v in worker.validate().items() if k.startswith("valid_")}
         memory = all_reduce_sum([memory_stats(worker.device)["rss_gib"]])[0] / worker.world
+        metrics["prompts"] = state["prompts"]
         metrics |= {"llm_local_param_share": worker.llm_share, "mean_worker_rss_gib": memory}
         metrics |= by_rank("llm_param_share", worker.llm_share, worker.rank, worker.world)
         if worker.rank == 0:
@@ -306,6 +316,7 @@ def train_stage2(config: Config, run_dir: str | Path | RunStorage) -> dict:
         scaling=cfg.scaling,
         storage=run.uri("checkpoints"),
         weights_file=WEIGHTS,
+        run_home=run.home,
         describe=f"Stage 2 ({cfg.llm}, ZeRO-{cfg.zero_stage}, {cfg.scaling.num_workers} "
         f"worker(s), {len(users)} users x {cfg.epochs} epoch(s))",
     )

@@ -67,6 +67,39 @@ def test_a_stage_is_one_mlflow_run_with_its_settings_curves_and_outputs(tmp_path
     assert len(client.search_runs([experiment.experiment_id])) == 1
 
 
+def test_a_train_stage_logs_its_reports_live_and_its_end_completes_the_same_run(tmp_path):
+    from allmrec.tracking import fail_live_run, log_report, open_live_run, tracking_uri
+
+    store = tmp_path / "mlruns"
+    config = load_config(overrides=[f"tracking.mlflow_uri={store}"])
+    home = str(tmp_path / "run")
+    inputs = stage_inputs("cf", config, tmp_path / "run")
+    run_id = open_live_run(config, home, "cf", inputs)
+    client = mlflow.MlflowClient(tracking_uri=store.resolve().as_uri())
+    log_report(tracking_uri(config), run_id, {"epoch": 5, "loss": 0.9, "valid_hr@10": 0.31})
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and json.loads(run.data.params["seed"]) == 42
+    assert [m.value for m in client.get_metric_history(run_id, "valid_hr_at_10")] == [0.31]
+    # The stage fails, and its rerun (same inputs) continues the same MLflow run.
+    fail_live_run(config, run_id)
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert open_live_run(config, home, "cf", inputs) == run_id
+    assert client.get_run(run_id).info.status == "RUNNING"
+    log_report(tracking_uri(config), run_id, {"epoch": 10, "loss": 0.7, "valid_hr@10": 0.42})
+    # It finishes: the end of the stage completes that run, without repeating the series.
+    stage_dir, manifest = _finished_cf(tmp_path / "run", config)
+    assert log_stage(config, home, stage_dir, manifest) == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run_id, "valid_hr_at_10")
+    assert [(m.step, m.value) for m in history] == [(5, 0.31), (10, 0.42)]
+    assert run.data.metrics["final/model.test_19neg_hit_at_1"] == pytest.approx(0.44)
+    assert "allmrec.output.model.safetensors" in run.data.tags
+    # A later stage with other inputs opens a run of its own.
+    other = load_config(overrides=[f"tracking.mlflow_uri={store}", "cf.lr=0.01"])
+    assert open_live_run(other, home, "cf", stage_inputs("cf", other, tmp_path / "x")) != run_id
+
+
 def test_two_runs_of_a_stage_sit_side_by_side_in_one_experiment(tmp_path: Path):
     store = tmp_path / "mlruns"
     for lr in ("0.001", "0.002"):
