@@ -62,7 +62,8 @@ def _cf_run(run_dir, *overrides):
 
 
 @pytest.mark.slow
-def test_ray_train_resumes_after_worker_failure_and_repeats(ml100k_prepared, tmp_path):
+def test_ray_train_resumes_after_worker_failure_and_repeats(ml100k_prepared, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this test's own client
     source, _ = ml100k_prepared
     runs = []
     for name in ("a", "b"):
@@ -70,7 +71,8 @@ def test_ray_train_resumes_after_worker_failure_and_repeats(ml100k_prepared, tmp
         shutil.copytree(source / "data", run_dir / "data")
         runs.append(run_dir)
 
-    failed = _cf_run(runs[0], "cf.fail_at_epoch=3")
+    store = tmp_path / "mlruns"
+    failed = _cf_run(runs[0], "cf.fail_at_epoch=3", f"tracking.mlflow_uri={store}")
     # The worker raised at the start of epoch 3, Ray Train restarted it, and it resumed from
     # the epoch-2 checkpoint instead of starting over.
     assert failed["resumed_from_epochs"] == [2]
@@ -80,6 +82,23 @@ def test_ray_train_resumes_after_worker_failure_and_repeats(ml100k_prepared, tmp
     # The weights are those of the checkpoint Ray scored best by validation NDCG@10.
     scored = {row["epoch"]: row["valid_ndcg@10"] for row in history if "valid_ndcg@10" in row}
     assert list(scored) == [2, 4] and failed["best_epoch"] == max(scored, key=scored.get)
+    # MLflow got every report as it came, through the failure and the resume, into the
+    # stage's one run, which the end of the stage (here called as the chain calls it) closes.
+    import mlflow
+
+    from allmrec.tracking import experiment_name, track_stage
+
+    config = load_config(["configs/ml-100k-cpu.yaml"], [f"tracking.mlflow_uri={store}"])
+    client = mlflow.MlflowClient(tracking_uri=store.as_uri())
+    experiment = client.get_experiment_by_name(experiment_name(config, str(runs[0])))
+    [live] = client.search_runs([experiment.experiment_id])
+    assert live.info.status == "RUNNING"
+    ndcg = client.get_metric_history(live.info.run_id, "valid_ndcg_at_10")
+    assert sorted({m.step for m in ndcg}) == [2, 4]
+    assert {m.step for m in client.get_metric_history(live.info.run_id, "loss")} == {1, 2, 3, 4}
+    tracked = track_stage(config, str(runs[0]), runs[0] / "cf", failed)
+    assert tracked == live.info.run_id
+    assert client.get_run(tracked).info.status == "FINISHED"
     assert (runs[0] / "cf" / "model.safetensors").is_file()
     assert (runs[0] / "cf" / "curves.png").stat().st_size > 1000
 
