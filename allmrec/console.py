@@ -8,11 +8,14 @@ puts a line filter in front of stdout and stderr: by default the terminal gets a
 "[stage1]", "[stage2 ...]", and its workers' log records) plus any error of another library;
 with `verbose`, every line. Every line, shown or not, goes to the log file that
 `write_log_to` names once the run directory is known (lines before that are kept for it).
+C and C++ code (Ray's core worker) writes to file descriptor 2 itself, past `sys.stderr`: the
+descriptor is a pipe into the same filter for the block.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import re
 import sys
 import threading
@@ -39,6 +42,10 @@ _RAY_RECORD = re.compile(
     r"|(?P<serve_level>[A-Z]+) \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ \S+ )"
 )
 _LOUD = {"ERROR", "CRITICAL", "FATAL"}
+# Ray's C++ core (glog format): "[2026-12-02 02:52:35,209 E 27776 27776] core_worker.cc:2465: "
+# Its E lines report internal states (an actor's restart caveats) to Ray's own logs; only a
+# fatal one (F) reaches the terminal.
+_CPP_RECORD = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (?P<level>[DIWEF]) \d+ \d+\] ")
 
 
 def shown_on_terminal(line: str) -> str | None:
@@ -49,6 +56,9 @@ def shown_on_terminal(line: str) -> str | None:
         payload = line[forwarded.end() :]
         plain = _ANSI.sub("", payload)
         return payload if _OURS_FROM_WORKERS.search(plain) or _ACCESS.search(plain) else None
+    cpp = _CPP_RECORD.match(line)
+    if cpp:
+        return line if cpp["level"] == "F" else None
     record = _RECORD.match(line)
     if record:
         ours = record["name"] == "allmrec" or record["name"].startswith("allmrec.")
@@ -149,19 +159,62 @@ class _FilteredStream(io.TextIOBase):
 _log = _Log()
 
 
+class _Descriptor2:
+    """File descriptor 2 as a pipe into `stream` (see the module docstring); the terminal's
+    stderr is kept on a copy of the descriptor, where `stream` writes."""
+
+    def __init__(self) -> None:
+        self.saved = os.dup(2)
+        self.terminal = open(  # noqa: SIM115 - closed in close()
+            os.dup(self.saved), "w", buffering=1, encoding="utf-8", errors="replace"
+        )
+        self.thread: threading.Thread | None = None
+
+    def redirect_into(self, stream: _FilteredStream) -> None:
+        reader, writer = os.pipe()
+        os.dup2(writer, 2)
+        os.close(writer)
+
+        def pump() -> None:
+            with open(reader, "rb") as pipe:
+                for raw in pipe:
+                    stream.write(raw.decode("utf-8", "replace"))
+
+        self.thread = threading.Thread(target=pump, name="allmrec-fd2", daemon=True)
+        self.thread.start()
+
+    def restore(self) -> None:
+        os.dup2(self.saved, 2)  # the pipe's last writer closes: the pump reads to its end
+        os.close(self.saved)
+        if self.thread is not None:
+            self.thread.join(timeout=2)  # a child process may still hold the pipe open
+
+
 @contextmanager
 def quiet_console(verbose: bool = False) -> Iterator[None]:
     """Filter this process's stdout and stderr for the block (see the module docstring)."""
+    try:
+        descriptor = _Descriptor2()
+    except OSError:  # no descriptor 2 (a detached process): Python's stream alone
+        descriptor = None
     out = _FilteredStream(sys.stdout, _log, verbose)
-    err = _FilteredStream(sys.stderr, _log, verbose)
+    err = _FilteredStream(descriptor.terminal if descriptor else sys.stderr, _log, verbose)
     saved = sys.stdout, sys.stderr
+    sys.stderr.flush()
+    if descriptor is not None:
+        descriptor.redirect_into(err)
     sys.stdout, sys.stderr = out, err
     try:
         yield
     finally:
+        sys.stdout, sys.stderr = saved
+        if descriptor is not None:
+            descriptor.restore()
         out.finish()
         err.finish()
-        sys.stdout, sys.stderr = saved
+        if descriptor is not None:  # whatever still holds `err` now writes to stderr itself
+            err.target = saved[1]
+            descriptor.terminal.close()
         _log.close()
         _log.path = None
         _log.early.clear()

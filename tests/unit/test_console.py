@@ -26,6 +26,9 @@ HIDDEN = [
     "2026-12-02 00:10:34,868\tINFO logging_progress.py:225 -- Total Progress: 0/?",
     "00:10:35 INFO filelock: Lock 140 acquired on /root/.cache/x.lock",
     "00:10:35 WARNING transformers.modeling_utils: Some weights were not used",
+    # the driver's own core worker, written to descriptor 2 by C++
+    "[2026-12-02 02:52:35,209 E 27776 27776] core_worker.cc:2465: Actor with class name: "
+    "'MapWorker(MapBatches(ItemTextEmbedder))' and ID: 'bd9bf6' has constructor arguments",
 ]
 CF_LINE = "[cf] epoch=1 loss=1.3944 epoch_seconds=0.6383"
 VALIDATION_LINE = "[stage2 validation] prompts=1000 valid_rank_hit@1=0.51"
@@ -84,3 +87,22 @@ def test_the_terminal_gets_our_lines_and_the_log_file_every_line(tmp_path):
 def test_verbose_shows_every_line(tmp_path):
     terminal, _ = _run_command(tmp_path, verbose=True)
     assert "Reporting training result 1" in terminal
+
+
+def test_what_cpp_writes_to_descriptor_2_passes_the_filter_too(tmp_path, capfd):
+    """Ray's core worker writes to file descriptor 2 itself, past sys.stderr: in the block the
+    descriptor is a pipe into the filter, after it the terminal's again."""
+    import os
+
+    cpp_error = "[2026-12-02 02:52:35,209 E 27776 27776] core_worker.cc:2465: restart caveat\n"
+    cpp_fatal = "[2026-12-02 02:52:35,209 F 27776 27776] core_worker.cc:9: check failed\n"
+    with quiet_console():
+        write_log_to(tmp_path / "logs" / "x.log")
+        for line in (cpp_error, cpp_fatal, "a C library's own line\n"):
+            os.write(2, line.encode())
+    os.write(2, b"after the block\n")
+    terminal = capfd.readouterr().err
+    assert terminal == cpp_fatal + "a C library's own line\n" + "after the block\n"
+    logged = (tmp_path / "logs" / "x.log").read_text()
+    assert cpp_error in logged and cpp_fatal in logged and "after the block" not in logged
+
