@@ -105,4 +105,3 @@ def test_what_cpp_writes_to_descriptor_2_passes_the_filter_too(tmp_path, capfd):
     assert terminal == cpp_fatal + "a C library's own line\n" + "after the block\n"
     logged = (tmp_path / "logs" / "x.log").read_text()
     assert cpp_error in logged and cpp_fatal in logged and "after the block" not in logged
-
