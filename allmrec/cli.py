@@ -72,6 +72,7 @@ def job_from_args(args: argparse.Namespace) -> tuple[Config, RunStorage]:
     words = [getattr(args, k, None) for k in ("command", "train_command", "data_command")]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     write_log_to(run.local / "logs" / f"{'-'.join(w for w in words if w)}-{stamp}.log")
+    _COMMAND_RUN.append(run)
     return config, run
 
 
@@ -403,19 +404,39 @@ def main(argv: list[str] | None = None) -> int:
                 code = args.func(args)
         except Exception as exc:  # noqa: BLE001 - a user error becomes one line, the rest raises
             _name_the_log()
-            return _report(exc, verbose)
+            code = _report(exc, verbose)
         except KeyboardInterrupt:
             _name_the_log()
             print("allmrec: interrupted", file=sys.stderr)
-            return 130
-        _name_the_log()
-        return code
+            code = 130
+        else:
+            _name_the_log()
+        log_file = log_path()
+    _push_the_log(log_file)
+    return code
+
+
+_COMMAND_RUN: list[RunStorage] = []  # the run of the command in progress (job_from_args)
 
 
 def _name_the_log() -> None:
     path = log_path()
-    if path is not None:
-        print(f"\nlog (every line, Ray's and the libraries' too): {path}", file=sys.stderr)
+    if path is None:
+        return
+    print(f"\nlog (every line, Ray's and the libraries' too): {path}", file=sys.stderr)
+    if _COMMAND_RUN and _COMMAND_RUN[-1].remote:
+        print(f"     and, once it ends, {_COMMAND_RUN[-1].uri('logs', path.name)}", file=sys.stderr)
+
+
+def _push_the_log(path: Path | None) -> None:
+    """A run whose home is a URI keeps its command logs there too (the local copy is one
+    node's cache); a failed upload costs a line, not the command's result."""
+    if path is None or not _COMMAND_RUN or not _COMMAND_RUN[-1].remote:
+        return
+    try:
+        _COMMAND_RUN[-1].push("logs", files=[path.name])
+    except Exception as exc:  # noqa: BLE001
+        print(f"allmrec: warning: the log was not uploaded ({exc})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -190,6 +190,13 @@ class _Descriptor2:
             self.thread.join(timeout=2)  # a child process may still hold the pipe open
 
 
+def _on_descriptor_2(stream) -> bool:
+    try:
+        return stream.fileno() == 2
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return False
+
+
 @contextmanager
 def quiet_console(verbose: bool = False) -> Iterator[None]:
     """Filter this process's stdout and stderr for the block (see the module docstring)."""
@@ -198,7 +205,9 @@ def quiet_console(verbose: bool = False) -> Iterator[None]:
     except OSError:  # no descriptor 2 (a detached process): Python's stream alone
         descriptor = None
     out = _FilteredStream(sys.stdout, _log, verbose)
-    err = _FilteredStream(descriptor.terminal if descriptor else sys.stderr, _log, verbose)
+    # sys.stderr itself, unless it writes to descriptor 2 (the pipe now): then the copy
+    terminal = descriptor.terminal if descriptor and _on_descriptor_2(sys.stderr) else sys.stderr
+    err = _FilteredStream(terminal, _log, verbose)
     saved = sys.stdout, sys.stderr
     sys.stderr.flush()
     if descriptor is not None:

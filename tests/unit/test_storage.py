@@ -121,3 +121,22 @@ def test_record_log_between_replicas(tmp_path, scheme):
     second.append({"item_id": "c"})
     assert [r["item_id"] for r in first.new_records()] == ["c"]
     assert [r["item_id"] for r in RecordLog(location).new_records()] == ["a", "b", "c"]
+
+
+def test_a_command_on_a_uri_home_pushes_its_log_there(tmp_path, monkeypatch, capfd):
+    """The whole CLI path of a command that ends before Ray starts (tracking asked for,
+    MLflow missing: refused before any training): exit 2, one error line, and its log in the
+    home's logs/ as well as in this node's copy."""
+    import sys
+
+    from allmrec.cli import main
+
+    monkeypatch.setenv("ALLMREC_CACHE", str(tmp_path / "node"))
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow now raises ImportError
+    home = f"file://{tmp_path / 'bucket'}/runs/r1"
+    code = main(["train", "cf", "--run-dir", home, "--set", f"tracking.mlflow_uri={tmp_path}"])
+    assert code == 2
+    err = capfd.readouterr().err
+    assert "pip install 'allmrec[tracking]'" in err and "once it ends, file://" in err
+    [pushed] = (tmp_path / "bucket" / "runs" / "r1" / "logs").glob("train-cf-*.log")
+    assert "tracking.mlflow_uri is set, but MLflow is not installed" in pushed.read_text()
