@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+# The session's Stage 1: 4 epochs, validated at the end, a checkpoint every 2 epochs (the
+# resume test runs it again with a failure at epoch 3).
+STAGE1_SETTINGS = ("stage1.epochs=4", "stage1.eval_every=4", "stage1.checkpoint_every=2")
+
 
 @pytest.fixture(scope="session")
 def ray_local():
@@ -52,6 +56,11 @@ def cf_run(ml100k_prepared, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def stage1_settings():
+    return STAGE1_SETTINGS
+
+
+@pytest.fixture(scope="session")
 def stage1_run(cf_run, tmp_path_factory):
     """`cf_run` plus a short Stage 1 (frozen text encoder): the inputs of Stage 2."""
     import shutil
@@ -61,10 +70,7 @@ def stage1_run(cf_run, tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("stage1") / "run"
     shutil.copytree(cf_run, run_dir, ignore=shutil.ignore_patterns("checkpoints"))
-    config = load_config(
-        ["configs/ml-100k-cpu.yaml"],
-        ["stage1.epochs=4", "stage1.eval_every=4", "stage1.checkpoint_every=4"],
-    )
+    config = load_config(["configs/ml-100k-cpu.yaml"], list(STAGE1_SETTINGS))
     train_stage1(config, run_dir)
     return run_dir
 
