@@ -99,7 +99,7 @@ def _read_shard(shard) -> dict[str, np.ndarray]:
 @dataclass
 class _Worker:
     """One Ray Train worker of CF pre-training: its model (DDP over several workers), Adam,
-    its shard of users and the resumable state, with the best weights so far."""
+    its shard of users and the resumable state."""
 
     cfg: CFConfig
     seed: int
