@@ -163,6 +163,19 @@ def _split_archive(path: str) -> tuple[str, str] | None:
     return archive, member.lstrip("/")
 
 
+def readable_from_every_node(paths: list[str]) -> bool:
+    """Every path (or the archive a member is read from) is a URL of a shared store (s3://,
+    gs://, https://, ...), not a file on this machine's disk: any node can read them."""
+
+    def shared(path: str) -> bool:
+        split = _split_archive(path)
+        location = split[0] if split else path
+        protocol = fsspec.core.split_protocol(location)[0]
+        return protocol not in (None, "file", "local")
+
+    return bool(paths) and all(shared(p) for p in paths)
+
+
 @contextmanager
 def _filesystem(path: str) -> Iterator[tuple[fsspec.AbstractFileSystem, str, str]]:
     """(fsspec filesystem, path in it, what to call it in errors) of a local or remote file

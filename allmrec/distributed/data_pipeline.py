@@ -26,7 +26,12 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from allmrec.config import Config, DataConfig, config_to_dict
 from allmrec.data import prepare
-from allmrec.data.readers import BadLine, iter_interaction_batches, read_items
+from allmrec.data.readers import (
+    BadLine,
+    iter_interaction_batches,
+    read_items,
+    readable_from_every_node,
+)
 from allmrec.data.schema import ITEMS_SCHEMA, USERS_SCHEMA, item_text_emb_schema
 from allmrec.data.sources import ResolvedSource, resolve_source
 from allmrec.manifest import staged_output, tree_sha256, write_manifest
@@ -287,10 +292,18 @@ def _raise_on_bad_lines(bad: list[str], total: int, limit: int, what: str) -> No
 
 
 def _this_node() -> str:
-    """The driver's node. Reading and writing tasks stay on it: the source files were fetched
-    to this node's disk and the output is written to it, so nothing assumes that another
-    node sees this disk (the finished stage then goes to the run's storage)."""
+    """The driver's node. Writing tasks stay on it, and so do the reads of source files on its
+    disk (fetched there): nothing assumes that another node sees this disk (the finished
+    stage then goes to the run's storage)."""
     return ray.get_runtime_context().get_node_id()
+
+
+def _read_placement(paths: list[str]) -> dict:
+    """Sources in a shared store (s3://, gs://, ...) are read on any node; local files on the
+    driver's."""
+    if readable_from_every_node(paths):
+        return {}
+    return {"label_selector": {"ray.io/node-id": _this_node()}}
 
 
 def prepare_data(config: Config, run_dir: str | Path | RunStorage) -> dict:
@@ -307,7 +320,7 @@ def prepare_data(config: Config, run_dir: str | Path | RunStorage) -> dict:
         # Ray's default splits the output into 200 blocks; on a small cluster each later pass
         # then schedules 200 tiny tasks. A few blocks per CPU is plenty.
         override_num_blocks=max(len(source.interaction_paths), 2 * _shuffle_partitions()),
-        label_selector={"ray.io/node-id": _this_node()},
+        **_read_placement(source.interaction_paths),
     ).materialize()
     bad_ds = raw.map_batches(_only_bad, batch_format="pyarrow").materialize()
     bad_total = bad_ds.count()

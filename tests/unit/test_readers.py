@@ -21,6 +21,7 @@ from allmrec.data.readers import (
     iter_interaction_batches,
     open_text,
     read_items,
+    readable_from_every_node,
     source_sha256,
 )
 from allmrec.data.schema import RAW_INTERACTIONS_SCHEMA, RAW_ITEMS_SCHEMA
@@ -611,3 +612,16 @@ def test_each_member_of_an_archive_is_hashed_on_its_own_bytes(tmp_path):
         paths[0]: hashlib.sha256(inter).hexdigest(),
         paths[1]: hashlib.sha256(item).hexdigest(),
     }
+
+
+def test_sources_in_a_shared_store_are_readable_from_every_node(tmp_path):
+    # The data stage's read tasks run on any node for these, on the driver's for the rest.
+    assert readable_from_every_node(["s3://bucket/ml-100k/u.data", "gs://b/x.inter"])
+    assert readable_from_every_node(["https://host/recbole.whl!dataset/ml-100k.inter"])
+    local = tmp_path / "u.data"
+    local.write_text("1\t2\t3\t4\n")
+    assert not readable_from_every_node([str(local)])
+    assert not readable_from_every_node([f"file://{local}"])
+    assert not readable_from_every_node([f"{tmp_path}/recbole.whl!ml-100k.inter"])
+    assert not readable_from_every_node(["s3://bucket/u.data", str(local)])
+    assert not readable_from_every_node([])
