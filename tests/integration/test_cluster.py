@@ -297,4 +297,9 @@ def test_the_pipeline_as_a_ray_job_on_two_nodes(local_cluster, stage1_run, tiny_
     # every stage, the three that were current (skipped, logged the first time seen) too
     assert set(runs) == {"data", "cf", "stage1", "stage2", "eval"}
     assert client.get_metric_history(runs["stage2"].info.run_id, "loss")
+    # Stage 2 ran: its run was opened when it started and logged live, then closed at its end.
+    assert runs["stage2"].data.tags.get("allmrec.train_run", "").startswith("stage2-")
+    assert runs["stage2"].info.status == "FINISHED"
+    # The job's log went to the run's home, beside its stages.
+    assert list((base / "bucket" / "tiny" / "logs").glob("demo-*.log"))
     assert "final/tables.all users.A-LLMRec _rank_.hit_at_1" in runs["eval"].data.metrics
