@@ -227,20 +227,16 @@ def test_a_job_with_a_bad_config_fails_with_the_reason_in_its_logs(local_cluster
     assert "unknown key 'cf.epoch'" in logs
 
 
-# The settings of the session's `stage1_run` fixture: its data, CF and Stage 1 are current for
-# this config, so the pipeline takes them from the storage and runs Stage 2 and evaluation.
-CURRENT = [
-    "cf.epochs=8",
-    "cf.lr=0.002",
-    "cf.eval_every=8",
-    "stage1.epochs=4",
-    "stage1.eval_every=4",
-    "stage1.checkpoint_every=4",
-]
+# The CF settings of the session's `cf_run` fixture (its Stage 1's come from the
+# `stage1_settings` fixture): with them its data, CF and Stage 1 are current for this config,
+# so the pipeline takes them from the storage and runs Stage 2 and evaluation.
+CURRENT_CF = ["cf.epochs=8", "cf.lr=0.002", "cf.eval_every=8"]
 
 
 @pytest.mark.slow
-def test_the_pipeline_as_a_ray_job_on_two_nodes(local_cluster, stage1_run, tiny_llm, monkeypatch):
+def test_the_pipeline_as_a_ray_job_on_two_nodes(
+    local_cluster, stage1_run, stage1_settings, tiny_llm, monkeypatch
+):
     import mlflow
 
     base, client_env = local_cluster
@@ -251,7 +247,8 @@ def test_the_pipeline_as_a_ray_job_on_two_nodes(local_cluster, stage1_run, tiny_
     overrides = [
         "name=tiny",
         f"storage=file://{base / 'bucket'}",
-        *CURRENT,
+        *CURRENT_CF,
+        *stage1_settings,
         f"stage2.llm={tiny_llm}",
         "stage2.readout_layer=null",  # the config's layer 10 is deeper than the tiny LLM
         "stage2.max_train_users=4",
