@@ -59,6 +59,9 @@ def served(ray_local, stack_run):
     config = load_serve_config(run_dir=stack_run, port=PORT)
     config["applications"][0]["deployments"] = _deployment_options()
     config["applications"][0]["args"]["max_body_bytes"] = 4096
+    # Generations of the tiny LLM long enough (it rarely draws its EOS) that an LLM replica
+    # under load always holds some in flight: the replica-kill test kills one mid-generation.
+    config["applications"][0]["args"]["max_new_tokens"] = 128
     start(config, timeout_s=240)
     yield stack_run
     serve.shutdown()
@@ -350,24 +353,33 @@ def test_a_killed_replica_is_replaced_while_requests_go_on(served):
         for _ in range(8):
             pool.submit(_load, stop, results, {"user_id": "4", "mode": "generate"})
         try:
-            _wait_for(lambda: _replicas("LLM").get("RUNNING", 0) == 2, 90, "2 LLM replicas")
-            time.sleep(2)
-            names = [
-                a["name"]
-                for a in ray.util.list_named_actors(all_namespaces=True)
-                if "#LLM#" in a["name"] and a["namespace"] == "serve"
-            ]
-            assert len(names) == 2, names
-            in_flight = len(results)
-            ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
-            time.sleep(8)
+            # Serve's router itself re-routes a request that had not reached the replica yet,
+            # so a kill that finds no generation in flight costs no retry of ours: up to three
+            # kills, each once two replicas run again.
+            kills = 0
+            while kills < 3 and retried() == before:
+                _wait_for(lambda: _replicas("LLM").get("RUNNING", 0) == 2, 90, "2 LLM replicas")
+                time.sleep(2)
+                names = [
+                    a["name"]
+                    for a in ray.util.list_named_actors(all_namespaces=True)
+                    if "#LLM#" in a["name"] and a["namespace"] == "serve"
+                ]
+                assert len(names) == 2, names
+                in_flight = len(results)
+                ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+                kills += 1
+                time.sleep(8)
         finally:
             stop.set()
     failures = [r for r in results if r != 200]
-    print(f"\nreplica kill: {len(results)} requests, {len(failures)} failed, retried {retried()}")
-    assert len(results) > in_flight + 8  # requests went on after the kill
+    print(
+        f"\nreplica kill: {kills} kill(s), {len(results)} requests, {len(failures)} failed, "
+        f"retried {retried() - before}"
+    )
+    assert len(results) > in_flight + 4  # requests went on after the last kill
     assert failures == []
-    assert retried() > before  # the kill cost calls, and the ingress retried them
+    assert retried() > before  # a kill cost calls in flight, and the ingress retried them
     _wait_for(lambda: _replicas("LLM").get("RUNNING", 0) >= 1, 60, "a running LLM replica")
     assert _post("/recommend", {"user_id": "5", "mode": "generate"}).status_code == 200
 
