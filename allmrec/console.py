@@ -165,7 +165,7 @@ class _Descriptor2:
 
     def __init__(self) -> None:
         self.saved = os.dup(2)
-        self.terminal = open(  # noqa: SIM115 - closed in close()
+        self.terminal = open(  # noqa: SIM115 - closed at the end of quiet_console
             os.dup(self.saved), "w", buffering=1, encoding="utf-8", errors="replace"
         )
         self.thread: threading.Thread | None = None

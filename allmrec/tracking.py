@@ -178,7 +178,7 @@ def log_stage(config: Config, run_home: str, stage_dir: Path, manifest: dict) ->
     id; None when tracking is off."""
     if not config.tracking.mlflow_uri:
         return None
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
     name = manifest["stage"]
     inputs = manifest.get("inputs") or stage_inputs(name, config, stage_dir.parent)
@@ -193,8 +193,7 @@ def log_stage(config: Config, run_home: str, stage_dir: Path, manifest: dict) ->
     live = _live_run(client, experiment_id, run_name(name, inputs))
     if live is not None:  # its parameters and per-report series are there already
         run_id = live.info.run_id
-        for tag, value in tags.items():
-            client.set_tag(run_id, tag, value)
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     else:
         run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     try:
