@@ -46,6 +46,11 @@ _LOUD = {"ERROR", "CRITICAL", "FATAL"}
 # Its E lines report internal states (an actor's restart caveats) to Ray's own logs; only a
 # fatal one (F) reaches the terminal.
 _CPP_RECORD = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (?P<level>[DIWEF]) \d+ \d+\] ")
+# DeepSpeed's own logger: "[2026-12-02 08:15:54,882] [WARNING] [real_accelerator.py:213:...] "
+_DEEPSPEED_RECORD = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\] \[(?P<level>[A-Z]+)\] \[")
+# A library's tqdm bar ("Loading weights: 100%|####| 103/103 [00:00<00:00, ...]"), redrawn
+# with carriage returns on one line: the driver's own (a worker's is hidden with its prefix).
+_PROGRESS_BAR = re.compile(r"\d+%\|.*\| *\d+/\d+ \[")
 
 
 def shown_on_terminal(line: str) -> str | None:
@@ -59,6 +64,11 @@ def shown_on_terminal(line: str) -> str | None:
     cpp = _CPP_RECORD.match(line)
     if cpp:
         return line if cpp["level"] == "F" else None
+    deepspeed = _DEEPSPEED_RECORD.match(line)
+    if deepspeed:
+        return line if deepspeed["level"] in _LOUD else None
+    if _PROGRESS_BAR.search(line):
+        return None
     record = _RECORD.match(line)
     if record:
         ours = record["name"] == "allmrec" or record["name"].startswith("allmrec.")

@@ -26,6 +26,13 @@ HIDDEN = [
     "2026-12-02 00:10:34,868\tINFO logging_progress.py:225 -- Total Progress: 0/?",
     "00:10:35 INFO filelock: Lock 140 acquired on /root/.cache/x.lock",
     "00:10:35 WARNING transformers.modeling_utils: Some weights were not used",
+    # the driver's own, when it dequantizes the embedded LLM on a machine's first run
+    "Loading weights:   0%|          | 0/103 [00:00<?, ?it/s]\rLoading weights: 100%|"
+    "##########| 103/103 [00:00<00:00, 8886.97it/s]",
+    "Writing model shards:   0%|          | 0/1 [00:00<?, ?it/s]\rWriting model shards: 100%|"
+    "##########| 1/1 [00:00<00:00, 11.99it/s]",
+    "[2026-12-02 08:15:54,882] [WARNING] [real_accelerator.py:213:get_accelerator] Setting "
+    "accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.",
     # the driver's own core worker, written to descriptor 2 by C++
     "[2026-12-02 02:52:35,209 E 27776 27776] core_worker.cc:2465: Actor with class name: "
     "'MapWorker(MapBatches(ItemTextEmbedder))' and ID: 'bd9bf6' has constructor arguments",
@@ -46,6 +53,7 @@ SHOWN = {  # line -> what the terminal shows (None: the line as it is)
     "allmrec_Ingress va8yhr7a 8d4e -- POST /recommend 404 33.7ms": "INFO 2026-12-02 "
     "02:01:04,469 allmrec_Ingress va8yhr7a 8d4e -- POST /recommend 404 33.7ms",
     "allmrec: error: data/u.data line 3: expected 4 fields": None,
+    "[2026-12-02 08:15:54,882] [ERROR] [engine.py:1:init] DeepSpeed's errors stay visible": None,
 }
 
 
