@@ -212,10 +212,8 @@ def _serve_config(args: argparse.Namespace, run: RunStorage) -> dict:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import time
 
-    from ray import serve
-
     from allmrec.distributed.runtime import init_ray
-    from allmrec.distributed.serve_launch import start
+    from allmrec.distributed.serve_launch import start, stop
 
     config, run_dir = job_from_args(args)
     serve_config = _serve_config(args, run_dir)
@@ -235,16 +233,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        stop()
     return 0
 
 
 def _demo_serve(args: argparse.Namespace, run_dir: RunStorage) -> None:
     """The demo's last step: Serve on the stack just trained, one real HTTP request."""
-    from ray import serve
-
     from allmrec.client import Client
-    from allmrec.distributed.serve_launch import start
+    from allmrec.distributed.serve_launch import start, stop
 
     serve_config = _serve_config(args, run_dir)
     token_env = serve_config["applications"][0]["args"].get("token_env", TOKEN_ENV)
@@ -255,7 +251,7 @@ def _demo_serve(args: argparse.Namespace, run_dir: RunStorage) -> None:
         print(format_recommendations(answer))
         print(f"(the same from a shell: allmrec recommend --url {url} --user 1 --k 5)")
     finally:
-        serve.shutdown()
+        stop()
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -73,6 +73,11 @@ def start(config: dict, timeout_s: float = 300) -> str:
     return url
 
 
+def stop() -> None:
+    """Shut down Serve's applications and controller on the current Ray."""
+    serve.shutdown()
+
+
 def wait_ready(url: str, timeout_s: float) -> dict:
     deadline = time.monotonic() + timeout_s
     last = None
