@@ -45,6 +45,10 @@ def build_cf_model(cfg: CFConfig, num_users: int, num_items: int) -> CFBackbone:
 
 
 def state_dict_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights on the CPU, to be written at once: for a model already on the CPU these are
+    the live parameters themselves (`.to("cpu")` copies nothing), so a dict kept while training
+    goes on changes with it. (An earlier version kept the best epoch's weights that way and
+    shipped the last epoch's.)"""
     model = getattr(model, "module", model)  # DDP wraps the model
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
