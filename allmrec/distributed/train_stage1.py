@@ -36,7 +36,7 @@ from allmrec.distributed.common import (
 from allmrec.manifest import staged_output, write_manifest
 from allmrec.models.alignment import CollabTextAligner
 from allmrec.plots import plot_curves
-from allmrec.storage import RunStorage, open_run
+from allmrec.storage import RunStorage, cache_dir, open_run
 from allmrec.training.cf import load_cf_model, write_json
 from allmrec.training.stage1 import (
     FrozenCF,
@@ -44,6 +44,7 @@ from allmrec.training.stage1 import (
     collapse_stats,
     encode_texts,
     frozen_cf_inputs,
+    frozen_text_encodings,
     item_texts,
     joint_embeddings,
     stage1_batch,
@@ -212,7 +213,9 @@ def _set_up(loop_config: dict) -> _Worker:
     q_cache = None
     if cfg.text_encoder_trainable == "frozen":  # q_i never changes: encode every text once
         with gathered(list(aligner.text_encoder.parameters())):
-            q_cache = encode_texts(aligner, texts, device, max_tokens=cfg.max_text_tokens)
+            q_cache = frozen_text_encodings(
+                aligner, texts, device, cfg.max_text_tokens, cache_dir() / "text-encodings"
+            )
     if rank == 0:
         print(
             f"[stage1] set up in {time.perf_counter() - started:.1f} s; this worker holds "

@@ -1,0 +1,54 @@
+"""Stage 1's Ray-free pieces on the embedded MiniLM: the frozen encodings kept per machine."""
+
+import pytest
+import torch
+
+from allmrec.models.alignment import CollabTextAligner
+from allmrec.text_encoder import load_sentence_encoder
+from allmrec.training.stage1 import encode_texts, frozen_text_encodings
+
+TEXTS = ["Toy Story (1995), Animation", "Heat (1995), Action", "Fargo (1996), Crime"]
+
+
+@pytest.fixture(scope="module")
+def aligner():
+    torch.set_num_threads(1)
+    encoder = load_sentence_encoder("embedded:all-MiniLM-L6-v2")
+    return CollabTextAligner(encoder, 50, int(encoder.get_embedding_dimension()))
+
+
+def test_frozen_encodings_are_computed_once_and_read_back_exactly(aligner, tmp_path):
+    expected = encode_texts(aligner, TEXTS, "cpu", max_tokens=128)
+    first = frozen_text_encodings(aligner, TEXTS, "cpu", 128, tmp_path)
+    [kept] = tmp_path.glob("*.safetensors")
+    stamp = kept.stat().st_mtime_ns
+    second = frozen_text_encodings(aligner, TEXTS, "cpu", 128, tmp_path)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert kept.stat().st_mtime_ns == stamp  # read, not written again
+    assert list(tmp_path.glob("*.partial")) == []
+
+
+def test_another_text_limit_or_encoder_is_another_entry(aligner, tmp_path):
+    frozen_text_encodings(aligner, TEXTS, "cpu", 128, tmp_path)
+    frozen_text_encodings(aligner, TEXTS[:2], "cpu", 128, tmp_path)
+    frozen_text_encodings(aligner, TEXTS, "cpu", 8, tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+    # A fine-tuned encoder's weights differ: its encodings are not the kept ones.
+    weight = next(aligner.text_encoder.parameters())
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(0.01)
+    try:
+        changed = frozen_text_encodings(aligner, TEXTS, "cpu", 128, tmp_path)
+        assert len(list(tmp_path.glob("*.safetensors"))) == 4
+        assert torch.equal(changed, encode_texts(aligner, TEXTS, "cpu", max_tokens=128))
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+
+
+def test_no_cache_computes(aligner):
+    assert torch.equal(
+        frozen_text_encodings(aligner, TEXTS, "cpu", 128, None),
+        encode_texts(aligner, TEXTS, "cpu", max_tokens=128),
+    )
