@@ -27,6 +27,8 @@ WORKER_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
 
+# Only for a Ray started here, on one machine (see _init_ray).
+LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 _started_locally = False
 
@@ -108,6 +110,10 @@ def _init_ray(cfg: RayConfig) -> None:
         return
     global _started_locally
     _started_locally = True
+    # Ray Train starts a preemption watcher (one more actor process) for every run to log
+    # drained nodes; a Ray on one machine has no node to drain.
+    for key, value in LOCAL_ENV.items():
+        runtime_env["env_vars"][key] = os.environ.setdefault(key, value)  # a user's own wins
     log.info("starting a local Ray (object store %.1f GiB)", cfg.object_store_gb)
     ray.init(
         num_cpus=cfg.num_cpus,

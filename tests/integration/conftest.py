@@ -8,6 +8,14 @@ import pytest
 # The session's Stage 1: 4 epochs, validated at the end, a checkpoint every 2 epochs (the
 # resume test runs it again with a failure at epoch 3).
 STAGE1_SETTINGS = ("stage1.epochs=4", "stage1.eval_every=4", "stage1.checkpoint_every=2")
+# Another seed's one-epoch Stage 1 (`other_stage1_run`).
+OTHER_STAGE1_SETTINGS = (
+    "seed=7",
+    "stage1.epochs=1",
+    "stage1.eval_every=1",
+    "stage1.checkpoint_every=1",
+    "stage1.eval_users=100",
+)
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +79,23 @@ def stage1_run(cf_run, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("stage1") / "run"
     shutil.copytree(cf_run, run_dir, ignore=shutil.ignore_patterns("checkpoints"))
     config = load_config(["configs/ml-100k-cpu.yaml"], list(STAGE1_SETTINGS))
+    train_stage1(config, run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def other_stage1_run(cf_run, tmp_path_factory):
+    """`cf_run` plus a one-epoch Stage 1 of another seed (one worker, ZeRO-3): a Stage 1 that
+    really differs from `stage1_run`'s, for the ZeRO-3 comparison and the cross-domain
+    section."""
+    import shutil
+
+    from allmrec.config import load_config
+    from allmrec.distributed.train_stage1 import train_stage1
+
+    run_dir = tmp_path_factory.mktemp("stage1-seed7") / "run"
+    shutil.copytree(cf_run, run_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    config = load_config(["configs/ml-100k-cpu.yaml"], list(OTHER_STAGE1_SETTINGS))
     train_stage1(config, run_dir)
     return run_dir
 

@@ -82,6 +82,10 @@ def test_ray_train_resumes_after_worker_failure_and_repeats(ml100k_prepared, tmp
     # The weights are those of the checkpoint Ray scored best by validation NDCG@10.
     scored = {row["epoch"]: row["valid_ndcg@10"] for row in history if "valid_ndcg@10" in row}
     assert list(scored) == [2, 4] and failed["best_epoch"] == max(scored, key=scored.get)
+    # ... and the model written is that epoch's: its validation NDCG@10, scored again on the
+    # same seeded candidates, is the one the history holds for the best epoch.
+    best_ndcg = failed["metrics"]["model"]["valid_100neg_ndcg@10"]
+    assert best_ndcg == pytest.approx(scored[failed["best_epoch"]], abs=1e-3)
     # MLflow got every report as it came, through the failure and the resume, into the
     # stage's one run, which the end of the stage (here called as the chain calls it) closes.
     import mlflow

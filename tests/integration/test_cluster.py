@@ -151,8 +151,10 @@ def _run(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProc
 
 
 @pytest.fixture(scope="module")
-def local_cluster(tmp_path_factory):
-    """cluster/local.sh start ... stop, on ports and a token of the test's own."""
+def local_cluster(tmp_path_factory, stage1_run, tiny_llm):
+    """cluster/local.sh start ... stop, on ports and a token of the test's own. The session's
+    Stage 1 and tiny LLM (the pipeline job's inputs) are made first: the cluster's processes
+    would slow their training."""
     base = tmp_path_factory.mktemp("cluster")
     env = {
         **os.environ,

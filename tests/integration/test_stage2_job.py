@@ -297,29 +297,18 @@ def test_evaluate_a_rank_stack_rows_catalogue_and_paired_intervals(rank_run):
 
 
 @pytest.mark.slow
-def test_evaluate_few_shot_and_cross_domain_sections(
-    two_worker_run, rank_run, stage1_run, tmp_path
-):
+def test_evaluate_few_shot_and_cross_domain_sections(two_worker_run, rank_run, other_stage1_run):
     """Few-shot: another run's Stage 2 (here the generate run's) on this run's users;
     cross-domain: this run's Stage 2 (the rank run's) on another run's CF and Stage 1 outputs
-    (here a Stage 1 trained again with another seed). Both other runs really differ, so
+    (here the session's Stage 1 of another seed). Both other runs really differ, so
     ignoring either one fails. (The rank run is the one evaluated cross-domain because its
     readout reads the item vectors directly: the tiny random LLM's likelihood of the titles
     ranked 8 users the same over either Stage 1.)"""
     from allmrec.distributed.evaluate import evaluate_stack
-    from allmrec.distributed.train_stage1 import train_stage1
 
     run_dir, _ = rank_run
     few_shot, _ = two_worker_run
-    other = tmp_path / "other"
-    shutil.copytree(stage1_run, other, ignore=shutil.ignore_patterns("checkpoints", "stage1"))
-    train_stage1(
-        load_config(
-            ["configs/ml-100k-cpu.yaml"],
-            ["seed=7", "stage1.epochs=1", "stage1.eval_every=1", "stage1.checkpoint_every=1"],
-        ),
-        other,
-    )
+    other = other_stage1_run
     overrides = [
         "evaluate.max_users=8",
         "evaluate.generation=false",
