@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -306,15 +307,18 @@ def _read_placement(paths: list[str]) -> dict:
     return {"label_selector": {"ray.io/node-id": _this_node()}}
 
 
-def prepare_data(config: Config, run_dir: str | Path | RunStorage) -> dict:
-    """Read, filter, split and embed the configured source into the run's `data/`."""
-    run = open_run(run_dir)
-    run_dir = run.local
-    cfg = config.data
-    started = time.perf_counter()
-    source = resolve_source(cfg)
-    log.info("preparing %s (%s): %s", source.name, source.format, source.interaction_paths)
+@dataclass
+class _Interactions:
+    """What reading the source left: its good rows and the bad lines found."""
 
+    good: ray.data.Dataset
+    rows: int
+    bad_total: int
+    bad_shown: list[str]  # at most 100, each naming its file and line
+
+
+def _read_interactions(source: ResolvedSource, cfg: DataConfig) -> _Interactions:
+    """The source's interaction lines as a Ray Dataset; too many bad lines is an error."""
     raw = ray.data.read_datasource(
         InteractionLogDatasource(source.interaction_paths, source.format, cfg.read_batch_rows),
         # Ray's default splits the output into 200 blocks; on a small cluster each later pass
@@ -324,23 +328,30 @@ def prepare_data(config: Config, run_dir: str | Path | RunStorage) -> dict:
     ).materialize()
     bad_ds = raw.map_batches(_only_bad, batch_format="pyarrow").materialize()
     bad_total = bad_ds.count()
-    bad_interactions = [r["error"] for r in bad_ds.take(100)] if bad_total else []
-    _raise_on_bad_lines(bad_interactions, bad_total, cfg.max_bad_lines, "interaction")
+    bad_shown = [r["error"] for r in bad_ds.take(100)] if bad_total else []
+    _raise_on_bad_lines(bad_shown, bad_total, cfg.max_bad_lines, "interaction")
 
     # materialized: counted here and shuffled next, read once
     good = raw.map_batches(_only_good, batch_format="pyarrow").materialize()
-    raw_rows = good.count()
-    if raw_rows == 0:
+    rows = good.count()
+    if rows == 0:
         raise DataPreparationError(
             f"no interactions could be read from {', '.join(source.interaction_paths)}"
         )
+    return _Interactions(good, rows, bad_total, bad_shown)
+
+
+def _filter_and_split(
+    good: ray.data.Dataset, source: ResolvedSource, cfg: DataConfig, filter_rounds: list[dict]
+) -> tuple[ray.data.Dataset, list, list]:
+    """Each user's interactions sorted (ties by source order) and deduplicated, the k-core
+    filter (its rounds appended to `filter_rounds`), contiguous ids, and the leave-one-out
+    split: (the split Dataset, user ids in id order, item ids in id order)."""
     sorted_users = (
         good.groupby("user_id", num_partitions=_shuffle_partitions())
         .map_groups(partial(prepare.sort_user_group, dedupe=cfg.dedupe), batch_format="pyarrow")
         .materialize()
     )
-
-    filter_rounds: list[dict] = []
     filtered = _kcore(sorted_users, cfg, filter_rounds)
     users_left, items_left = _counts(filtered)
     if not users_left:  # the one-pass filter removed items, and with them whole users
@@ -352,7 +363,6 @@ def prepare_data(config: Config, run_dir: str | Path | RunStorage) -> dict:
     user_order = prepare.contiguous_ids(list(users_left))
     item_order = prepare.contiguous_ids(list(items_left))
     user_arr, item_arr = pa.array(user_order), pa.array(item_order)
-
     split = (
         filtered.map_batches(
             lambda t: prepare.remap_block(t, user_arr, item_arr), batch_format="pyarrow"
@@ -360,19 +370,93 @@ def prepare_data(config: Config, run_dir: str | Path | RunStorage) -> dict:
         .groupby("user_idx", num_partitions=_shuffle_partitions())
         .map_groups(prepare.split_user_group, batch_format="pyarrow")
     )
+    return split, user_order, item_order
 
-    with staged_output(run_dir / "data") as out:
-        split.write_parquet(
-            str(out / "interactions"),
-            ray_remote_args={
-                "scheduling_strategy": NodeAffinitySchedulingStrategy(_this_node(), soft=False)
-            },
-        )
-        interactions = pq.read_table(out / "interactions").sort_by(
-            [("user_idx", "ascending"), ("position", "ascending")]
-        )
-        is_train = pc.equal(interactions.column("split"), "train")
-        train = interactions.filter(is_train)
+
+def _write_interactions(split: ray.data.Dataset, out: Path) -> pa.Table:
+    """The split as Parquet on this node's staging directory, read back in (user, position)
+    order."""
+    split.write_parquet(
+        str(out / "interactions"),
+        ray_remote_args={
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(_this_node(), soft=False)
+        },
+    )
+    return pq.read_table(out / "interactions").sort_by(
+        [("user_idx", "ascending"), ("position", "ascending")]
+    )
+
+
+def _users_table(user_order: list, user_train: np.ndarray, cfg: DataConfig) -> pa.Table:
+    return pa.table(
+        {
+            "user_idx": pa.array(np.arange(1, len(user_order) + 1, dtype=np.int32)),
+            "user_id": user_order,
+            "num_train": pa.array(user_train[1:].astype(np.int32)),
+            "is_cold": pa.array(user_train[1:] <= cfg.cold_user_threshold),
+        },
+        schema=USERS_SCHEMA,
+    )
+
+
+def _counts_of(
+    read: _Interactions,
+    filter_rounds: list[dict],
+    interactions: pa.Table,
+    items: pa.Table,
+    users: pa.Table,
+    items_without_meta: int,
+    bad_item_lines: list[BadLine],
+) -> dict:
+    """The manifest's counts: raw, after filtering, per split, cold, bad lines."""
+    splits, counts = np.unique(
+        interactions.column("split").to_numpy(zero_copy_only=False), return_counts=True
+    )
+    return {
+        "raw": {
+            "users": filter_rounds[0]["users"],
+            "items": filter_rounds[0]["items"],
+            "interactions": int(read.rows),
+            "interactions_after_dedupe": filter_rounds[0]["interactions"],
+        },
+        "users": users.num_rows,
+        "items": items.num_rows,
+        "interactions": interactions.num_rows,
+        "splits": {s: int(n) for s, n in zip(splits, counts, strict=True)},
+        "cold_items": int(pc.sum(items.column("is_cold")).as_py()),
+        "cold_users": int(pc.sum(users.column("is_cold")).as_py()),
+        "items_without_metadata": items_without_meta,
+        "bad_lines": {"interactions": read.bad_total, "items": len(bad_item_lines)},
+    }
+
+
+def _preprocessing(cfg: DataConfig, filter_rounds: list[dict]) -> dict:
+    return {
+        "dedupe": "first interaction of each (user, item) kept" if cfg.dedupe else "none",
+        "filter": f"users >= {cfg.min_user_interactions}, items >= "
+        f"{cfg.min_item_interactions} interactions"
+        + (" (iterative k-core)" if cfg.iterative_kcore else " (one pass)"),
+        "filter_rounds": filter_rounds,
+        "tie_break": prepare.TIE_BREAK,
+        "split": "leave-one-out by time: last = test, second-to-last = valid",
+        "ids": "contiguous from 1; 0 is padding",
+    }
+
+
+def prepare_data(config: Config, run_dir: str | Path | RunStorage) -> dict:
+    """Read, filter, split and embed the configured source into the run's `data/`."""
+    run = open_run(run_dir)
+    cfg = config.data
+    started = time.perf_counter()
+    source = resolve_source(cfg)
+    log.info("preparing %s (%s): %s", source.name, source.format, source.interaction_paths)
+    read = _read_interactions(source, cfg)
+    filter_rounds: list[dict] = []
+    split, user_order, item_order = _filter_and_split(read.good, source, cfg, filter_rounds)
+
+    with staged_output(run.local / "data") as out:
+        interactions = _write_interactions(split, out)
+        train = interactions.filter(pc.equal(interactions.column("split"), "train"))
         item_train = np.bincount(train.column("item_idx").to_numpy(), minlength=len(item_order) + 1)
         user_train = np.bincount(train.column("user_idx").to_numpy(), minlength=len(user_order) + 1)
 
@@ -384,47 +468,13 @@ def prepare_data(config: Config, run_dir: str | Path | RunStorage) -> dict:
             [b.describe() for b in bad_item_lines], len(bad_item_lines), cfg.max_bad_lines, "item"
         )
         pq.write_table(items, out / "items.parquet")
-        users = pa.table(
-            {
-                "user_idx": pa.array(np.arange(1, len(user_order) + 1, dtype=np.int32)),
-                "user_id": user_order,
-                "num_train": pa.array(user_train[1:].astype(np.int32)),
-                "is_cold": pa.array(user_train[1:] <= cfg.cold_user_threshold),
-            },
-            schema=USERS_SCHEMA,
-        )
+        users = _users_table(user_order, user_train, cfg)
         pq.write_table(users, out / "users.parquet")
 
         log.info("embedding %d item texts with %s", items.num_rows, cfg.text_encoder)
         embeddings, dim = _embed_items(items, cfg)
         pq.write_table(embeddings, out / "item_text_emb.parquet")
 
-        split_counts = {
-            s: int(n)
-            for s, n in zip(
-                *np.unique(
-                    interactions.column("split").to_numpy(zero_copy_only=False), return_counts=True
-                ),
-                strict=True,
-            )
-        }
-        raw_counts = {
-            "users": filter_rounds[0]["users"],
-            "items": filter_rounds[0]["items"],
-            "interactions": int(raw_rows),
-            "interactions_after_dedupe": filter_rounds[0]["interactions"],
-        }
-        counts = {
-            "raw": raw_counts,
-            "users": len(user_order),
-            "items": len(item_order),
-            "interactions": interactions.num_rows,
-            "splits": split_counts,
-            "cold_items": int(pc.sum(items.column("is_cold")).as_py()),
-            "cold_users": int(pc.sum(users.column("is_cold")).as_py()),
-            "items_without_metadata": items_without_meta,
-            "bad_lines": {"interactions": bad_total, "items": len(bad_item_lines)},
-        }
         manifest = write_manifest(
             out,
             "data",
@@ -438,18 +488,11 @@ def prepare_data(config: Config, run_dir: str | Path | RunStorage) -> dict:
                 "sha256": source.hashes,
             },
             expected_raw=source.expected_raw,
-            preprocessing={
-                "dedupe": "first interaction of each (user, item) kept" if cfg.dedupe else "none",
-                "filter": f"users >= {cfg.min_user_interactions}, items >= "
-                f"{cfg.min_item_interactions} interactions"
-                + (" (iterative k-core)" if cfg.iterative_kcore else " (one pass)"),
-                "filter_rounds": filter_rounds,
-                "tie_break": prepare.TIE_BREAK,
-                "split": "leave-one-out by time: last = test, second-to-last = valid",
-                "ids": "contiguous from 1; 0 is padding",
-            },
-            counts=counts,
-            bad_lines=bad_interactions + [b.describe() for b in bad_item_lines[:100]],
+            preprocessing=_preprocessing(cfg, filter_rounds),
+            counts=_counts_of(
+                read, filter_rounds, interactions, items, users, items_without_meta, bad_item_lines
+            ),
+            bad_lines=read.bad_shown + [b.describe() for b in bad_item_lines[:100]],
             text_encoder={"name": cfg.text_encoder, "dim": dim},
             fingerprint=_fingerprint(interactions),
             outputs=tree_sha256(out),
