@@ -131,8 +131,10 @@ def frozen_text_encodings(
         return encode_texts(aligner, texts, device, max_tokens=max_tokens)
     digest = hashlib.sha256()
     for name, tensor in aligner.text_encoder.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        # raw bytes of any dtype (numpy has no bfloat16, the GPU profile's)
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        digest.update(f"{name}|{tensor.dtype}".encode())
+        digest.update(raw.numpy().tobytes())
     digest.update(f"{max_tokens}|{torch.device(device).type}|{torch.get_num_threads()}".encode())
     digest.update("\x00".join(texts).encode())
     path = Path(cache) / f"{digest.hexdigest()[:32]}.safetensors"

@@ -52,3 +52,14 @@ def test_no_cache_computes(aligner):
         frozen_text_encodings(aligner, TEXTS, "cpu", 128, None),
         encode_texts(aligner, TEXTS, "cpu", max_tokens=128),
     )
+
+
+def test_a_bfloat16_encoder_is_kept_under_its_own_key(aligner, tmp_path):
+    """The GPU profile's encoder weights are bfloat16, which numpy cannot hold."""
+    import copy
+
+    half = copy.deepcopy(aligner).to(torch.bfloat16)
+    q = frozen_text_encodings(half, TEXTS, "cpu", 128, tmp_path)
+    frozen_text_encodings(aligner, TEXTS, "cpu", 128, tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    assert torch.equal(q, frozen_text_encodings(half, TEXTS, "cpu", 128, tmp_path))
