@@ -18,7 +18,7 @@ import numpy as np
 import ray
 
 from allmrec.config import Config, config_to_dict
-from allmrec.data.prepared import seeded_users
+from allmrec.data.prepared import load_prepared, seeded_users
 from allmrec.distributed.runtime import check_fits_locally
 from allmrec.llm_evaluation import (
     ALLMREC,
@@ -113,8 +113,6 @@ def _run_sharded(
 
 def evaluate_stack(config: Config, run_dir: str | Path | RunStorage) -> dict:
     """Evaluate the run's trained stack; writes its `eval/`."""
-    from allmrec.data.prepared import load_prepared
-
     cfg = config.evaluate
     run = open_run(run_dir)
     run_dir = run.pull(*STACK)
@@ -137,28 +135,7 @@ def evaluate_stack(config: Config, run_dir: str | Path | RunStorage) -> dict:
     records = _run_sharded(config, run, None, users, rows, True, "evaluate", llm_only_users)
     tables = scenario_tables(records)
     differences = scenario_differences(records, config.seed)
-    sections = {}
-    for other in cfg.few_shot:
-        other = open_run(other)
-        stage2_of_other = read_manifest(other.pull("stage2") / "stage2", "stage2")
-        share = stage2_of_other["config"]["stage2"]["train_user_share"]
-        part = _run_sharded(config, other, run, users, [ALLMREC], False, f"few-shot {other.home}")
-        name = f"few-shot: Stage 2 on {share:.0%} of the users ({other.name})"
-        tables[name] = summarize(part)
-        differences[name] = paired_differences(part, config.seed)
-        sections[name] = part
-    for other in cfg.cross_domain:
-        other = open_run(other)
-        other_users = seeded_users(
-            load_prepared(other.pull("data")).eval_users(cfg.split), cfg.max_users, config.seed
-        )
-        part = _run_sharded(
-            config, run, other, other_users, rows, True, f"cross-domain {other.home}"
-        )
-        name = f"cross-domain: evaluated on {other.name}"
-        tables[name] = summarize(part)
-        differences[name] = paired_differences(part, config.seed)
-        sections[name] = part
+    sections = _other_runs(config, run, users, rows, tables, differences)
     seconds = time.perf_counter() - started
 
     title = f"A-LLMRec on {run.name}: {cfg.split} split, 20 candidates per user"
@@ -188,6 +165,36 @@ def evaluate_stack(config: Config, run_dir: str | Path | RunStorage) -> dict:
         )
     run.push("eval")
     return manifest
+
+
+def _other_runs(config: Config, run, users, rows, tables: dict, differences: dict) -> dict:
+    """The few-shot sections (another run's Stage 2 on this run's users) and the
+    cross-domain ones (this run's stack on another run's data), added to `tables` and
+    `differences`; their per-user records by section."""
+    cfg = config.evaluate
+    sections = {}
+    for other in cfg.few_shot:
+        other = open_run(other)
+        stage2_of_other = read_manifest(other.pull("stage2") / "stage2", "stage2")
+        share = stage2_of_other["config"]["stage2"]["train_user_share"]
+        part = _run_sharded(config, other, run, users, [ALLMREC], False, f"few-shot {other.home}")
+        name = f"few-shot: Stage 2 on {share:.0%} of the users ({other.name})"
+        tables[name] = summarize(part)
+        differences[name] = paired_differences(part, config.seed)
+        sections[name] = part
+    for other in cfg.cross_domain:
+        other = open_run(other)
+        other_users = seeded_users(
+            load_prepared(other.pull("data")).eval_users(cfg.split), cfg.max_users, config.seed
+        )
+        part = _run_sharded(
+            config, run, other, other_users, rows, True, f"cross-domain {other.home}"
+        )
+        name = f"cross-domain: evaluated on {other.name}"
+        tables[name] = summarize(part)
+        differences[name] = paired_differences(part, config.seed)
+        sections[name] = part
+    return sections
 
 
 def _table_notes(stage2: dict, cfg, llm_only_users) -> list[str]:

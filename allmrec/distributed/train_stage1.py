@@ -310,22 +310,42 @@ def train_stage1(
     if not write_artifact:
         return {"history": state["history"], "epochs_run": state["epoch"]}
 
+    aligner = _trained_aligner(config, cf_model, trained.weights)
+    manifest = _write_stage1(run_dir / "stage1", config, aligner, cf_model, data, trained)
+    run.push("stage1")
+    return manifest
+
+
+def _trained_aligner(config: Config, cf_model, weights: dict) -> CollabTextAligner:
+    """The aligner with the weights the Train run kept (a frozen text encoder's are not
+    in them: it is loaded as it was)."""
     aligner = build_aligner(config, cf_model.item_embeddings().shape[1])
-    missing, unexpected = aligner.load_state_dict(trained.weights, strict=False)
+    missing, unexpected = aligner.load_state_dict(weights, strict=False)
     if (
         unexpected
         or any(not k.startswith("text_encoder.") for k in missing)
-        or (missing and cfg.text_encoder_trainable != "frozen")
+        or (missing and config.stage1.text_encoder_trainable != "frozen")
     ):
         raise RuntimeError(
             f"Stage 1 checkpoint does not match the model: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
-    aligner.eval()
+    return aligner.eval()
+
+
+def _write_stage1(
+    stage_dir: Path, config: Config, aligner: CollabTextAligner, cf_model, data, trained
+) -> dict:
+    """stage1/: the autoencoders, every item's joint embedding, the curves and the manifest."""
+    cfg, state = config.stage1, trained.state
     frozen = frozen_cf_inputs(cf_model, data, cf_model.config.max_len)
     texts, no_train, _ = item_texts(data)
-    with staged_output(run_dir / "stage1") as out:
-        joint = write_stage1_artifact(out, aligner, frozen, texts, no_train, cfg.max_text_tokens)
+    with staged_output(stage_dir) as out:
+        # a frozen encoder's q_i, kept per machine: the next run reads them
+        cache = cache_dir() / "text-encodings" if cfg.text_encoder_trainable == "frozen" else None
+        joint = write_stage1_artifact(
+            out, aligner, frozen, texts, no_train, cfg.max_text_tokens, cache
+        )
         plot_curves(
             state["history"],
             out / "curves.png",
@@ -333,10 +353,10 @@ def train_stage1(
         )
         write_json(out / "history.json", {"history": state["history"]})
         last = state["history"][-1]
-        manifest = write_manifest(
+        return write_manifest(
             out,
             "stage1",
-            config=settings,
+            config=config_to_dict(config),
             inputs=trained.inputs,
             text_encoder={
                 "name": config.data.text_encoder,
@@ -357,5 +377,3 @@ def train_stage1(
             param_share_by_rank=[v for k, v in last.items() if k.startswith("param_share_rank")],
             train_seconds=round(trained.seconds, 1),
         )
-    run.push("stage1")
-    return manifest

@@ -105,6 +105,35 @@ class _Worker:
         self.state["curve"].append(point)
         return point
 
+    def train_step(self, epoch: int, step: int, pairs: list[tuple[int, int]]) -> list[float]:
+        """One optimizer step on `pairs`: [loss, bypass loss, 1 step, prompts, tokens]."""
+        # a generator per step: a resumed epoch draws the same negatives and orders
+        rng = np.random.default_rng([self.config.seed, epoch, self.rank, step])
+        examples = training_examples(pairs, self.inputs, self.config, rng)
+        batch = self.model.collate(examples).to(self.device)
+        losses = self.engine(batch)
+        self.engine.backward(losses["loss"])
+        self.engine.step()
+        self.state["step"] = step + 1
+        self.state["prompts"] += len(examples) * self.world  # equal shards
+        main = float(losses.get("rank", losses["loss"]).detach())
+        bypass = float(losses["bypass"].detach()) if "bypass" in losses else 0.0
+        return [main, bypass, 1, len(examples), int(batch.attention_mask.sum())]
+
+    def between_steps(self, epoch: int, steps_done: int, loss: float) -> None:
+        """Inside an epoch: a validation point every `validate_every_steps` and a checkpoint
+        every `checkpoint_every_steps`."""
+        cfg = self.config.stage2
+        if cfg.validate_every_steps and steps_done % cfg.validate_every_steps == 0:
+            point = self.validate()
+            if self.rank == 0:
+                print_epoch("stage2 validation", point)
+        if cfg.checkpoint_every_steps and steps_done % cfg.checkpoint_every_steps == 0:
+            point = self.state["curve"][-1] if self.state["curve"] else {}
+            metrics = {"epoch": epoch, "step": steps_done, "prompts": self.state["prompts"]}
+            metrics |= {"loss": loss} | {k: v for k, v in point.items() if k.startswith("valid_")}
+            self.save(metrics)
+
     def train_epoch(self, epoch: int, shard_users: np.ndarray) -> dict:
         """One epoch over this worker's users (resuming at `state['step']`), validating every
         `stage2.validate_every_steps`; the epoch's metrics, summed over the workers."""
@@ -117,41 +146,15 @@ class _Worker:
         self.engine.train()
         for step in range(self.state["step"], steps):
             take = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            # a generator per step: a resumed epoch draws the same negatives and orders
-            rng = np.random.default_rng([seed, epoch, rank, step])
-            examples = training_examples([pairs[i] for i in take], self.inputs, self.config, rng)
-            batch = self.model.collate(examples).to(self.device)
-            losses = self.engine(batch)
-            self.engine.backward(losses["loss"])
-            self.engine.step()
-            main = float(losses.get("rank", losses["loss"]).detach())
-            bypass = float(losses["bypass"].detach()) if "bypass" in losses else 0.0
-            sums += [main, bypass, 1, len(examples), int(batch.attention_mask.sum())]
-            self.state["step"] = step + 1
-            self.state["prompts"] += len(examples) * self.world  # equal shards
+            sums += self.train_step(epoch, step, [pairs[i] for i in take])
             if rank == 0 and (step + 1) % 10 == 0:
                 print(
                     f"[stage2] epoch {epoch} step {step + 1}/{steps} loss {sums[0] / sums[2]:.4f} "
                     f"({sums[3] / (time.perf_counter() - started):.2f} prompts/s on this worker)",
                     flush=True,
                 )
-            every = cfg.validate_every_steps
-            if every and (step + 1) % every == 0 and step + 1 < steps:
-                point = self.validate()
-                if rank == 0:
-                    print_epoch("stage2 validation", point)
-            every = cfg.checkpoint_every_steps
-            if every and (step + 1) % every == 0 and step + 1 < steps:
-                point = self.state["curve"][-1] if self.state["curve"] else {}
-                self.save(
-                    {
-                        "epoch": epoch,
-                        "step": step + 1,
-                        "prompts": self.state["prompts"],
-                        "loss": sums[0] / sums[2],
-                    }
-                    | {k: v for k, v in point.items() if k.startswith("valid_")}
-                )
+            if step + 1 < steps:  # the epoch's end validates and saves anyway
+                self.between_steps(epoch, step + 1, sums[0] / sums[2])
             maybe_fail(
                 cfg.fail_at_epoch,
                 epoch,
@@ -294,13 +297,7 @@ def train_stage2(config: Config, run_dir: str | Path | RunStorage) -> dict:
     inputs = load_stage2_inputs(run_dir, config)  # fail early, with a clear message
     if cfg.llm.startswith(EMBEDDED_PREFIX):
         embedded_llm_path(cfg.llm)  # dequantize once here, not in every worker at once
-    rng = np.random.default_rng(config.seed)
-    users = rng.permutation(inputs.data.training_users())
-    if cfg.train_user_share < 1:
-        users = users[: max(1, round(cfg.train_user_share * len(users)))]
-    if cfg.max_train_users is not None:
-        users = users[: cfg.max_train_users]
-    users = np.sort(users)
+    users = _training_users(config, inputs)
     settings = config_to_dict(config)
     trained = train_stage(
         "stage2",
@@ -320,9 +317,28 @@ def train_stage2(config: Config, run_dir: str | Path | RunStorage) -> dict:
         describe=f"Stage 2 ({cfg.llm}, ZeRO-{cfg.zero_stage}, {cfg.scaling.num_workers} "
         f"worker(s), {len(users)} users x {cfg.epochs} epoch(s))",
     )
-    state, weights = trained.state, trained.weights
+    manifest = _write_stage2(run_dir / "stage2", config, trained, len(users))
+    run.push("stage2")
+    return manifest
 
-    with staged_output(run_dir / "stage2") as out:
+
+def _training_users(config: Config, inputs) -> np.ndarray:
+    """The users Stage 2 trains on: a seeded `train_user_share` (few-shot) and at most
+    `max_train_users` of them, sorted."""
+    cfg = config.stage2
+    users = np.random.default_rng(config.seed).permutation(inputs.data.training_users())
+    if cfg.train_user_share < 1:
+        users = users[: max(1, round(cfg.train_user_share * len(users)))]
+    if cfg.max_train_users is not None:
+        users = users[: cfg.max_train_users]
+    return np.sort(users)
+
+
+def _write_stage2(stage_dir: Path, config: Config, trained, num_users: int) -> dict:
+    """stage2/: what was trained (never the LLM), the curves and the manifest."""
+    cfg = config.stage2
+    state, weights = trained.state, trained.weights
+    with staged_output(stage_dir) as out:
         save_file(weights, str(out / WEIGHTS))
         plot_curves(state["history"], out / "curves.png", title=f"Stage 2 ({cfg.llm})")
         plot_learning_curve(
@@ -330,10 +346,10 @@ def train_stage2(config: Config, run_dir: str | Path | RunStorage) -> dict:
         )
         write_json(out / "history.json", {"history": state["history"], "curve": state["curve"]})
         last = state["history"][-1]
-        manifest = write_manifest(
+        return write_manifest(
             out,
             "stage2",
-            config=settings,
+            config=config_to_dict(config),
             inputs=trained.inputs,
             llm={"name": cfg.llm, "dtype": str(llm_dtype(config)).removeprefix("torch.")},
             objective=cfg.objective,
@@ -346,7 +362,7 @@ def train_stage2(config: Config, run_dir: str | Path | RunStorage) -> dict:
             train_prompts=state["prompts"],
             curve=state["curve"],
             projector_shapes={k: list(v.shape) for k, v in weights.items()},
-            train_users=len(users),
+            train_users=num_users,
             epochs_run=state["epoch"],
             metrics={k: v for k, v in last.items() if k != "epoch"},
             probe_loss=state.get("probe"),
@@ -355,5 +371,3 @@ def train_stage2(config: Config, run_dir: str | Path | RunStorage) -> dict:
             zero_stage=cfg.zero_stage,
             train_seconds=round(trained.seconds, 1),
         )
-    run.push("stage2")
-    return manifest

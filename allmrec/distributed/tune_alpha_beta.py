@@ -142,67 +142,75 @@ def search_alpha_beta(
     else:
         (run_dir / "tune").mkdir(parents=True, exist_ok=True)
         (run_dir / "tune" / STOPPED_FILE).unlink(missing_ok=True)  # a new search's decisions
-        per_trial = scaling.num_workers * scaling.cpus_per_worker
-        concurrent = cfg.max_concurrent_trials or max(
-            1, math.floor(ray.cluster_resources().get("CPU", 1) / per_trial)
-        )
-        tuner = tune.Tuner(
-            trainable,
-            param_space={
-                "config": config_to_dict(config),
-                "run": run.home,
-                "train_storage": join(storage, f"{cfg.name}-train"),
-                **_space(config),
-            },
-            tune_config=tune.TuneConfig(
-                metric=cfg.metric,
-                mode="max",
-                scheduler=RecordingASHA(
-                    run_dir / "tune" / STOPPED_FILE,
-                    time_attr="training_iteration",
-                    max_t=config.stage1.epochs,
-                    grace_period=cfg.grace_period,
-                    reduction_factor=cfg.reduction_factor,
-                ),
-                num_samples=1 if cfg.search == "grid" else cfg.num_samples,
-                max_concurrent_trials=concurrent,
-            ),
-            run_config=tune.RunConfig(
-                name=cfg.name,
-                storage_path=storage,
-                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                callbacks=_tracking_callbacks(config, run.home),
-            ),
-        )
-        log.info(
-            "searching alpha, beta (%s) into %s, %d trial(s) at a time",
-            cfg.search,
-            path,
-            concurrent,
-        )
+        tuner = _new_tuner(config, run, run_dir, trainable, storage)
     grid = tuner.fit()
-    stopped = read_stopped(run_dir / "tune")
+    rows = _trial_rows(grid, cfg.metric, read_stopped(run_dir / "tune"))
+    best = write_results(rows, run_dir / "tune", cfg.metric, config.stage1.epochs)
+    files = [f for f in (*RESULT_FILES, STOPPED_FILE) if (run_dir / "tune" / f).is_file()]
+    run.push("tune", files=files)
+    return {"experiment": path, "trials": rows, "best": best}
+
+
+def _new_tuner(config: Config, run, run_dir: Path, trainable, storage: str) -> tune.Tuner:
+    """A fresh search: ASHA over the space, as many trials at a time as the cluster's CPUs
+    hold (or `tune.max_concurrent_trials`)."""
+    cfg, scaling = config.tune, config.stage1.scaling
+    per_trial = scaling.num_workers * scaling.cpus_per_worker
+    concurrent = cfg.max_concurrent_trials or max(
+        1, math.floor(ray.cluster_resources().get("CPU", 1) / per_trial)
+    )
+    log.info(
+        "searching alpha, beta (%s) into %s, %d trial(s) at a time",
+        cfg.search,
+        join(storage, cfg.name),
+        concurrent,
+    )
+    return tune.Tuner(
+        trainable,
+        param_space={
+            "config": config_to_dict(config),
+            "run": run.home,
+            "train_storage": join(storage, f"{cfg.name}-train"),
+            **_space(config),
+        },
+        tune_config=tune.TuneConfig(
+            metric=cfg.metric,
+            mode="max",
+            scheduler=RecordingASHA(
+                run_dir / "tune" / STOPPED_FILE,
+                time_attr="training_iteration",
+                max_t=config.stage1.epochs,
+                grace_period=cfg.grace_period,
+                reduction_factor=cfg.reduction_factor,
+            ),
+            num_samples=1 if cfg.search == "grid" else cfg.num_samples,
+            max_concurrent_trials=concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.name,
+            storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            callbacks=_tracking_callbacks(config, run.home),
+        ),
+    )
+
+
+def _trial_rows(grid, metric: str, stopped: dict[str, int]) -> list[dict]:
+    """A row per trial: its alpha and beta, its best `metric`, the epochs it ran and whether
+    the scheduler stopped it (its own recorded decision, not inferred from the epochs)."""
     rows = []
     for n, result in enumerate(grid):
         history = result.metrics_dataframe
-        best = (
-            float(history[cfg.metric].max())
-            if history is not None and cfg.metric in history
-            else None
-        )
-        epochs = int((result.metrics or {}).get("training_iteration", 0))
+        best = float(history[metric].max()) if history is not None and metric in history else None
         rows.append(
             {
                 "trial": Path(result.path).name if result.path else str(n),
                 "alpha": float(result.config["alpha"]),
                 "beta": float(result.config["beta"]),
                 "metric": best,
-                "epochs": epochs,
+                "epochs": int((result.metrics or {}).get("training_iteration", 0)),
                 "stopped_early": (result.metrics or {}).get("trial_id") in stopped,
                 "status": "error" if result.error else "done",
             }
         )
-    best = write_results(rows, run_dir / "tune", cfg.metric, config.stage1.epochs)
-    files = [f for f in (*RESULT_FILES, STOPPED_FILE) if (run_dir / "tune" / f).is_file()]
-    run.push("tune", files=files)
-    return {"experiment": path, "trials": rows, "best": best}
+    return rows

@@ -230,8 +230,12 @@ def write_stage1_artifact(
     texts: list[str],
     no_train: np.ndarray,
     max_tokens: int,
+    cache: Path | None = None,
 ) -> dict:
-    """stage1/: autoencoders and text encoder as safetensors, z_i of every item as Parquet."""
+    """stage1/: autoencoders and text encoder as safetensors, z_i of every item as Parquet.
+
+    `cache`: where a frozen encoder's q_i are kept (`frozen_text_encodings`); None (a trained
+    encoder) encodes the texts anew."""
     save_file(
         {k: v.contiguous() for k, v in aligner.item_ae.state_dict().items()},
         str(out / "item_autoencoder.safetensors"),
@@ -241,7 +245,7 @@ def write_stage1_artifact(
         str(out / "text_autoencoder.safetensors"),
     )
     aligner.text_encoder.save(str(out / "text_encoder"), safe_serialization=True)
-    q = encode_texts(aligner, texts, "cpu", max_tokens=max_tokens)
+    q = frozen_text_encodings(aligner, texts, "cpu", max_tokens, cache)
     z = joint_embeddings(aligner, frozen, q, no_train)
     dim = z.shape[1]
     table = pa.table(
