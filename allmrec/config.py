@@ -220,6 +220,12 @@ class Stage2Config(_Section):
     checkpoint_every_steps: int | None = Field(
         None, ge=1, description="also checkpoint within an epoch every this many steps"
     )
+    keep: Literal["last", "best"] = Field(
+        "last",
+        description="what stage2/ keeps: 'last', the modules after the last step; 'best', "
+        "those of the validation point with the highest valid Hit@1, the point before any "
+        "step included (each point is then also a checkpoint)",
+    )
     scaling: TrainScaling = Field(default_factory=TrainScaling)
     fail_at_epoch: int | None = Field(
         None, description="test only: a worker raises once at the start of this epoch"

@@ -91,6 +91,17 @@ def _stage2_summary(manifest: dict, stage_dir: Path) -> str:
             f"{p['prompts']}: " + " / ".join(f"{p[k]:.3f}" for k in keys) for p in curve
         )
         lines.append(f"validation Hit@1 ({' / '.join(keys)}) by training prompts: {points}")
+    kept = manifest.get("kept") or {}
+    if kept.get("keep") == "best":
+        lines.append(
+            f"kept: the modules at {kept['prompts']} prompts, the best validation Hit@1 "
+            f"({kept['valid_hit@1']:.3f})"
+            + (
+                " - before any step: training did not improve on the start"
+                if not kept["prompts"]
+                else ""
+            )
+        )
     return "\n".join(lines)
 
 

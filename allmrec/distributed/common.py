@@ -227,6 +227,7 @@ class TrainedRun:
 
     state: dict
     weights: dict[str, torch.Tensor]
+    kept: dict  # the metrics reported with the checkpoint `weights` come from
     inputs: dict  # the stage's inputs (allmrec.stages.stage_inputs): its manifest records them
     name: str  # the Ray Train run
     seconds: float
@@ -278,28 +279,31 @@ def train_stage(
     )
     log.info("%s, run %s", describe or stage, name)
     try:
-        state, weights = fit_and_load(trainer, weights_file, best_by)
+        state, weights, kept = fit_and_load(trainer, weights_file, best_by)
     except BaseException:
         with contextlib.suppress(Exception):  # the stage's own error is the one to see
             fail_live_run(config, live)
         raise
-    return TrainedRun(state, weights, inputs, name, time.perf_counter() - started)
+    return TrainedRun(state, weights, kept, inputs, name, time.perf_counter() - started)
 
 
 def fit_and_load(
     trainer: TorchTrainer, weights_file: str, best_by: str | None = None
-) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Run `trainer`; return the final checkpoint's `state.json` and the `weights_file` of the
-    final checkpoint, or of the best one by `best_by`."""
+) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """Run `trainer`; return the final checkpoint's `state.json`, and the `weights_file` of the
+    final checkpoint, or of the best one by `best_by`, with the metrics reported with it."""
     result = trainer.fit()
     if result.error:
         raise result.error
     with result.checkpoint.as_directory() as ckpt:
         state = json.loads((Path(ckpt) / "state.json").read_text())
-    best = result.get_best_checkpoint(best_by, "max") if best_by else result.checkpoint
+    best, kept = result.checkpoint, result.metrics
+    if best_by:
+        best = result.get_best_checkpoint(best_by, "max")
+        kept = next((m for c, m in result.best_checkpoints if c.path == best.path), {})
     with best.as_directory() as ckpt:
         weights = load_file(str(Path(ckpt) / weights_file))
-    return state, weights
+    return state, weights, kept
 
 
 def print_epoch(tag: str, metrics: dict) -> None:

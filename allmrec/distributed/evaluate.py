@@ -207,6 +207,14 @@ def _table_notes(stage2: dict, cfg, llm_only_users) -> list[str]:
         "over the same seeded candidates (the true item + 19 negatives) per user.",
         "",
     ]
+    kept = stage2.get("kept") or {}
+    if kept.get("keep") == "best":
+        notes[0] += (
+            f" Kept (stage2.keep: best): the modules at {kept['prompts']} prompts, the best "
+            f"validation Hit@1 ({kept['valid_hit@1']:.3f}), the bypass at the same point"
+            + (": before any training step" if not kept["prompts"] else "")
+            + "."
+        )
     if stage2.get("objective") == "rank":
         readout = stage2.get("readout") or {}
         layer = readout.get("layer")

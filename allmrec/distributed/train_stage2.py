@@ -58,6 +58,9 @@ from allmrec.training.zero import deepspeed_config, full_state_dict, local_share
 
 log = logging.getLogger(__name__)
 
+# `stage2.keep: best`: what Ray Train scores Stage 2's checkpoints by (`_Worker.score`).
+KEEP_SCORE = "kept_valid_hit@1"
+
 
 @dataclass
 class _Worker:
@@ -85,6 +88,14 @@ class _Worker:
             if module is not None:
                 weights |= full_state_dict(module, f"{name}.")
         save_deepspeed(self.engine, self.rank, weights, self.state, metrics, WEIGHTS)
+
+    def score(self, point: dict | None) -> dict:
+        """`stage2.keep: best`: the metric Ray scores checkpoints by, the valid Hit@1 of exactly
+        the weights saved (a validation point taken at this very step), else -1: a checkpoint
+        between points (for resuming only) is never the one kept."""
+        if self.config.stage2.keep != "best":
+            return {}
+        return {KEEP_SCORE: point["valid_hit@1"] if point else -1.0}
 
     def validate(self) -> dict:
         """Validation Hit@1 over every worker's share of the cases: a point of the curve."""
@@ -124,15 +135,17 @@ class _Worker:
         """Inside an epoch: a validation point every `validate_every_steps` and a checkpoint
         every `checkpoint_every_steps`."""
         cfg = self.config.stage2
-        if cfg.validate_every_steps and steps_done % cfg.validate_every_steps == 0:
+        validated = bool(cfg.validate_every_steps) and steps_done % cfg.validate_every_steps == 0
+        if validated:
             point = self.validate()
             if self.rank == 0:
                 print_epoch("stage2 validation", point)
-        if cfg.checkpoint_every_steps and steps_done % cfg.checkpoint_every_steps == 0:
+        every = cfg.checkpoint_every_steps
+        if (every and steps_done % every == 0) or (validated and cfg.keep == "best"):
             point = self.state["curve"][-1] if self.state["curve"] else {}
             metrics = {"epoch": epoch, "step": steps_done, "prompts": self.state["prompts"]}
             metrics |= {"loss": loss} | {k: v for k, v in point.items() if k.startswith("valid_")}
-            self.save(metrics)
+            self.save(metrics | self.score(point if validated else None))
 
     def train_epoch(self, epoch: int, shard_users: np.ndarray) -> dict:
         """One epoch over this worker's users (resuming at `state['step']`), validating every
@@ -250,7 +263,9 @@ def stage2_train_loop(loop_config: dict) -> None:
     if "probe" not in state:
         state["probe"] = _probe_loss(worker, loop_config["probe_users"])
     if not state["curve"]:
-        worker.validate()  # the untrained model: the curve's first point
+        point = worker.validate()  # the untrained model: the curve's first point
+        if cfg.keep == "best" and point:  # ... which may be the one to keep
+            worker.save({"epoch": 0, "step": 0, "prompts": 0} | worker.score(point))
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         maybe_fail(
             cfg.fail_at_epoch,
@@ -260,7 +275,8 @@ def stage2_train_loop(loop_config: dict) -> None:
             fail_at_step=cfg.fail_at_step,
         )
         metrics = worker.train_epoch(epoch, shard_users)
-        metrics |= {k: v for k, v in worker.validate().items() if k.startswith("valid_")}
+        point = worker.validate()
+        metrics |= {k: v for k, v in point.items() if k.startswith("valid_")}
         memory = all_reduce_sum([memory_stats(worker.device)["rss_gib"]])[0] / worker.world
         metrics["prompts"] = state["prompts"]
         metrics |= {"llm_local_param_share": worker.llm_share, "mean_worker_rss_gib": memory}
@@ -270,7 +286,7 @@ def stage2_train_loop(loop_config: dict) -> None:
             print_epoch("stage2", metrics)
         state.update(epoch=epoch, step=0)
         state["history"].append(metrics)
-        worker.save(metrics)
+        worker.save(metrics | worker.score(point or None))
 
 
 @torch.no_grad()
@@ -313,6 +329,7 @@ def train_stage2(config: Config, run_dir: str | Path | RunStorage) -> dict:
         scaling=cfg.scaling,
         storage=run.uri("checkpoints"),
         weights_file=WEIGHTS,
+        best_by=KEEP_SCORE if cfg.keep == "best" else None,
         run_home=run.home,
         describe=f"Stage 2 ({cfg.llm}, ZeRO-{cfg.zero_stage}, {cfg.scaling.num_workers} "
         f"worker(s), {len(users)} users x {cfg.epochs} epoch(s))",
@@ -360,6 +377,11 @@ def _write_stage2(stage_dir: Path, config: Config, trained, num_users: int) -> d
             ),
             readout_fit_error=state.get("readout_fit_error", {}),
             train_prompts=state["prompts"],
+            kept={
+                "keep": cfg.keep,
+                "prompts": trained.kept.get("prompts", state["prompts"]),
+                "valid_hit@1": trained.kept.get(KEEP_SCORE),
+            },
             curve=state["curve"],
             projector_shapes={k: list(v.shape) for k, v in weights.items()},
             train_users=num_users,

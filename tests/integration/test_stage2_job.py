@@ -44,6 +44,7 @@ def _config(llm, *overrides):
             "stage2.epochs=1",
             "stage2.validation_users=4",
             "stage2.scaling.cpus_per_worker=1",
+            "stage2.keep=last",  # the rank run keeps its best point instead
             *overrides,
         ],
     )
@@ -227,6 +228,7 @@ def test_evaluate_without_stage2_is_a_clear_error(stage1_run, tmp_path):
 
 RANK_RUN = (
     "stage2.objective=rank",
+    "stage2.keep=best",
     "stage2.examples_per_user=2",
     "stage2.targets=sequence",
     "stage2.validate_every_steps=2",
@@ -277,6 +279,23 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(rank_run, 
     assert checkpoint_bytes < 0.2 * llm_bytes
     history = json.loads((run_dir / "stage2" / "history.json").read_text())
     assert history["curve"] == curve
+
+    # stage2.keep: best: the modules written are those of the best validation point ...
+    kept = manifest["kept"]
+    best = max(p["valid_hit@1"] for p in curve)
+    assert kept["keep"] == "best" and kept["valid_hit@1"] == best
+    [point] = [p for p in curve if p["prompts"] == kept["prompts"]]
+    assert point["valid_hit@1"] == best
+    # ... as scoring them again on the same validation cases shows, for both heads
+    from allmrec.config import Config
+    from allmrec.llm_evaluation import validation_cases, validation_hits
+    from allmrec.training.stage2 import load_trained_stage2
+
+    model, inputs = load_trained_stage2(run_dir)
+    config = Config.model_validate(manifest["config"])
+    hits = validation_hits(model, inputs, validation_cases(inputs, config), config)
+    assert np.mean(hits["valid_hit@1"]) == pytest.approx(point["valid_hit@1"])
+    assert np.mean(hits["valid_bypass_hit@1"]) == pytest.approx(point["valid_bypass_hit@1"])
     assert (run_dir / "stage2" / "learning_curve.png").stat().st_size > 1000
 
 
