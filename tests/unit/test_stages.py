@@ -99,3 +99,34 @@ def test_each_stage_is_the_cli_command_its_declaration_names(tmp_path: Path):
         # A stage that has not run names that command as the fix.
         with pytest.raises(ArtifactError, match=f"run it first .*`allmrec {stage.command}`"):
             read_manifest(tmp_path / name, name)
+
+
+def test_stage2_summary_names_the_kept_point(tmp_path):
+    manifest = {
+        "llm": {"name": "tiny"},
+        "objective": "rank",
+        "train_users": 8,
+        "epochs_run": 1,
+        "train_prompts": 8,
+        "zero_stage": 0,
+        "workers": 1,
+        "metrics": {
+            "loss": 1.0,
+            "samples_per_second": 2.0,
+            "llm_local_param_share": 1.0,
+            "mean_worker_rss_gib": 1.0,
+        },
+        "curve": [
+            {"prompts": 0, "valid_hit@1": 0.5, "valid_bypass_hit@1": 0.5},
+            {"prompts": 8, "valid_hit@1": 0.25, "valid_bypass_hit@1": 0.5},
+        ],
+        "kept": {"keep": "best", "prompts": 0, "valid_hit@1": 0.5},
+    }
+    text = STAGES["stage2"].summary(manifest, tmp_path)
+    assert "0: 0.500 / 0.500, 8: 0.250 / 0.500" in text
+    assert "kept: the modules at 0 prompts, the best validation Hit@1 (0.500)" in text
+    assert "before any step" in text
+    manifest["kept"] = {"keep": "best", "prompts": 8, "valid_hit@1": 0.25}
+    assert "before any step" not in STAGES["stage2"].summary(manifest, tmp_path)
+    manifest["kept"] = {"keep": "last", "prompts": 8, "valid_hit@1": None}
+    assert "kept" not in STAGES["stage2"].summary(manifest, tmp_path)
