@@ -59,6 +59,12 @@ log = logging.getLogger(__name__)
 WEIGHTS = "aligner.safetensors"  # the gathered state dict inside each Ray checkpoint
 
 
+def _text_encoding_cache(cfg: Stage1Config) -> Path | None:
+    """Where a frozen text encoder's q_i are kept on this machine (`frozen_text_encodings`),
+    read by the workers and the artifact's writer alike; None for a trained encoder."""
+    return cache_dir() / "text-encodings" if cfg.text_encoder_trainable == "frozen" else None
+
+
 def _optimizer(aligner: CollabTextAligner, cfg: Stage1Config) -> torch.optim.Optimizer:
     groups = [
         {
@@ -214,7 +220,7 @@ def _set_up(loop_config: dict) -> _Worker:
     if cfg.text_encoder_trainable == "frozen":  # q_i never changes: encode every text once
         with gathered(list(aligner.text_encoder.parameters())):
             q_cache = frozen_text_encodings(
-                aligner, texts, device, cfg.max_text_tokens, cache_dir() / "text-encodings"
+                aligner, texts, device, cfg.max_text_tokens, _text_encoding_cache(cfg)
             )
     if rank == 0:
         print(
@@ -341,10 +347,8 @@ def _write_stage1(
     frozen = frozen_cf_inputs(cf_model, data, cf_model.config.max_len)
     texts, no_train, _ = item_texts(data)
     with staged_output(stage_dir) as out:
-        # a frozen encoder's q_i, kept per machine: the next run reads them
-        cache = cache_dir() / "text-encodings" if cfg.text_encoder_trainable == "frozen" else None
         joint = write_stage1_artifact(
-            out, aligner, frozen, texts, no_train, cfg.max_text_tokens, cache
+            out, aligner, frozen, texts, no_train, cfg.max_text_tokens, _text_encoding_cache(cfg)
         )
         plot_curves(
             state["history"],

@@ -142,7 +142,7 @@ def search_alpha_beta(
     else:
         (run_dir / "tune").mkdir(parents=True, exist_ok=True)
         (run_dir / "tune" / STOPPED_FILE).unlink(missing_ok=True)  # a new search's decisions
-        tuner = _new_tuner(config, run, run_dir, trainable, storage)
+        tuner = _new_tuner(config, run, run_dir, trainable, storage, path)
     grid = tuner.fit()
     rows = _trial_rows(grid, cfg.metric, read_stopped(run_dir / "tune"))
     best = write_results(rows, run_dir / "tune", cfg.metric, config.stage1.epochs)
@@ -151,9 +151,11 @@ def search_alpha_beta(
     return {"experiment": path, "trials": rows, "best": best}
 
 
-def _new_tuner(config: Config, run, run_dir: Path, trainable, storage: str) -> tune.Tuner:
-    """A fresh search: ASHA over the space, as many trials at a time as the cluster's CPUs
-    hold (or `tune.max_concurrent_trials`)."""
+def _new_tuner(
+    config: Config, run, run_dir: Path, trainable, storage: str, path: str
+) -> tune.Tuner:
+    """A fresh search into `path` (`storage`/`tune.name`): ASHA over the space, as many trials
+    at a time as the cluster's CPUs hold (or `tune.max_concurrent_trials`)."""
     cfg, scaling = config.tune, config.stage1.scaling
     per_trial = scaling.num_workers * scaling.cpus_per_worker
     concurrent = cfg.max_concurrent_trials or max(
@@ -162,7 +164,7 @@ def _new_tuner(config: Config, run, run_dir: Path, trainable, storage: str) -> t
     log.info(
         "searching alpha, beta (%s) into %s, %d trial(s) at a time",
         cfg.search,
-        join(storage, cfg.name),
+        path,
         concurrent,
     )
     return tune.Tuner(
