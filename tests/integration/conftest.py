@@ -5,16 +5,24 @@ from __future__ import annotations
 
 import pytest
 
+# The session's SASRec: 8 epochs, validated (and checkpointed) every 2 (the CF resume test runs
+# it again with a failure at epoch 5).
+CF_SETTINGS = ("cf.epochs=8", "cf.lr=0.002", "cf.eval_every=2")
 # The session's Stage 1: 4 epochs, validated at the end, a checkpoint every 2 epochs (the
 # resume test runs it again with a failure at epoch 3).
 STAGE1_SETTINGS = ("stage1.epochs=4", "stage1.eval_every=4", "stage1.checkpoint_every=2")
-# Another seed's one-epoch Stage 1 (`other_stage1_run`).
+# The session's other Stage 1 (`other_stage1_run`): two workers under ZeRO-3 that fine-tune
+# the text encoder's last layer and lose a worker at the start of epoch 2 (one Ray Train run
+# for partitioning, fine-tuning and resuming: each run costs most of a minute here).
 OTHER_STAGE1_SETTINGS = (
-    "seed=7",
-    "stage1.epochs=1",
-    "stage1.eval_every=1",
+    "stage1.scaling.num_workers=2",
+    "stage1.text_encoder_trainable=last:1",
+    "stage1.max_train_users=200",  # the encoder's forward and backward dominate a step
+    "stage1.epochs=2",
+    "stage1.eval_every=2",
     "stage1.checkpoint_every=1",
-    "stage1.eval_users=100",
+    "stage1.fail_at_epoch=2",
+    "stage1.eval_users=50",
 )
 
 
@@ -56,11 +64,13 @@ def cf_run(ml100k_prepared, tmp_path_factory):
     source, _ = ml100k_prepared
     run_dir = tmp_path_factory.mktemp("cf") / "run"
     shutil.copytree(source / "data", run_dir / "data")
-    config = load_config(
-        ["configs/ml-100k-cpu.yaml"], ["cf.epochs=8", "cf.lr=0.002", "cf.eval_every=8"]
-    )
-    train_cf(config, run_dir)
+    train_cf(load_config(["configs/ml-100k-cpu.yaml"], list(CF_SETTINGS)), run_dir)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def cf_settings():
+    return CF_SETTINGS
 
 
 @pytest.fixture(scope="session")
@@ -85,15 +95,15 @@ def stage1_run(cf_run, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def other_stage1_run(cf_run, tmp_path_factory):
-    """`cf_run` plus a one-epoch Stage 1 of another seed (one worker, ZeRO-3): a Stage 1 that
-    really differs from `stage1_run`'s, for the ZeRO-3 comparison and the cross-domain
-    section."""
+    """`cf_run` plus the Stage 1 of `OTHER_STAGE1_SETTINGS` (the seed of `stage1_run`, so the
+    same initial autoencoders): the ZeRO-3 test's subject, and a Stage 1 that really differs
+    from `stage1_run`'s for the cross-domain section."""
     import shutil
 
     from allmrec.config import load_config
     from allmrec.distributed.train_stage1 import train_stage1
 
-    run_dir = tmp_path_factory.mktemp("stage1-seed7") / "run"
+    run_dir = tmp_path_factory.mktemp("stage1-two") / "run"
     shutil.copytree(cf_run, run_dir, ignore=shutil.ignore_patterns("checkpoints"))
     config = load_config(["configs/ml-100k-cpu.yaml"], list(OTHER_STAGE1_SETTINGS))
     train_stage1(config, run_dir)
@@ -113,10 +123,39 @@ def tiny_llm(tmp_path_factory):
     return path
 
 
+# The session's Stage 2 (`stack_run`): the rank objective with the user_item readout, as the
+# demo trains it, on the tiny LLM, two workers under ZeRO-3 for two epochs, a worker failing
+# once at the start of the second, the best validation point kept. One Ray Train run is the
+# rank tests' subject and the stack Serve loads (each run costs most of a minute here).
+STACK_SETTINGS = (
+    "stage2.objective=rank",
+    "stage2.readout=user_item",
+    "stage2.readout_layer=1",  # of the tiny LLM's 2 blocks
+    "stage2.keep=best",
+    "stage2.max_train_users=8",
+    "stage2.examples_per_user=2",
+    "stage2.targets=sequence",
+    "stage2.batch_size=2",
+    "stage2.validate_every_steps=2",
+    "stage2.validation_users=4",
+    "stage2.scaling.num_workers=2",
+    "stage2.scaling.cpus_per_worker=1",
+    "stage2.zero_stage=3",
+    "stage2.epochs=2",
+    "stage2.fail_at_epoch=2",
+)
+
+
 @pytest.fixture(scope="session")
-def stack_run(stage1_run, tiny_llm, tmp_path_factory):
-    """A whole trained stack (data, CF, Stage 1, Stage 2 with the tiny LLM and the demo's rank
-    objective): what Serve loads."""
+def stack_settings(tiny_llm):
+    """The overrides `stack_run` was trained with (on configs/ml-100k-cpu.yaml)."""
+    return (f"stage2.llm={tiny_llm}", *STACK_SETTINGS)
+
+
+@pytest.fixture(scope="session")
+def stack_run(stage1_run, stack_settings, tmp_path_factory):
+    """A whole trained stack (data, CF, Stage 1, and the Stage 2 of `STACK_SETTINGS`): what
+    the rank tests check and Serve loads."""
     import shutil
 
     from allmrec.config import load_config
@@ -124,15 +163,5 @@ def stack_run(stage1_run, tiny_llm, tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("stack") / "run"
     shutil.copytree(stage1_run, run_dir, ignore=shutil.ignore_patterns("checkpoints"))
-    config = load_config(
-        ["configs/ml-100k-cpu.yaml"],  # the rank objective with the user_item readout
-        [
-            f"stage2.llm={tiny_llm}",
-            "stage2.readout_layer=null",  # the tiny LLM has 2 blocks
-            "stage2.max_train_users=8",
-            "stage2.validation_users=8",
-            "stage2.scaling.cpus_per_worker=1",
-        ],
-    )
-    train_stage2(config, run_dir)
+    train_stage2(load_config(["configs/ml-100k-cpu.yaml"], list(stack_settings)), run_dir)
     return run_dir

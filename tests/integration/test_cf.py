@@ -51,37 +51,34 @@ def test_every_backbone_beats_popularity(ml100k_prepared, backbone):
     assert model_hr > pop_hr + 0.04, (backbone, model_hr, pop_hr)
 
 
-def _cf_run(run_dir, *overrides):
+@pytest.mark.slow
+def test_ray_train_resumes_after_worker_failure_and_repeats(
+    ml100k_prepared, cf_run, cf_settings, tmp_path, monkeypatch
+):
+    """The session's SASRec (`cf_run`: 8 epochs, validated every 2) again, with a worker
+    failing at the start of epoch 5 and MLflow tracking on: it resumes from epoch 4, and its
+    metrics equal the uninterrupted run's."""
     from allmrec.distributed.train_cf import train_cf
 
-    config = load_config(
-        ["configs/ml-100k-cpu.yaml"],
-        ["cf.epochs=4", "cf.eval_every=2", "cf.patience=5", *overrides],
-    )
-    return train_cf(config, run_dir)
-
-
-@pytest.mark.slow
-def test_ray_train_resumes_after_worker_failure_and_repeats(ml100k_prepared, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this test's own client
     source, _ = ml100k_prepared
-    runs = []
-    for name in ("a", "b"):
-        run_dir = tmp_path / name
-        shutil.copytree(source / "data", run_dir / "data")
-        runs.append(run_dir)
-
+    run_dir = tmp_path / "failed"
+    shutil.copytree(source / "data", run_dir / "data")
     store = tmp_path / "mlruns"
-    failed = _cf_run(runs[0], "cf.fail_at_epoch=3", f"tracking.mlflow_uri={store}")
-    # The worker raised at the start of epoch 3, Ray Train restarted it, and it resumed from
-    # the epoch-2 checkpoint instead of starting over.
-    assert failed["resumed_from_epochs"] == [2]
-    assert failed["epochs_run"] == 4
-    history = json.loads((runs[0] / "cf" / "history.json").read_text())["history"]
-    assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+    config = load_config(
+        ["configs/ml-100k-cpu.yaml"],
+        [*cf_settings, "cf.fail_at_epoch=5", f"tracking.mlflow_uri={store}"],
+    )
+    failed = train_cf(config, run_dir)
+    # The worker raised at the start of epoch 5, Ray Train restarted it, and it resumed from
+    # the epoch-4 checkpoint instead of starting over.
+    assert failed["resumed_from_epochs"] == [4]
+    assert failed["epochs_run"] == 8
+    history = json.loads((run_dir / "cf" / "history.json").read_text())["history"]
+    assert [row["epoch"] for row in history] == list(range(1, 9))
     # The weights are those of the checkpoint Ray scored best by validation NDCG@10.
     scored = {row["epoch"]: row["valid_ndcg@10"] for row in history if "valid_ndcg@10" in row}
-    assert list(scored) == [2, 4] and failed["best_epoch"] == max(scored, key=scored.get)
+    assert list(scored) == [2, 4, 6, 8] and failed["best_epoch"] == max(scored, key=scored.get)
     # ... and the model written is that epoch's: its validation NDCG@10, scored again on the
     # same seeded candidates, is the one the history holds for the best epoch.
     best_ndcg = failed["metrics"]["model"]["valid_100neg_ndcg@10"]
@@ -92,26 +89,26 @@ def test_ray_train_resumes_after_worker_failure_and_repeats(ml100k_prepared, tmp
 
     from allmrec.tracking import experiment_name, track_stage
 
-    config = load_config(["configs/ml-100k-cpu.yaml"], [f"tracking.mlflow_uri={store}"])
     client = mlflow.MlflowClient(tracking_uri=store.as_uri())
-    experiment = client.get_experiment_by_name(experiment_name(config, str(runs[0])))
+    experiment = client.get_experiment_by_name(experiment_name(config, str(run_dir)))
     [live] = client.search_runs([experiment.experiment_id])
     assert live.info.status == "RUNNING"
     ndcg = client.get_metric_history(live.info.run_id, "valid_ndcg_at_10")
-    assert sorted({m.step for m in ndcg}) == [2, 4]
-    assert {m.step for m in client.get_metric_history(live.info.run_id, "loss")} == {1, 2, 3, 4}
-    tracked = track_stage(config, str(runs[0]), runs[0] / "cf", failed)
+    assert sorted({m.step for m in ndcg}) == [2, 4, 6, 8]
+    assert {m.step for m in client.get_metric_history(live.info.run_id, "loss")} == set(range(1, 9))
+    tracked = track_stage(config, str(run_dir), run_dir / "cf", failed)
     assert tracked == live.info.run_id
     assert client.get_run(tracked).info.status == "FINISHED"
-    assert (runs[0] / "cf" / "model.safetensors").is_file()
-    assert (runs[0] / "cf" / "curves.png").stat().st_size > 1000
+    assert (run_dir / "cf" / "model.safetensors").is_file()
+    assert (run_dir / "cf" / "curves.png").stat().st_size > 1000
 
-    clean = _cf_run(runs[1])
+    # The session's uninterrupted run: same seed, same data, same candidates, the same
+    # metrics, failure or not.
+    clean = json.loads((cf_run / "cf" / "manifest.json").read_text())
     assert clean["resumed_from_epochs"] == []
-    # Same seed, same data, same candidates: the same metrics, failure or not.
     assert clean["metrics"] == failed["metrics"]
     assert clean["metrics"]["model"]["valid_100neg_hit@10"] > 0.2
-    model, manifest = load_cf_model(runs[1], load_prepared(runs[1]))
+    model, manifest = load_cf_model(cf_run, load_prepared(cf_run))
     assert manifest["backbone"]["name"] == "sasrec"
     assert not any(p.requires_grad for p in model.parameters())
 

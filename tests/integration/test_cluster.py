@@ -229,15 +229,9 @@ def test_a_job_with_a_bad_config_fails_with_the_reason_in_its_logs(local_cluster
     assert "unknown key 'cf.epoch'" in logs
 
 
-# The CF settings of the session's `cf_run` fixture (its Stage 1's come from the
-# `stage1_settings` fixture): with them its data, CF and Stage 1 are current for this config,
-# so the pipeline takes them from the storage and runs Stage 2 and evaluation.
-CURRENT_CF = ["cf.epochs=8", "cf.lr=0.002", "cf.eval_every=8"]
-
-
 @pytest.mark.slow
 def test_the_pipeline_as_a_ray_job_on_two_nodes(
-    local_cluster, stage1_run, stage1_settings, tiny_llm, monkeypatch
+    local_cluster, stage1_run, cf_settings, stage1_settings, tiny_llm, monkeypatch
 ):
     import mlflow
 
@@ -249,7 +243,9 @@ def test_the_pipeline_as_a_ray_job_on_two_nodes(
     overrides = [
         "name=tiny",
         f"storage=file://{base / 'bucket'}",
-        *CURRENT_CF,
+        # the session's CF and Stage 1 settings: with them its data, CF and Stage 1 are
+        # current for this config, so the pipeline takes them from the storage
+        *cf_settings,
         *stage1_settings,
         f"stage2.llm={tiny_llm}",
         "stage2.readout_layer=null",  # the config's layer 10 is deeper than the tiny LLM

@@ -18,16 +18,10 @@ from safetensors.torch import load_file
 from allmrec.config import load_config
 from allmrec.manifest import ArtifactError
 
-# Two workers under ZeRO-3, two epochs, a worker failing once at the start of the second: one
-# Ray Train run checks partitioning and resuming.
-TWO_WORKERS_FAILING_ONCE = (
-    "stage2.scaling.num_workers=2",
-    "stage2.zero_stage=3",
-    "stage2.epochs=2",
-    "stage2.fail_at_epoch=2",
-)
-# The generate run fails in the middle of its second epoch instead, after the checkpoint of
-# its first step: it resumes from a mid-epoch checkpoint.
+# Two workers under ZeRO-3, two epochs, and a worker failing in the middle of the second,
+# after the checkpoint of its first step: one Ray Train run of the generate objective checks
+# partitioning and resuming from a mid-epoch checkpoint. (The rank objective's run is the
+# session's `stack_run`, conftest.py: it fails at the start of its second epoch instead.)
 TWO_WORKERS = ("stage2.scaling.num_workers=2", "stage2.zero_stage=3", "stage2.epochs=2")
 FAILING_MID_EPOCH = ("stage2.fail_at_epoch=2", "stage2.fail_at_step=1")
 
@@ -37,14 +31,14 @@ def _config(llm, *overrides):
         ["configs/ml-100k-cpu.yaml"],
         [
             f"stage2.llm={llm}",
-            "stage2.objective=generate",  # the paper's; the rank tests override it
+            "stage2.objective=generate",  # the paper's; the rank run is the session's stack
             "stage2.readout_layer=1",  # of the tiny LLM's 2 blocks (rank objective)
             "stage2.max_train_users=8",
             "stage2.batch_size=2",
             "stage2.epochs=1",
             "stage2.validation_users=4",
             "stage2.scaling.cpus_per_worker=1",
-            "stage2.keep=last",  # the rank run keeps its best point instead
+            "stage2.keep=last",  # the stack keeps its best point instead
             *overrides,
         ],
     )
@@ -226,30 +220,18 @@ def test_evaluate_without_stage2_is_a_clear_error(stage1_run, tmp_path):
         evaluate_stack(load_config(["configs/ml-100k-cpu.yaml"]), run_dir)
 
 
-RANK_RUN = (
-    "stage2.objective=rank",
-    "stage2.keep=best",
-    "stage2.examples_per_user=2",
-    "stage2.targets=sequence",
-    "stage2.validate_every_steps=2",
-    *TWO_WORKERS_FAILING_ONCE,
-)
-
-
-@pytest.fixture(scope="module")
-def rank_run(stage1_run, tiny_llm, tmp_path_factory):
-    """The rank objective under the same conditions as `two_worker_run`: 2 workers, ZeRO-3,
-    two epochs and a worker that fails once at the start of the second."""
-    from allmrec.distributed.train_stage2 import train_stage2
-
-    run_dir = _copy(stage1_run, tmp_path_factory.mktemp("stage2") / "rank")
-    manifest = train_stage2(_config(tiny_llm, *RANK_RUN), run_dir)
-    return run_dir, manifest
+def _stack(stack_run) -> tuple:
+    """The session's rank stack (conftest `STACK_SETTINGS`) and its Stage 2 manifest."""
+    return stack_run, json.loads((stack_run / "stage2" / "manifest.json").read_text())
 
 
 @pytest.mark.slow
-def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(rank_run, tiny_llm):
-    run_dir, manifest = rank_run
+def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(
+    stack_run, stack_settings, tiny_llm
+):
+    """The session's stack: the rank objective under the same conditions as `two_worker_run`
+    (2 workers, ZeRO-3, two epochs), a worker failing once at the start of the second."""
+    run_dir, manifest = _stack(stack_run)
     assert manifest["objective"] == "rank" and manifest["readout"]["kind"] == "user_item"
     assert manifest["metrics"]["llm_local_param_share"] == pytest.approx(0.5, abs=0.02)
     assert manifest["resumed_from"] == [[1, 0]] and manifest["epochs_run"] == 2
@@ -261,9 +243,8 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(rank_run, 
     assert all(0 <= p["valid_hit@1"] <= 1 and "valid_bypass_hit@1" in p for p in curve)
     assert manifest["readout_fit_error"]["rank"] < 0.2  # g(z_i) starts near e_i
     # partitioned over two workers, the probe batch's listwise loss is the library's own
-    assert manifest["probe_loss"] == pytest.approx(
-        _probe_in_process(_config(tiny_llm, *RANK_RUN), run_dir), rel=1e-4
-    )
+    config = load_config(["configs/ml-100k-cpu.yaml"], list(stack_settings))
+    assert manifest["probe_loss"] == pytest.approx(_probe_in_process(config, run_dir), rel=1e-4)
     weights = load_file(str(run_dir / "stage2" / "projectors.safetensors"))
     assert {k.split(".")[0] for k in weights} == {
         "user_projector",
@@ -300,10 +281,10 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(rank_run, 
 
 
 @pytest.mark.slow
-def test_evaluate_a_rank_stack_rows_catalogue_and_paired_intervals(rank_run):
+def test_evaluate_a_rank_stack_rows_catalogue_and_paired_intervals(stack_run):
     from allmrec.distributed.evaluate import evaluate_stack
 
-    run_dir, _ = rank_run
+    run_dir = stack_run
     config = load_config(
         ["configs/ml-100k-cpu.yaml"],
         ["evaluate.max_users=8", "evaluate.llm_only_max_users=4", "evaluate.generation=false"],
@@ -338,16 +319,16 @@ def test_evaluate_a_rank_stack_rows_catalogue_and_paired_intervals(rank_run):
 
 
 @pytest.mark.slow
-def test_evaluate_few_shot_and_cross_domain_sections(two_worker_run, rank_run, other_stage1_run):
+def test_evaluate_few_shot_and_cross_domain_sections(two_worker_run, stack_run, other_stage1_run):
     """Few-shot: another run's Stage 2 (here the generate run's) on this run's users;
-    cross-domain: this run's Stage 2 (the rank run's) on another run's CF and Stage 1 outputs
-    (here the session's Stage 1 of another seed). Both other runs really differ, so
-    ignoring either one fails. (The rank run is the one evaluated cross-domain because its
-    readout reads the item vectors directly: the tiny random LLM's likelihood of the titles
-    ranked 8 users the same over either Stage 1.)"""
+    cross-domain: this run's Stage 2 (the session's rank stack) on another run's CF and
+    Stage 1 outputs (here the session's other Stage 1: two workers, a fine-tuned encoder).
+    Both other runs really differ, so ignoring either one fails. (The rank stack is the one
+    evaluated cross-domain because its readout reads the item vectors directly: the tiny
+    random LLM's likelihood of the titles ranked 8 users the same over either Stage 1.)"""
     from allmrec.distributed.evaluate import evaluate_stack
 
-    run_dir, _ = rank_run
+    run_dir = stack_run
     few_shot, _ = two_worker_run
     other = other_stage1_run
     overrides = [
