@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from allmrec.config import Config, TrainScaling
 from allmrec.stages import run_name, stage_inputs
 from allmrec.tracking import fail_live_run, log_report, open_live_run, tracking_uri
+from allmrec.training.zero import skip_cpu_shm_op
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,7 @@ def deepspeed_worker(scaling: TrainScaling) -> tuple[int, int, torch.device]:
 
     quiet_worker_warnings()
     if not scaling.use_gpu:
-        # DeepSpeed JIT-compiles a shared-memory CPU all-reduce at every process-group start,
-        # holding a lock file in torch's extension cache meanwhile: a worker killed in that
-        # second (Ctrl-C, a failed node) leaves the lock, and every later worker on the machine
-        # waits for it forever (seen here). Only DeepSpeed's inference all-reduce uses the op;
-        # training's collectives are gloo's. So it is not built.
-        import deepspeed.comm.torch as deepspeed_comm
-
-        deepspeed_comm.build_shm_op = lambda: None
+        skip_cpu_shm_op()
     context = ray.train.get_context()
     torch.set_num_threads(max(1, math.ceil(scaling.cpus_per_worker)))
     deepspeed.init_distributed(dist_backend="nccl" if scaling.use_gpu else "gloo")

@@ -32,6 +32,20 @@ def deepspeed_config(
     return config
 
 
+def skip_cpu_shm_op() -> None:
+    """Keep DeepSpeed from building its shared-memory CPU all-reduce at a process group's start.
+
+    It JIT-compiles the op (about 40 s of CPU each time its build files change) holding a lock
+    file in torch's extension cache: a worker killed in that time (Ctrl-C, a failed node)
+    leaves the lock, and every later worker on the machine waits for it forever (seen here).
+    Only DeepSpeed's inference all-reduce uses the op; training's collectives are gloo's.
+    The module comes from sys.modules: `import deepspeed.comm.torch as m` binds the `torch`
+    package that `deepspeed.comm` re-exports under that name, and a patch of it misses."""
+    import importlib
+
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 def is_partitioned(param: nn.Parameter) -> bool:
     return hasattr(param, "ds_id")
 

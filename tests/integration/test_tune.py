@@ -48,18 +48,21 @@ def _finished_trials(experiment: Path) -> dict[str, bytes]:
     return finished
 
 
-def _search_until_a_trial_finishes(run_dir: Path, tracking: list[str]) -> dict[str, bytes]:
-    """Start the search in a driver process of its own (with its own local Ray), wait until a
-    trial has finished, then SIGKILL the driver and its Ray: an interrupted search."""
+def _search_until_a_trial_finishes(
+    run_dir: Path, tracking: list[str], address: str
+) -> dict[str, bytes]:
+    """Start the search in a driver process of its own (a Ray job on the session's Ray), wait
+    until a trial has finished, then SIGKILL the driver: an interrupted search (Ray ends the
+    killed job's trials and their Train runs with it)."""
     args = [sys.executable, "-m", "allmrec.cli", "tune", "--config", "configs/ml-100k-cpu.yaml"]
-    for o in [*SEARCH, *tracking, "ray.num_cpus=2"]:
+    for o in [*SEARCH, *tracking]:
         args += ["--set", o]
     driver = subprocess.Popen(
         [*args, "--run-dir", str(run_dir)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own local Ray: killed with it
-        env={**os.environ, "RAY_ADDRESS": ""},
+        start_new_session=True,
+        env={**os.environ, "RAY_ADDRESS": address},
     )
     experiment = run_dir / "tune" / "alpha-beta"
     try:
@@ -70,13 +73,15 @@ def _search_until_a_trial_finishes(run_dir: Path, tracking: list[str]) -> dict[s
         finished = _finished_trials(experiment)
         assert finished, "no trial finished in 10 minutes"
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
+        os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     return finished
 
 
 @pytest.mark.slow
-def test_a_killed_search_resumes_stops_trials_early_and_feeds_stage1(cf_run, tmp_path, monkeypatch):
+def test_a_killed_search_resumes_stops_trials_early_and_feeds_stage1(
+    ray_local, cf_run, tmp_path, monkeypatch
+):
     """One search, interrupted and resumed: the finished trials are not run again, ASHA stops
     a trial early, best.yaml feeds the next Stage 1 run, and every trial is in MLflow."""
     import mlflow
@@ -86,7 +91,8 @@ def test_a_killed_search_resumes_stops_trials_early_and_feeds_stage1(cf_run, tmp
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this test's own client
     tracking = [f"tracking.mlflow_uri={tmp_path / 'mlruns'}", "tracking.experiment=search"]
     run_dir = _copy(cf_run, tmp_path / "run")
-    finished = _search_until_a_trial_finishes(run_dir, tracking)
+    address = ray_local.get_runtime_context().gcs_address
+    finished = _search_until_a_trial_finishes(run_dir, tracking, address)
     assert len(finished) < 4
 
     config = load_config(["configs/ml-100k-cpu.yaml"], SEARCH + tracking)
