@@ -59,6 +59,9 @@ def served(ray_local, stack_run):
     config = load_serve_config(run_dir=stack_run, port=PORT)
     config["applications"][0]["deployments"] = _deployment_options()
     config["applications"][0]["args"]["max_body_bytes"] = 4096
+    # The load tests send thousands of requests: an access line of every replica for each,
+    # each tailed by Ray's log monitor and printed by this process: CPU the tests need.
+    config["applications"][0]["logging_config"] = {"enable_access_log": False}
     # Generations of the tiny LLM long enough (it rarely draws its EOS) that an LLM replica
     # under load always holds some in flight: the replica-kill test kills one mid-generation.
     config["applications"][0]["args"]["max_new_tokens"] = 128
