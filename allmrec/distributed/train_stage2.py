@@ -135,17 +135,17 @@ class _Worker:
         """Inside an epoch: a validation point every `validate_every_steps` and a checkpoint
         every `checkpoint_every_steps`."""
         cfg = self.config.stage2
-        validated = bool(cfg.validate_every_steps) and steps_done % cfg.validate_every_steps == 0
-        if validated:
+        point = None  # this step's validation point, when it takes one
+        if cfg.validate_every_steps and steps_done % cfg.validate_every_steps == 0:
             point = self.validate()
             if self.rank == 0:
                 print_epoch("stage2 validation", point)
         every = cfg.checkpoint_every_steps
-        if (every and steps_done % every == 0) or (validated and cfg.keep == "best"):
-            point = self.state["curve"][-1] if self.state["curve"] else {}
+        if (every and steps_done % every == 0) or (point is not None and cfg.keep == "best"):
+            latest = self.state["curve"][-1] if self.state["curve"] else {}  # maybe an earlier one
             metrics = {"epoch": epoch, "step": steps_done, "prompts": self.state["prompts"]}
-            metrics |= {"loss": loss} | {k: v for k, v in point.items() if k.startswith("valid_")}
-            self.save(metrics | self.score(point if validated else None))
+            metrics |= {"loss": loss} | {k: v for k, v in latest.items() if k.startswith("valid_")}
+            self.save(metrics | self.score(point))
 
     def train_epoch(self, epoch: int, shard_users: np.ndarray) -> dict:
         """One epoch over this worker's users (resuming at `state['step']`), validating every
@@ -286,7 +286,7 @@ def stage2_train_loop(loop_config: dict) -> None:
             print_epoch("stage2", metrics)
         state.update(epoch=epoch, step=0)
         state["history"].append(metrics)
-        worker.save(metrics | worker.score(point or None))
+        worker.save(metrics | worker.score(point))
 
 
 @torch.no_grad()

@@ -147,13 +147,7 @@ STACK_SETTINGS = (
 
 
 @pytest.fixture(scope="session")
-def stack_settings(tiny_llm):
-    """The overrides `stack_run` was trained with (on configs/ml-100k-cpu.yaml)."""
-    return (f"stage2.llm={tiny_llm}", *STACK_SETTINGS)
-
-
-@pytest.fixture(scope="session")
-def stack_run(stage1_run, stack_settings, tmp_path_factory):
+def stack_run(stage1_run, tiny_llm, tmp_path_factory):
     """A whole trained stack (data, CF, Stage 1, and the Stage 2 of `STACK_SETTINGS`): what
     the rank tests check and Serve loads."""
     import shutil
@@ -163,5 +157,6 @@ def stack_run(stage1_run, stack_settings, tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("stack") / "run"
     shutil.copytree(stage1_run, run_dir, ignore=shutil.ignore_patterns("checkpoints"))
-    train_stage2(load_config(["configs/ml-100k-cpu.yaml"], list(stack_settings)), run_dir)
+    overrides = [f"stage2.llm={tiny_llm}", *STACK_SETTINGS]
+    train_stage2(load_config(["configs/ml-100k-cpu.yaml"], overrides), run_dir)
     return run_dir

@@ -220,18 +220,16 @@ def test_evaluate_without_stage2_is_a_clear_error(stage1_run, tmp_path):
         evaluate_stack(load_config(["configs/ml-100k-cpu.yaml"]), run_dir)
 
 
-def _stack(stack_run) -> tuple:
-    """The session's rank stack (conftest `STACK_SETTINGS`) and its Stage 2 manifest."""
-    return stack_run, json.loads((stack_run / "stage2" / "manifest.json").read_text())
-
-
 @pytest.mark.slow
-def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(
-    stack_run, stack_settings, tiny_llm
-):
-    """The session's stack: the rank objective under the same conditions as `two_worker_run`
-    (2 workers, ZeRO-3, two epochs), a worker failing once at the start of the second."""
-    run_dir, manifest = _stack(stack_run)
+def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(stack_run, tiny_llm):
+    """The session's stack (conftest `STACK_SETTINGS`): the rank objective under the same
+    conditions as `two_worker_run` (2 workers, ZeRO-3, two epochs), a worker failing once at
+    the start of the second."""
+    from allmrec.config import Config
+
+    run_dir = stack_run
+    manifest = json.loads((run_dir / "stage2" / "manifest.json").read_text())
+    config = Config.model_validate(manifest["config"])  # what the run was trained with
     assert manifest["objective"] == "rank" and manifest["readout"]["kind"] == "user_item"
     assert manifest["metrics"]["llm_local_param_share"] == pytest.approx(0.5, abs=0.02)
     assert manifest["resumed_from"] == [[1, 0]] and manifest["epochs_run"] == 2
@@ -243,7 +241,6 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(
     assert all(0 <= p["valid_hit@1"] <= 1 and "valid_bypass_hit@1" in p for p in curve)
     assert manifest["readout_fit_error"]["rank"] < 0.2  # g(z_i) starts near e_i
     # partitioned over two workers, the probe batch's listwise loss is the library's own
-    config = load_config(["configs/ml-100k-cpu.yaml"], list(stack_settings))
     assert manifest["probe_loss"] == pytest.approx(_probe_in_process(config, run_dir), rel=1e-4)
     weights = load_file(str(run_dir / "stage2" / "projectors.safetensors"))
     assert {k.split(".")[0] for k in weights} == {
@@ -268,12 +265,10 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(
     [point] = [p for p in curve if p["prompts"] == kept["prompts"]]
     assert point["valid_hit@1"] == best
     # ... as scoring them again on the same validation cases shows, for both heads
-    from allmrec.config import Config
     from allmrec.llm_evaluation import validation_cases, validation_hits
     from allmrec.training.stage2 import load_trained_stage2
 
     model, inputs = load_trained_stage2(run_dir)
-    config = Config.model_validate(manifest["config"])
     hits = validation_hits(model, inputs, validation_cases(inputs, config), config)
     assert np.mean(hits["valid_hit@1"]) == pytest.approx(point["valid_hit@1"])
     assert np.mean(hits["valid_bypass_hit@1"]) == pytest.approx(point["valid_bypass_hit@1"])
