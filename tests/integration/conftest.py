@@ -38,7 +38,31 @@ def ray_local():
     init_ray(RayConfig(object_store_gb=2.0, num_cpus=2))
     DataContext.get_current().enable_progress_bars = False
     yield ray
-    ray.shutdown()
+    _shutdown_within(ray, seconds=120)
+
+
+def _shutdown_within(ray, seconds: float) -> None:
+    """`ray.shutdown()`, bounded: after a failed test it has hung (a CI run waited the rest of
+    its 90 minutes in it). If it does not return in time, print every thread's stack (what
+    it waits for) and kill the processes of this session's Ray (all children of pytest)."""
+    import faulthandler
+    import sys
+    import threading
+
+    import psutil
+
+    stopper = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
+    stopper.start()
+    stopper.join(seconds)
+    if not stopper.is_alive():
+        return
+    print(f"\nray.shutdown() still running after {seconds:g} s; its stacks:", file=sys.stderr)
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        child.kill()
+    psutil.wait_procs(children, timeout=30)
+    pytest.fail(f"ray.shutdown() hung for {seconds:g} s; this session's Ray was killed")
 
 
 @pytest.fixture(scope="session")

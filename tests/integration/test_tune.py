@@ -57,25 +57,31 @@ def _search_until_a_trial_finishes(
     args = [sys.executable, "-m", "allmrec.cli", "tune", "--config", "configs/ml-100k-cpu.yaml"]
     for o in [*SEARCH, *tracking]:
         args += ["--set", o]
-    driver = subprocess.Popen(
-        [*args, "--run-dir", str(run_dir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env={**os.environ, "RAY_ADDRESS": address},
-    )
+    log = run_dir.with_name("driver.log")  # what the driver printed, for a failure's message
+    with log.open("wb") as out:
+        driver = subprocess.Popen(
+            [*args, "--run-dir", str(run_dir)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "RAY_ADDRESS": address},
+        )
     experiment = run_dir / "tune" / "alpha-beta"
     try:
         deadline = time.monotonic() + 600
         while not _finished_trials(experiment) and time.monotonic() < deadline:
-            assert driver.poll() is None, "the search ended before it could be interrupted"
+            assert driver.poll() is None, f"the search ended early:\n{_tail(log)}"
             time.sleep(2)
         finished = _finished_trials(experiment)
-        assert finished, "no trial finished in 10 minutes"
+        assert finished, f"no trial finished in 10 minutes:\n{_tail(log)}"
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     return finished
+
+
+def _tail(log: Path, chars: int = 4000) -> str:
+    return log.read_text(errors="replace")[-chars:]
 
 
 @pytest.mark.slow
@@ -93,7 +99,7 @@ def test_a_killed_search_resumes_stops_trials_early_and_feeds_stage1(
     run_dir = _copy(cf_run, tmp_path / "run")
     address = ray_local.get_runtime_context().gcs_address
     finished = _search_until_a_trial_finishes(run_dir, tracking, address)
-    assert len(finished) < 4
+    assert len(finished) < 4, _tail(run_dir.with_name("driver.log"))
 
     config = load_config(["configs/ml-100k-cpu.yaml"], SEARCH + tracking)
     summary = search_alpha_beta(config, run_dir, resume=True)
