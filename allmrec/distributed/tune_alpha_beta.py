@@ -50,34 +50,95 @@ def stage1_trial(trial: dict) -> None:
 
 
 STOPPED_FILE = "stopped_by_asha.jsonl"
+RUNGS_FILE = "asha_rungs.jsonl"
 
 
 class RecordingASHA(ASHAScheduler):
-    """ASHA that writes down each trial it cuts at a rung (one JSON line, beside the results,
-    on the driver), so the summary reports the scheduler's own decisions: a trial with fewer
-    epochs than the maximum may also be one that failed or was interrupted. Reaching max_t
-    (also a STOP for ASHA) is not a cut."""
+    """ASHA that writes down what it decides, beside the results on the driver, so that a
+    resumed search decides as the uninterrupted one would and the summary reports the
+    scheduler's own decisions.
 
-    def __init__(self, stopped_file: Path, **kwargs) -> None:
+    - Every result it records at a rung (`asha_rungs.jsonl`): Ray keeps the rungs in memory
+      only, so a search resumed after a crash started with empty rungs, where a trial that
+      arrives first is never cut. A resumed search puts them back as its trials are added.
+    - Every trial it cuts (`stopped_by_asha.jsonl`): a trial with fewer epochs than the
+      maximum may also be one that failed or was interrupted. Reaching max_t (also a STOP
+      for ASHA) is not a cut. A trial cut just before a crash that Tune restores anyway is
+      cut again at its first result.
+    """
+
+    def __init__(self, decisions_dir: Path, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.stopped_file = str(stopped_file)
+        self.decisions_dir = str(decisions_dir)
+        self._remembered: dict[str, dict[float, float]] | None = None  # read when first needed
+        self._cut: dict[str, int] = {}
+
+    def __getstate__(self) -> dict:
+        # pickled into the experiment: what it read from the files is read again on restore
+        return {**self.__dict__, "_remembered": None, "_cut": {}}
+
+    def _remember(self) -> dict[str, dict[float, float]]:
+        if self._remembered is None:
+            self._remembered = read_rungs(Path(self.decisions_dir))
+            self._cut = read_stopped(Path(self.decisions_dir))
+        return self._remembered
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        remembered = self._remember().get(trial.trial_id, {})
+        for milestone, recorded in self._trial_info[trial.trial_id]._rungs:
+            if milestone in remembered:
+                recorded[trial.trial_id] = remembered[milestone]
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        self._remember()
+        if trial.trial_id in self._cut:
+            return TrialScheduler.STOP
+        bracket = self._trial_info.get(trial.trial_id)
+        known = {(m, t) for m, recorded in bracket._rungs for t in recorded} if bracket else set()
         action = super().on_trial_result(tune_controller, trial, result)
+        lines = []
+        for milestone, recorded in bracket._rungs if bracket else ():
+            if trial.trial_id in recorded and (milestone, trial.trial_id) not in known:
+                value = float(recorded[trial.trial_id])
+                lines.append({"trial_id": trial.trial_id, "rung": milestone, "value": value})
+        self._append(RUNGS_FILE, lines)
         iteration = result.get(self._time_attr)
         if action == TrialScheduler.STOP and iteration is not None and iteration < self._max_t:
-            with open(self.stopped_file, "a") as out:
-                out.write(json.dumps({"trial_id": trial.trial_id, "at": iteration}) + "\n")
+            self._cut[trial.trial_id] = int(iteration)
+            self._append(STOPPED_FILE, [{"trial_id": trial.trial_id, "at": iteration}])
         return action
+
+    def _append(self, name: str, lines: list[dict]) -> None:
+        if lines:
+            with open(Path(self.decisions_dir) / name, "a") as out:
+                out.writelines(json.dumps(line) + "\n" for line in lines)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    # a line the crash cut short is not a decision
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return lines
 
 
 def read_stopped(tune_dir: Path) -> dict[str, int]:
     """trial id -> the iteration at which ASHA cut it."""
-    path = Path(tune_dir) / STOPPED_FILE
-    if not path.is_file():
-        return {}
-    lines = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return {line["trial_id"]: int(line["at"]) for line in lines}
+    return {line["trial_id"]: int(line["at"]) for line in _jsonl(Path(tune_dir) / STOPPED_FILE)}
+
+
+def read_rungs(tune_dir: Path) -> dict[str, dict[float, float]]:
+    """trial id -> {rung (milestone): the result ASHA recorded there}."""
+    rungs: dict[str, dict[float, float]] = {}
+    for line in _jsonl(Path(tune_dir) / RUNGS_FILE):
+        rungs.setdefault(line["trial_id"], {})[line["rung"]] = float(line["value"])
+    return rungs
 
 
 def _space(config: Config) -> dict:
@@ -141,12 +202,14 @@ def search_alpha_beta(
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
         (run_dir / "tune").mkdir(parents=True, exist_ok=True)
-        (run_dir / "tune" / STOPPED_FILE).unlink(missing_ok=True)  # a new search's decisions
+        for name in (STOPPED_FILE, RUNGS_FILE):  # a new search's decisions
+            (run_dir / "tune" / name).unlink(missing_ok=True)
         tuner = _new_tuner(config, run, run_dir, trainable, storage, path)
     grid = tuner.fit()
     rows = _trial_rows(grid, cfg.metric, read_stopped(run_dir / "tune"))
     best = write_results(rows, run_dir / "tune", cfg.metric, config.stage1.epochs)
-    files = [f for f in (*RESULT_FILES, STOPPED_FILE) if (run_dir / "tune" / f).is_file()]
+    decisions = (STOPPED_FILE, RUNGS_FILE)
+    files = [f for f in (*RESULT_FILES, *decisions) if (run_dir / "tune" / f).is_file()]
     run.push("tune", files=files)
     return {"experiment": path, "trials": rows, "best": best}
 
@@ -179,7 +242,7 @@ def _new_tuner(
             metric=cfg.metric,
             mode="max",
             scheduler=RecordingASHA(
-                run_dir / "tune" / STOPPED_FILE,
+                run_dir / "tune",
                 time_attr="training_iteration",
                 max_t=config.stage1.epochs,
                 grace_period=cfg.grace_period,
