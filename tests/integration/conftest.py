@@ -42,9 +42,11 @@ def ray_local():
 
 
 def _shutdown_within(ray, seconds: float) -> None:
-    """`ray.shutdown()`, bounded: after a failed test it has hung (a CI run waited the rest of
-    its 90 minutes in it). If it does not return in time, print every thread's stack (what
+    """`ray.shutdown()`, bounded. It is the session's only tear-down, and a CI run hung in
+    the tear-down after a failed test for the rest of its 90 minutes. If it does not return
+    in time, print every thread's stack (what
     it waits for) and kill the processes of this session's Ray (all children of pytest)."""
+    import atexit
     import faulthandler
     import sys
     import threading
@@ -62,6 +64,7 @@ def _shutdown_within(ray, seconds: float) -> None:
     for child in children:
         child.kill()
     psutil.wait_procs(children, timeout=30)
+    atexit.unregister(ray.shutdown)  # Ray's own exit hook would wait on the same lock
     pytest.fail(f"ray.shutdown() hung for {seconds:g} s; this session's Ray was killed")
 
 
