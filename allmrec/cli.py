@@ -100,10 +100,10 @@ def command_lifetime():
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
         if not ray_before and _ray_running():
-            from allmrec.distributed.runtime import started_locally
+            from allmrec.distributed.runtime import shutdown_local_ray, started_locally
 
             if started_locally():
-                sys.modules["ray"].shutdown()
+                shutdown_local_ray()
 
 
 # Errors a user can fix: one clear message as the last line, no traceback, exit status 2.
@@ -409,6 +409,13 @@ def main(argv: list[str] | None = None) -> int:
             _name_the_log()
         log_file = log_path()
     _push_the_log(log_file)
+    if "allmrec.distributed.runtime" in sys.modules:
+        from allmrec.distributed.runtime import shutdown_hung
+
+        if shutdown_hung():  # Ray's exit handler would hang this process's exit too
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
     return code
 
 

@@ -33,39 +33,32 @@ def ray_local():
     from ray.data import DataContext
 
     from allmrec.config import RayConfig
-    from allmrec.distributed.runtime import init_ray
+    from allmrec.distributed.runtime import init_ray, shutdown_local_ray
 
     init_ray(RayConfig(object_store_gb=2.0, num_cpus=2))
     DataContext.get_current().enable_progress_bars = False
     yield ray
-    _shutdown_within(ray, seconds=120)
+    # Bounded, and no Ray process left behind: a CI run hung in this tear-down (its only
+    # one) after a failed test, for the rest of its 90 minutes.
+    if not shutdown_local_ray(timeout_s=120):
+        pytest.fail("ray.shutdown() hung for 120 s; this session's Ray was killed")
 
 
-def _shutdown_within(ray, seconds: float) -> None:
-    """`ray.shutdown()`, bounded. It is the session's only tear-down, and a CI run hung in
-    the tear-down after a failed test for the rest of its 90 minutes. If it does not return
-    in time, print every thread's stack (what
-    it waits for) and kill the processes of this session's Ray (all children of pytest)."""
-    import atexit
-    import faulthandler
+def pytest_unconfigure(config):
+    """After a hung `ray.shutdown()`, end pytest with its status by `os._exit`: Ray's exit
+    handler, which hung, would run again at interpreter exit."""
+    import os
     import sys
-    import threading
 
-    import psutil
+    runtime = sys.modules.get("allmrec.distributed.runtime")
+    if runtime is not None and runtime.shutdown_hung():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(getattr(config, "_allmrec_exitstatus", 1)) or 1)
 
-    stopper = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
-    stopper.start()
-    stopper.join(seconds)
-    if not stopper.is_alive():
-        return
-    print(f"\nray.shutdown() still running after {seconds:g} s; its stacks:", file=sys.stderr)
-    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-    children = psutil.Process().children(recursive=True)
-    for child in children:
-        child.kill()
-    psutil.wait_procs(children, timeout=30)
-    atexit.unregister(ray.shutdown)  # Ray's own exit hook would wait on the same lock
-    pytest.fail(f"ray.shutdown() hung for {seconds:g} s; this session's Ray was killed")
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config._allmrec_exitstatus = exitstatus
 
 
 @pytest.fixture(scope="session")

@@ -50,14 +50,16 @@ def _finished_trials(experiment: Path) -> dict[str, bytes]:
     return finished
 
 
-def _search_until_a_trial_finishes(
-    run_dir: Path, tracking: list[str], address: str
-) -> dict[str, bytes]:
-    """Start the search in a driver process of its own (a Ray job on the session's Ray), wait
-    until a trial has finished, then SIGKILL the driver: an interrupted search (Ray ends the
-    killed job's trials and their Train runs with it)."""
+def _search_until_a_trial_finishes(run_dir: Path, tracking: list[str]) -> dict[str, bytes]:
+    """Start the search in a driver process with a local Ray of its own, wait until a trial
+    has finished, then SIGKILL the driver and its Ray: an interrupted search.
+
+    Not a job on the session's Ray: there, a Ray Train controller of the killed driver's
+    trials outlived the dead job (seen in a whole `make test` here, and the likely cause of a
+    CI run's failure), retrying its worker group for minutes while holding CPUs that the
+    resumed search needs."""
     args = [sys.executable, "-m", "allmrec.cli", "tune", "--config", "configs/ml-100k-cpu.yaml"]
-    for o in [*SEARCH, *tracking]:
+    for o in [*SEARCH, *tracking, "ray.num_cpus=2"]:
         args += ["--set", o]
     log = run_dir.with_name("driver.log")  # what the driver printed, for a failure's message
     with log.open("wb") as out:
@@ -65,8 +67,8 @@ def _search_until_a_trial_finishes(
             [*args, "--run-dir", str(run_dir)],
             stdout=out,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "RAY_ADDRESS": address},
+            start_new_session=True,  # its own local Ray: killed with it
+            env={**os.environ, "RAY_ADDRESS": ""},
         )
     experiment = run_dir / "tune" / "alpha-beta"
     try:
@@ -77,23 +79,9 @@ def _search_until_a_trial_finishes(
         finished = _finished_trials(experiment)
         assert finished, f"no trial finished in 10 minutes:\n{_tail(log)}"
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
         driver.wait()
-    _wait_until_released(log)
     return finished
-
-
-def _wait_until_released(log: Path, timeout_s: float = 120) -> None:
-    """Ray ends a dead driver's trials and Train runs within seconds: resume once they are
-    gone (every CPU free), as a user would, not while their workers still write."""
-    import ray
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources()["CPU"]:
-            return
-        time.sleep(1)
-    raise AssertionError(f"the killed search still holds CPUs after {timeout_s:g} s")
 
 
 def _tail(log: Path, chars: int = 4000) -> str:
@@ -101,9 +89,7 @@ def _tail(log: Path, chars: int = 4000) -> str:
 
 
 @pytest.mark.slow
-def test_a_killed_search_resumes_stops_trials_early_and_feeds_stage1(
-    ray_local, cf_run, tmp_path, monkeypatch
-):
+def test_a_killed_search_resumes_stops_trials_early_and_feeds_stage1(cf_run, tmp_path, monkeypatch):
     """One search, interrupted and resumed: the finished trials are not run again, ASHA stops
     a trial early, best.yaml feeds the next Stage 1 run, and every trial is in MLflow."""
     import mlflow
@@ -113,8 +99,7 @@ def test_a_killed_search_resumes_stops_trials_early_and_feeds_stage1(
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this test's own client
     tracking = [f"tracking.mlflow_uri={tmp_path / 'mlruns'}", "tracking.experiment=search"]
     run_dir = _copy(cf_run, tmp_path / "run")
-    address = ray_local.get_runtime_context().gcs_address
-    finished = _search_until_a_trial_finishes(run_dir, tracking, address)
+    finished = _search_until_a_trial_finishes(run_dir, tracking)
     assert len(finished) < 4, _tail(run_dir.with_name("driver.log"))
 
     config = load_config(["configs/ml-100k-cpu.yaml"], SEARCH + tracking)
