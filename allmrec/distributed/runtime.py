@@ -139,6 +139,9 @@ def shutdown_local_ray(timeout_s: float = 120) -> bool:
     every listed process killed, and False returned: the caller should then end with
     `os._exit`, since the same exit handler runs at interpreter exit.
     """
+    import faulthandler
+    import sys
+
     import psutil
 
     global _shutdown_hung
@@ -149,6 +152,7 @@ def shutdown_local_ray(timeout_s: float = 120) -> bool:
     hung = stopper.is_alive()
     if hung:
         log.error("ray.shutdown() did not return in %g s; killing this Ray's processes", timeout_s)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)  # what it waits for
         ours += psutil.Process().children(recursive=True)
     _, alive = psutil.wait_procs(ours, timeout=0 if hung else 15)
     for process in alive:
