@@ -4,7 +4,8 @@
 #
 #   cluster/local.sh start    start both nodes, wait until both are up, print RAY_ADDRESS
 #   cluster/local.sh status   what is running
-#   cluster/local.sh stop     stop exactly the two nodes `start` started (not any other Ray)
+#   cluster/local.sh stop     stop exactly the two nodes `start` started, and any process of
+#                             theirs that outlived them (not any other Ray)
 #
 # Settings (environment): RAY_PORT (6390), DASHBOARD_PORT (8265), HEAD_CPUS (1),
 # WORKER_CPUS (2), OBJECT_STORE_MB (1024 per node), CLUSTER_DIR (.cluster: pids, logs,
@@ -125,11 +126,31 @@ stop_node() {
     echo "cluster: $node node stopped"
 }
 
+# Processes that outlived their node: a Ray 2.60 worker can deadlock in its own exit handler
+# and sleep on. Each one still holds its log files under this cluster's temp dir.
+stragglers() {
+    local fd
+    for fd in /proc/[0-9]*/fd/*; do
+        if [[ "$(readlink "$fd" 2>/dev/null)" == "$RAY_TMP/"* ]]; then
+            echo "${fd:6}" | cut -d/ -f1
+        fi
+    done | sort -u
+}
+
+stop_stragglers() {
+    local pids
+    pids="$(stragglers)"
+    [[ -n "$pids" ]] || return 0
+    echo "cluster: killing $(echo "$pids" | wc -l) process(es) that outlived the nodes" >&2
+    kill -KILL $pids 2>/dev/null || true
+}
+
 case "${1:-}" in
 start) start ;;
 stop)
     stop_node worker
     stop_node head
+    stop_stragglers
     ;;
 status)
     for node in head worker; do

@@ -177,6 +177,19 @@ def local_cluster(tmp_path_factory, stage1_run, tiny_llm):
         assert stopped.returncode == 0, stopped.stderr
         for pid in pids:  # exactly the processes it started are gone
             assert not Path(f"/proc/{pid}").exists()
+        # ... and every process of its nodes (each holds its logs in the cluster's temp dir)
+        assert _holding_files_under("/tmp/allmrec-ray-6397/") == []
+
+
+def _holding_files_under(prefix: str) -> list[int]:
+    holders = set()
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd).startswith(prefix):
+                holders.add(int(fd.parts[2]))
+        except OSError:
+            continue
+    return sorted(holders)
 
 
 def _submit(client_env: dict, submission_id: str, args: list[str], timeout: float):
