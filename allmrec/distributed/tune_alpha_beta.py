@@ -77,7 +77,7 @@ class RecordingASHA(ASHAScheduler):
         # pickled into the experiment: what it read from the files is read again on restore
         return {**self.__dict__, "_remembered": None, "_cut": {}}
 
-    def _remember(self) -> dict[str, dict[float, float]]:
+    def _load_decisions(self) -> dict[str, dict[float, float]]:
         if self._remembered is None:
             self._remembered = read_rungs(Path(self.decisions_dir))
             self._cut = read_stopped(Path(self.decisions_dir))
@@ -85,13 +85,13 @@ class RecordingASHA(ASHAScheduler):
 
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
-        remembered = self._remember().get(trial.trial_id, {})
+        remembered = self._load_decisions().get(trial.trial_id, {})
         for milestone, recorded in self._trial_info[trial.trial_id]._rungs:
             if milestone in remembered:
                 recorded[trial.trial_id] = remembered[milestone]
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        self._remember()
+        self._load_decisions()
         if trial.trial_id in self._cut:
             return TrialScheduler.STOP
         bracket = self._trial_info.get(trial.trial_id)
