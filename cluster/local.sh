@@ -4,8 +4,8 @@
 #
 #   cluster/local.sh start    start both nodes, wait until both are up, print RAY_ADDRESS
 #   cluster/local.sh status   what is running
-#   cluster/local.sh stop     stop exactly the two nodes `start` started, and any process of
-#                             theirs that outlived them (not any other Ray)
+#   cluster/local.sh stop     stop exactly the two nodes `start` started, and any Ray worker
+#                             of theirs that outlived them (not any other Ray)
 #
 # Settings (environment): RAY_PORT (6390), DASHBOARD_PORT (8265), HEAD_CPUS (1),
 # WORKER_CPUS (2), OBJECT_STORE_MB (1024 per node), CLUSTER_DIR (.cluster: pids, logs,
@@ -126,23 +126,28 @@ stop_node() {
     echo "cluster: $node node stopped"
 }
 
-# Processes that outlived their node: a Ray 2.60 worker can deadlock in its own exit handler
-# and sleep on. Each one still holds its log files under this cluster's temp dir.
+# Ray workers that outlived their node: a Ray 2.60 worker can deadlock in its own exit handler
+# and sleep on, its log files still open in this cluster's temp dir. Only Ray's own worker
+# processes (named `ray::...`) are taken: a driver or a `tail -f` on a log is left alone.
 stragglers() {
-    local fd
-    for fd in /proc/[0-9]*/fd/*; do
-        if [[ "$(readlink "$fd" 2>/dev/null)" == "$RAY_TMP/"* ]]; then
-            echo "${fd:6}" | cut -d/ -f1
+    local pid
+    for pid in $(find /proc/[0-9]*/fd -maxdepth 1 -lname "$RAY_TMP/*" 2>/dev/null | cut -d/ -f3 | sort -u); do
+        if [[ "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" == ray::* ]]; then
+            echo "$pid"
         fi
-    done | sort -u
+    done
 }
 
 stop_stragglers() {
     local pids
     pids="$(stragglers)"
     [[ -n "$pids" ]] || return 0
-    echo "cluster: killing $(echo "$pids" | wc -l) process(es) that outlived the nodes" >&2
+    echo "cluster: killing $(echo "$pids" | wc -l) Ray worker(s) that outlived the nodes" >&2
     kill -KILL $pids 2>/dev/null || true
+    for _ in $(seq 20); do
+        [[ -n "$(stragglers)" ]] || return 0
+        sleep 0.5
+    done
 }
 
 case "${1:-}" in

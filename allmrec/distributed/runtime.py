@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -155,14 +156,36 @@ def shutdown_local_ray(timeout_s: float = 120) -> bool:
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)  # what it waits for
         ours += psutil.Process().children(recursive=True)
     _, alive = psutil.wait_procs(ours, timeout=0 if hung else 15)
+    alive = [p for p in alive if _running(p)]  # an exited child not yet reaped is not alive
     for process in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
     psutil.wait_procs(alive, timeout=10)  # reaps this process's own children
     if alive and not hung:
         log.warning("killed %d process(es) of the local Ray stuck in their exit", len(alive))
+    if hung and not _shutdown_hung:
+        # Python's exit hooks run last-registered first: this one before Ray's, which would
+        # call the hung shutdown again. A caller that knows its exit status exits first.
+        atexit.register(_exit_now)
     _shutdown_hung = _shutdown_hung or hung
     return not hung
+
+
+def _running(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _exit_now() -> None:
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def shutdown_hung() -> bool:

@@ -51,6 +51,9 @@ def stage1_trial(trial: dict) -> None:
 
 STOPPED_FILE = "stopped_by_asha.jsonl"
 RUNGS_FILE = "asha_rungs.jsonl"
+# The current search's `tune/` on this driver: a restored scheduler was pickled with the
+# path of the driver that started the search (another machine, another cache).
+_decisions_dir: list[Path] = []
 
 
 class RecordingASHA(ASHAScheduler):
@@ -69,6 +72,8 @@ class RecordingASHA(ASHAScheduler):
 
     def __init__(self, decisions_dir: Path, **kwargs) -> None:
         super().__init__(**kwargs)
+        if len(self._brackets) != 1:  # Ray draws a bracket at random on each add
+            raise ValueError("RecordingASHA restores rungs of a single bracket")
         self.decisions_dir = str(decisions_dir)
         self._remembered: dict[str, dict[float, float]] | None = None  # read when first needed
         self._cut: dict[str, int] = {}
@@ -77,10 +82,14 @@ class RecordingASHA(ASHAScheduler):
         # pickled into the experiment: what it read from the files is read again on restore
         return {**self.__dict__, "_remembered": None, "_cut": {}}
 
+    @property
+    def _dir(self) -> Path:
+        return _decisions_dir[-1] if _decisions_dir else Path(self.decisions_dir)
+
     def _load_decisions(self) -> dict[str, dict[float, float]]:
-        if self._remembered is None:
-            self._remembered = read_rungs(Path(self.decisions_dir))
-            self._cut = read_stopped(Path(self.decisions_dir))
+        if getattr(self, "_remembered", None) is None:
+            self._remembered = read_rungs(self._dir)
+            self._cut = read_stopped(self._dir)
         return self._remembered
 
     def on_trial_add(self, tune_controller, trial) -> None:
@@ -92,8 +101,9 @@ class RecordingASHA(ASHAScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         self._load_decisions()
-        if trial.trial_id in self._cut:
-            return TrialScheduler.STOP
+        cut_at = self._cut.get(trial.trial_id)
+        if cut_at is not None and result.get(self._time_attr, 0) >= cut_at:
+            return TrialScheduler.STOP  # where it was cut before a crash
         bracket = self._trial_info.get(trial.trial_id)
         known = {(m, t) for m, recorded in bracket._rungs for t in recorded} if bracket else set()
         action = super().on_trial_result(tune_controller, trial, result)
@@ -103,15 +113,15 @@ class RecordingASHA(ASHAScheduler):
                 value = float(recorded[trial.trial_id])
                 lines.append({"trial_id": trial.trial_id, "rung": milestone, "value": value})
         self._append(RUNGS_FILE, lines)
-        iteration = result.get(self._time_attr)
-        if action == TrialScheduler.STOP and iteration is not None and iteration < self._max_t:
-            self._cut[trial.trial_id] = int(iteration)
-            self._append(STOPPED_FILE, [{"trial_id": trial.trial_id, "at": iteration}])
+        epoch = result.get(self._time_attr)
+        if action == TrialScheduler.STOP and epoch is not None and epoch < self._max_t:
+            self._cut[trial.trial_id] = int(epoch)
+            self._append(STOPPED_FILE, [{"trial_id": trial.trial_id, "at": epoch}])
         return action
 
     def _append(self, name: str, lines: list[dict]) -> None:
         if lines:
-            with open(Path(self.decisions_dir) / name, "a") as out:
+            with open(self._dir / name, "a") as out:
                 out.writelines(json.dumps(line) + "\n" for line in lines)
 
 
@@ -129,7 +139,7 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def read_stopped(tune_dir: Path) -> dict[str, int]:
-    """trial id -> the iteration at which ASHA cut it."""
+    """trial id -> the epoch at which ASHA cut it."""
     return {line["trial_id"]: int(line["at"]) for line in _jsonl(Path(tune_dir) / STOPPED_FILE)}
 
 
@@ -195,17 +205,21 @@ def search_alpha_beta(
     path = join(storage, cfg.name)
     # The trial only drives its Train run; Tune refuses an empty bundle, so a token CPU share.
     trainable = tune.with_resources(stage1_trial, {"cpu": 0.01})
+    (run_dir / "tune").mkdir(parents=True, exist_ok=True)
     if resume:
         if not tune.Tuner.can_restore(path):
             raise ValueError(f"tune: nothing to resume at {path} (run `allmrec tune` first)")
         log.info("resuming the search at %s", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
-        (run_dir / "tune").mkdir(parents=True, exist_ok=True)
         for name in (STOPPED_FILE, RUNGS_FILE):  # a new search's decisions
             (run_dir / "tune" / name).unlink(missing_ok=True)
         tuner = _new_tuner(config, run, run_dir, trainable, storage, path)
-    grid = tuner.fit()
+    _decisions_dir[:] = [run_dir / "tune"]
+    try:
+        grid = tuner.fit()
+    finally:
+        _decisions_dir.clear()
     rows = _trial_rows(grid, cfg.metric, read_stopped(run_dir / "tune"))
     best = write_results(rows, run_dir / "tune", cfg.metric, config.stage1.epochs)
     decisions = (STOPPED_FILE, RUNGS_FILE)
@@ -243,7 +257,9 @@ def _new_tuner(
             mode="max",
             scheduler=RecordingASHA(
                 run_dir / "tune",
-                time_attr="training_iteration",
+                # the Train run's epoch, not Tune's count of reports: a restored trial's count
+                # starts again at 1 while its Train run resumes from its last checkpoint
+                time_attr="epoch",
                 max_t=config.stage1.epochs,
                 grace_period=cfg.grace_period,
                 reduction_factor=cfg.reduction_factor,
@@ -273,7 +289,7 @@ def _trial_rows(grid, metric: str, stopped: dict[str, int]) -> list[dict]:
                 "alpha": float(result.config["alpha"]),
                 "beta": float(result.config["beta"]),
                 "metric": best,
-                "epochs": int((result.metrics or {}).get("training_iteration", 0)),
+                "epochs": int((result.metrics or {}).get("epoch", 0)),
                 "stopped_early": (result.metrics or {}).get("trial_id") in stopped,
                 "status": "error" if result.error else "done",
             }

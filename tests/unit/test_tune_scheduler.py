@@ -12,7 +12,7 @@ from allmrec.distributed.tune_alpha_beta import RecordingASHA, read_rungs, read_
 def _scheduler(tune_dir) -> RecordingASHA:
     return RecordingASHA(
         tune_dir,
-        time_attr="training_iteration",
+        time_attr="epoch",
         metric="valid_ndcg@10",
         mode="max",
         max_t=4,
@@ -28,8 +28,8 @@ def _added(scheduler, names):
     return trials
 
 
-def _report(scheduler, trial, iteration: int, value: float) -> str:
-    result = {"training_iteration": iteration, "valid_ndcg@10": value}
+def _report(scheduler, trial, epoch: int, value: float) -> str:
+    result = {"epoch": epoch, "valid_ndcg@10": value}
     return scheduler.on_trial_result(None, trial, result)
 
 
@@ -73,3 +73,35 @@ def test_a_fresh_scheduler_without_a_record_lets_the_first_arrival_go_on(tmp_pat
 def test_a_line_cut_short_by_a_crash_is_not_a_decision(tmp_path):
     (tmp_path / "stopped_by_asha.jsonl").write_text('{"trial_id": "t1", "at": 1}\n{"trial_')
     assert read_stopped(tmp_path) == {"t1": 1}
+
+
+def test_a_trial_resumed_from_its_train_checkpoint_is_compared_at_its_epoch(tmp_path):
+    """A restored trial's Train run resumes from its epoch-2 checkpoint: its first result is
+    epoch 3, compared at rung 3 (Tune's report count would say 1, the rung it passed)."""
+    before = _scheduler(tmp_path)
+    trials = _added(before, ["t0", "t1"])
+    for epoch, value in ((1, 0.53), (2, 0.53), (3, 0.54)):
+        assert _report(before, trials["t0"], epoch, value) == TrialScheduler.CONTINUE
+    assert _report(before, trials["t1"], 1, 0.531) == TrialScheduler.CONTINUE
+    after = _scheduler(tmp_path)
+    trials = _added(after, ["t0", "t1"])
+    assert _report(after, trials["t1"], 3, 0.50) == TrialScheduler.STOP  # below t0 at rung 3
+    assert read_stopped(tmp_path) == {"t1": 3}
+
+
+def test_a_trial_cut_before_a_crash_is_cut_again_where_it_was_cut(tmp_path):
+    before = _scheduler(tmp_path)
+    trials = _added(before, ["t0", "t1"])
+    for epoch, value in ((1, 0.53), (2, 0.53), (3, 0.54)):
+        _report(before, trials["t0"], epoch, value)
+    for epoch, value in ((1, 0.531), (2, 0.53)):
+        _report(before, trials["t1"], epoch, value)
+    assert _report(before, trials["t1"], 3, 0.50) == TrialScheduler.STOP
+    # Tune restores t1 anyway (its state was saved before the cut), from scratch: it goes on
+    # to the epoch where it was cut, and stops there
+    after = _scheduler(tmp_path)
+    trials = _added(after, ["t0", "t1"])
+    assert _report(after, trials["t1"], 1, 0.531) == TrialScheduler.CONTINUE
+    assert _report(after, trials["t1"], 2, 0.53) == TrialScheduler.CONTINUE
+    assert _report(after, trials["t1"], 3, 0.50) == TrialScheduler.STOP
+    assert read_stopped(tmp_path) == {"t1": 3}
