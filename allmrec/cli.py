@@ -410,12 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         log_file = log_path()
     _push_the_log(log_file)
     if "allmrec.distributed.runtime" in sys.modules:
-        from allmrec.distributed.runtime import shutdown_hung
+        from allmrec.distributed.runtime import exit_now, shutdown_hung
 
         if shutdown_hung():  # Ray's exit handler would hang this process's exit too
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            exit_now(code)
     return code
 
 

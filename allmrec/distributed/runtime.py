@@ -137,8 +137,9 @@ def shutdown_local_ray(timeout_s: float = 120) -> bool:
     and `ray.shutdown()` itself has hung the process that called it. So: the processes of this
     Ray (this process's descendants) are listed first; whatever is still alive 15 s after
     the shutdown is killed; a shutdown that does not return within `timeout_s` is abandoned,
-    every listed process killed, and False returned: the caller should then end with
-    `os._exit`, since the same exit handler runs at interpreter exit.
+    every listed process killed, and False returned. The same exit handler would run again at
+    interpreter exit, so the process then ends by `exit_now` (a caller that knows its exit
+    status calls it first; otherwise an exit hook does, with status 1).
     """
     import faulthandler
     import sys
@@ -166,7 +167,7 @@ def shutdown_local_ray(timeout_s: float = 120) -> bool:
     if hung and not _shutdown_hung:
         # Python's exit hooks run last-registered first: this one before Ray's, which would
         # call the hung shutdown again. A caller that knows its exit status exits first.
-        atexit.register(_exit_now)
+        atexit.register(exit_now)
     _shutdown_hung = _shutdown_hung or hung
     return not hung
 
@@ -180,12 +181,14 @@ def _running(process) -> bool:
         return False
 
 
-def _exit_now() -> None:
+def exit_now(code: int = 1) -> None:
+    """End this process with `code` at once (what was printed flushed), skipping the exit
+    handlers: after a hung `ray.shutdown()`, Ray's would hang again."""
     import sys
 
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(1)
+    os._exit(code)
 
 
 def shutdown_hung() -> bool:

@@ -67,7 +67,7 @@ class RecordingASHA(ASHAScheduler):
     - Every trial it cuts (`stopped_by_asha.jsonl`): a trial with fewer epochs than the
       maximum may also be one that failed or was interrupted. Reaching max_t (also a STOP
       for ASHA) is not a cut. A trial cut just before a crash that Tune restores anyway is
-      cut again at its first result.
+      cut again at the epoch where it was cut.
     """
 
     def __init__(self, decisions_dir: Path, **kwargs) -> None:
@@ -104,12 +104,12 @@ class RecordingASHA(ASHAScheduler):
         cut_at = self._cut.get(trial.trial_id)
         if cut_at is not None and result.get(self._time_attr, 0) >= cut_at:
             return TrialScheduler.STOP  # where it was cut before a crash
-        bracket = self._trial_info.get(trial.trial_id)
-        known = {(m, t) for m, recorded in bracket._rungs for t in recorded} if bracket else set()
+        rungs = self._trial_info[trial.trial_id]._rungs  # every trial is added first
+        known = {milestone for milestone, recorded in rungs if trial.trial_id in recorded}
         action = super().on_trial_result(tune_controller, trial, result)
         lines = []
-        for milestone, recorded in bracket._rungs if bracket else ():
-            if trial.trial_id in recorded and (milestone, trial.trial_id) not in known:
+        for milestone, recorded in rungs:
+            if trial.trial_id in recorded and milestone not in known:
                 value = float(recorded[trial.trial_id])
                 lines.append({"trial_id": trial.trial_id, "rung": milestone, "value": value})
         self._append(RUNGS_FILE, lines)

@@ -45,16 +45,13 @@ def ray_local():
 
 
 def pytest_unconfigure(config):
-    """After a hung `ray.shutdown()`, end pytest with its status by `os._exit`: Ray's exit
+    """After a hung `ray.shutdown()`, end pytest with its status at once: Ray's exit
     handler, which hung, would run again at interpreter exit."""
-    import os
     import sys
 
     runtime = sys.modules.get("allmrec.distributed.runtime")
     if runtime is not None and runtime.shutdown_hung():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(int(getattr(config, "_allmrec_exitstatus", 1)) or 1)
+        runtime.exit_now(int(getattr(config, "_allmrec_exitstatus", 1)) or 1)
 
 
 def pytest_sessionfinish(session, exitstatus):
