@@ -8,8 +8,10 @@ to `SentenceTransformer` as a name or a local path (the paper's reference uses
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -39,6 +41,24 @@ def resolve_text_encoder(name: str) -> str:
             ) from exc
         return str(package.get_model_path())
     return name
+
+
+def local_model_dir(name: str) -> Path | None:
+    """The folder on this machine that `name` loads from (an embedded model or a path), or
+    None for a name only a hub resolves."""
+    path = Path(resolve_text_encoder(name))
+    return path if path.is_dir() else None
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over every file under `folder` (its relative name and its content): what an
+    encoder loaded from it is, known without loading it."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(folder)).encode() + b"\x00")
+        with file.open("rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
 
 
 def load_sentence_encoder(name: str, device: str = "cpu"):

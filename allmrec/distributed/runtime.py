@@ -117,6 +117,8 @@ def _init_ray(cfg: RayConfig) -> None:
     # drained nodes; a Ray on one machine has no node to drain.
     for key, value in LOCAL_ENV.items():
         runtime_env["env_vars"][key] = os.environ.setdefault(key, value)  # a user's own wins
+    # Another Ray may run on this machine: every worker is told which one is its own.
+    runtime_env["worker_process_setup_hook"] = "allmrec.distributed.worker_setup.pin_ray_address"
     log.info("starting a local Ray (object store %.1f GiB)", cfg.object_store_gb)
     ray.init(
         num_cpus=cfg.num_cpus,

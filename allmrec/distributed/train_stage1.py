@@ -1,8 +1,10 @@
 """Ray Train + DeepSpeed: Stage 1, aligning the frozen CF item embeddings with item texts.
 
 Each worker holds the frozen CF backbone outside the engine (it is not trained; its E and x_u
-are computed once) and a DeepSpeed engine around the Sentence-BERT and the two autoencoders,
-ZeRO stage from config (3 by default: the engine's parameters are partitioned across workers).
+are computed once) and a DeepSpeed engine around the two autoencoders and a trained
+Sentence-BERT, ZeRO stage from config (3 by default: the engine's parameters are partitioned
+across workers). A frozen Sentence-BERT stays outside too: its q_i are computed once per
+machine and read back, without loading it, by every later worker.
 Every epoch: a DeepSpeed checkpoint (each worker its shard) plus the gathered weights, and
 `ray.train.report`; a worker that dies is replaced and the run resumes from that checkpoint.
 """
@@ -44,7 +46,7 @@ from allmrec.training.stage1 import (
     collapse_stats,
     encode_texts,
     frozen_cf_inputs,
-    frozen_text_encodings,
+    frozen_text_encodings_of,
     item_texts,
     joint_embeddings,
     stage1_batch,
@@ -72,7 +74,8 @@ def _optimizer(aligner: CollabTextAligner, cfg: Stage1Config) -> torch.optim.Opt
             "lr": cfg.lr,
         }
     ]
-    text_params = [p for p in aligner.text_encoder.parameters() if p.requires_grad]
+    encoder = aligner.text_encoder  # None when frozen: its q_i come computed
+    text_params = [p for p in encoder.parameters() if p.requires_grad] if encoder else []
     if text_params:
         groups.append({"params": text_params, "lr": cfg.text_encoder_lr or cfg.lr})
     return torch.optim.Adam(groups, betas=(0.9, 0.98))
@@ -165,7 +168,9 @@ class _Worker:
         with gathered(params):
             q = self.q_cache
             if q is None:
-                q = encode_texts(aligner, self.texts, self.device, cfg.max_text_tokens)
+                q = encode_texts(
+                    aligner.text_encoder, self.texts, self.device, max_tokens=cfg.max_text_tokens
+                )
             m = stage1_quality(
                 aligner,
                 self.frozen,
@@ -207,8 +212,21 @@ def _set_up(loop_config: dict) -> _Worker:
     cf_model, _ = load_cf_model(run_dir, data)
     frozen = frozen_cf_inputs(cf_model, data, cf_model.config.max_len)
     texts, no_train, cold_label = item_texts(data)
+    q_cache = None
+    if cfg.text_encoder_trainable == "frozen":
+        # q_i never change: every text encoded once (kept per machine), and the encoder
+        # stays out of the engine (nothing of it is trained or saved)
+        q_cache = frozen_text_encodings_of(
+            config.data.text_encoder,
+            texts,
+            device,
+            cfg.max_text_tokens,
+            _text_encoding_cache(cfg),
+            dtype=torch.bfloat16 if cfg.scaling.use_gpu else torch.float32,
+        )
     torch.manual_seed(config.seed)  # the same initial autoencoders on every worker
-    aligner = build_aligner(config, frozen.item_table.shape[1])
+    text_dim = None if q_cache is None else q_cache.shape[1]
+    aligner = build_aligner(config, frozen.item_table.shape[1], text_dim=text_dim)
     engine, _, _, _ = deepspeed.initialize(
         model=aligner,
         optimizer=_optimizer(aligner, cfg),
@@ -216,12 +234,6 @@ def _set_up(loop_config: dict) -> _Worker:
     )
     aligner = engine.module
     share = local_share(list(aligner.parameters()))
-    q_cache = None
-    if cfg.text_encoder_trainable == "frozen":  # q_i never changes: encode every text once
-        with gathered(list(aligner.text_encoder.parameters())):
-            q_cache = frozen_text_encodings(
-                aligner, texts, device, cfg.max_text_tokens, _text_encoding_cache(cfg)
-            )
     if rank == 0:
         print(
             f"[stage1] set up in {time.perf_counter() - started:.1f} s; this worker holds "

@@ -96,15 +96,19 @@ class CollabTextAligner(nn.Module):
     """
 
     def __init__(
-        self, text_encoder: nn.Module, cf_dim: int, text_dim: int, latent_dim: int = 128
+        self, text_encoder: nn.Module | None, cf_dim: int, text_dim: int, latent_dim: int = 128
     ) -> None:
         super().__init__()
-        self.text_encoder = text_encoder  # a SentenceTransformer (an nn.Sequential)
+        # A SentenceTransformer (an nn.Sequential); None where a frozen encoder's q_i come in
+        # computed (a Stage 1 worker never loads one then).
+        self.text_encoder = text_encoder
         self.item_ae = Autoencoder(cf_dim, latent_dim)
         self.text_ae = Autoencoder(text_dim, latent_dim)
 
     def embed_text(self, features: dict[str, Tensor]) -> Tensor:
         """q_i from tokenized texts (the output of `SentenceTransformer.tokenize`)."""
+        if self.text_encoder is None:
+            raise ValueError("this aligner has no text encoder: pass q_i, not texts")
         return self.text_encoder(features)["sentence_embedding"]
 
     def forward(

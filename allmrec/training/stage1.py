@@ -97,26 +97,26 @@ def to_device(features: dict, device) -> dict:
 
 @torch.no_grad()
 def encode_texts(
-    aligner: CollabTextAligner,
+    text_encoder: torch.nn.Module,
     texts: list[str],
     device,
     batch_size: int = 128,
     max_tokens: int = 128,
 ) -> torch.Tensor:
     """q_i of every text with the (current, fine-tuned) Sentence-BERT, eval mode."""
-    encoder = aligner.text_encoder
-    was_training = encoder.training
-    encoder.eval()
+    was_training = text_encoder.training
+    text_encoder.eval()
     out = []
     for start in range(0, len(texts), batch_size):
-        features = tokenize(encoder, texts[start : start + batch_size], max_tokens)
-        out.append(aligner.embed_text(to_device(features, device)).float().cpu())
-    encoder.train(was_training)
+        features = tokenize(text_encoder, texts[start : start + batch_size], max_tokens)
+        embedded = text_encoder(to_device(features, device))["sentence_embedding"]
+        out.append(embedded.float().cpu())
+    text_encoder.train(was_training)
     return torch.cat(out)
 
 
 def frozen_text_encodings(
-    aligner: CollabTextAligner,
+    text_encoder: torch.nn.Module,
     texts: list[str],
     device,
     max_tokens: int,
@@ -128,21 +128,68 @@ def frozen_text_encodings(
     texts, the token limit, the device and the thread count: what is read is exactly what the
     call would compute. `cache=None` computes without keeping."""
     if cache is None:
-        return encode_texts(aligner, texts, device, max_tokens=max_tokens)
-    digest = hashlib.sha256()
-    for name, tensor in aligner.text_encoder.state_dict().items():
+        return encode_texts(text_encoder, texts, device, max_tokens=max_tokens)
+    weights = hashlib.sha256()
+    for name, tensor in text_encoder.state_dict().items():
         # raw bytes of any dtype (numpy has no bfloat16, the GPU profile's)
         raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        digest.update(f"{name}|{tensor.dtype}".encode())
-        digest.update(raw.numpy().tobytes())
+        weights.update(f"{name}|{tensor.dtype}".encode())
+        weights.update(raw.numpy().tobytes())
+    return _kept_encodings(
+        f"weights:{weights.hexdigest()}",
+        lambda: encode_texts(text_encoder, texts, device, max_tokens=max_tokens),
+        texts,
+        device,
+        max_tokens,
+        cache,
+    )
+
+
+def frozen_text_encodings_of(
+    name: str,
+    texts: list[str],
+    device,
+    max_tokens: int,
+    cache: Path | None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """`frozen_text_encodings` of the encoder `name` (`data.text_encoder`) run in `dtype`, read
+    from `cache` without loading the encoder when they are kept there: a Stage 1 worker then
+    never imports sentence-transformers (~4 s a process on 2 cores). The key stands for the
+    weights by the files of the model's folder; a name only a hub resolves is loaded and keyed
+    by its weights."""
+    from allmrec.text_encoder import folder_digest, local_model_dir
+
+    def loaded() -> torch.nn.Module:
+        return load_sentence_encoder(name, device=str(device)).to(dtype)
+
+    folder = local_model_dir(name)
+    if folder is None or cache is None:
+        return frozen_text_encodings(loaded(), texts, device, max_tokens, cache)
+    return _kept_encodings(
+        f"folder:{folder_digest(folder)}|{dtype}",
+        lambda: encode_texts(loaded(), texts, device, max_tokens=max_tokens),
+        texts,
+        device,
+        max_tokens,
+        cache,
+    )
+
+
+def _kept_encodings(
+    encoder_key: str, compute, texts: list[str], device, max_tokens: int, cache: Path
+) -> torch.Tensor:
+    """The q_i kept under `cache` for this encoder, texts, token limit, device and thread
+    count, or `compute()`d and kept (written whole: concurrent trials, one wins)."""
+    digest = hashlib.sha256(encoder_key.encode())
     digest.update(f"{max_tokens}|{torch.device(device).type}|{torch.get_num_threads()}".encode())
     digest.update("\x00".join(texts).encode())
     path = Path(cache) / f"{digest.hexdigest()[:32]}.safetensors"
     if path.is_file():
         return load_file(str(path))["q"]
-    q = encode_texts(aligner, texts, device, max_tokens=max_tokens)
+    q = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.partial")  # concurrent trials: one wins
+    partial = path.with_suffix(f".{os.getpid()}.partial")
     save_file({"q": q.contiguous()}, str(partial))
     os.replace(partial, path)
     return q
@@ -214,12 +261,17 @@ def collapse_stats(z: torch.Tensor) -> dict[str, float]:
     }
 
 
-def build_aligner(config: Config, cf_dim: int, device: str = "cpu") -> CollabTextAligner:
-    """The Sentence-BERT named by `data.text_encoder` and both autoencoders."""
+def build_aligner(
+    config: Config, cf_dim: int, device: str = "cpu", text_dim: int | None = None
+) -> CollabTextAligner:
+    """The Sentence-BERT named by `data.text_encoder` and both autoencoders; given `text_dim`
+    (the width of q_i computed beforehand, for a frozen encoder), the autoencoders only."""
     cfg = config.stage1
-    text_encoder = load_sentence_encoder(config.data.text_encoder, device=device)
-    set_text_encoder_trainable(text_encoder, cfg.text_encoder_trainable)
-    text_dim = int(text_encoder.get_embedding_dimension())
+    text_encoder = None
+    if text_dim is None:
+        text_encoder = load_sentence_encoder(config.data.text_encoder, device=device)
+        set_text_encoder_trainable(text_encoder, cfg.text_encoder_trainable)
+        text_dim = int(text_encoder.get_embedding_dimension())
     return CollabTextAligner(text_encoder, cf_dim, text_dim, cfg.latent_dim)
 
 
@@ -245,7 +297,7 @@ def write_stage1_artifact(
         str(out / "text_autoencoder.safetensors"),
     )
     aligner.text_encoder.save(str(out / "text_encoder"), safe_serialization=True)
-    q = frozen_text_encodings(aligner, texts, "cpu", max_tokens, cache)
+    q = frozen_text_encodings(aligner.text_encoder, texts, "cpu", max_tokens, cache)
     z = joint_embeddings(aligner, frozen, q, no_train)
     dim = z.shape[1]
     table = pa.table(

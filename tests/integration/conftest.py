@@ -17,7 +17,7 @@ STAGE1_SETTINGS = ("stage1.epochs=4", "stage1.eval_every=4", "stage1.checkpoint_
 OTHER_STAGE1_SETTINGS = (
     "stage1.scaling.num_workers=2",
     "stage1.text_encoder_trainable=last:1",
-    "stage1.max_train_users=200",  # the encoder's forward and backward dominate a step
+    "stage1.max_train_users=64",  # a batch a worker: the encoder's forward and backward dominate
     "stage1.epochs=2",
     "stage1.eval_every=2",
     "stage1.checkpoint_every=1",

@@ -161,11 +161,12 @@ def test_reconstruction_ablation(cf_run):
     and ranking through it gets worse."""
     from allmrec.data.prepared import load_prepared
     from allmrec.models.alignment import CollabTextAligner
+    from allmrec.storage import cache_dir
     from allmrec.text_encoder import load_sentence_encoder
     from allmrec.training.cf import load_cf_model
     from allmrec.training.stage1 import (
-        encode_texts,
         frozen_cf_inputs,
+        frozen_text_encodings,
         item_texts,
         stage1_batch,
         stage1_quality,
@@ -177,8 +178,8 @@ def test_reconstruction_ablation(cf_run):
     frozen = frozen_cf_inputs(cf_model, data, 50)
     texts, _, cold = item_texts(data)
     encoder = load_sentence_encoder("embedded:all-MiniLM-L6-v2")
-    probe = CollabTextAligner(encoder, 50, 384)
-    q = encode_texts(probe, texts, "cpu")
+    # the frozen encoder's q_i, as Stage 1 keeps them (the session's Stage 1 wrote them)
+    q = frozen_text_encodings(encoder, texts, "cpu", 128, cache_dir() / "text-encodings")
     results = {}
     for alpha, beta in ((0.5, 0.2), (0.0, 0.0)):
         torch.manual_seed(0)

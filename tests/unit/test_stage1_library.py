@@ -5,7 +5,11 @@ import torch
 
 from allmrec.models.alignment import CollabTextAligner
 from allmrec.text_encoder import load_sentence_encoder
-from allmrec.training.stage1 import encode_texts, frozen_text_encodings
+from allmrec.training.stage1 import (
+    encode_texts,
+    frozen_text_encodings,
+    frozen_text_encodings_of,
+)
 
 TEXTS = ["Toy Story (1995), Animation", "Heat (1995), Action", "Fargo (1996), Crime"]
 
@@ -18,20 +22,20 @@ def aligner():
 
 
 def test_frozen_encodings_are_computed_once_and_read_back_exactly(aligner, tmp_path):
-    expected = encode_texts(aligner, TEXTS, "cpu", max_tokens=128)
-    first = frozen_text_encodings(aligner, TEXTS, "cpu", 128, tmp_path)
+    expected = encode_texts(aligner.text_encoder, TEXTS, "cpu", max_tokens=128)
+    first = frozen_text_encodings(aligner.text_encoder, TEXTS, "cpu", 128, tmp_path)
     [kept] = tmp_path.glob("*.safetensors")
     stamp = kept.stat().st_mtime_ns
-    second = frozen_text_encodings(aligner, TEXTS, "cpu", 128, tmp_path)
+    second = frozen_text_encodings(aligner.text_encoder, TEXTS, "cpu", 128, tmp_path)
     assert torch.equal(first, expected) and torch.equal(second, expected)
     assert kept.stat().st_mtime_ns == stamp  # read, not written again
     assert list(tmp_path.glob("*.partial")) == []
 
 
 def test_another_text_limit_or_encoder_is_another_entry(aligner, tmp_path):
-    frozen_text_encodings(aligner, TEXTS, "cpu", 128, tmp_path)
-    frozen_text_encodings(aligner, TEXTS[:2], "cpu", 128, tmp_path)
-    frozen_text_encodings(aligner, TEXTS, "cpu", 8, tmp_path)
+    frozen_text_encodings(aligner.text_encoder, TEXTS, "cpu", 128, tmp_path)
+    frozen_text_encodings(aligner.text_encoder, TEXTS[:2], "cpu", 128, tmp_path)
+    frozen_text_encodings(aligner.text_encoder, TEXTS, "cpu", 8, tmp_path)
     assert len(list(tmp_path.glob("*.safetensors"))) == 3
     # A fine-tuned encoder's weights differ: its encodings are not the kept ones.
     weight = next(aligner.text_encoder.parameters())
@@ -39,9 +43,11 @@ def test_another_text_limit_or_encoder_is_another_entry(aligner, tmp_path):
     with torch.no_grad():
         weight.add_(0.01)
     try:
-        changed = frozen_text_encodings(aligner, TEXTS, "cpu", 128, tmp_path)
+        changed = frozen_text_encodings(aligner.text_encoder, TEXTS, "cpu", 128, tmp_path)
         assert len(list(tmp_path.glob("*.safetensors"))) == 4
-        assert torch.equal(changed, encode_texts(aligner, TEXTS, "cpu", max_tokens=128))
+        assert torch.equal(
+            changed, encode_texts(aligner.text_encoder, TEXTS, "cpu", max_tokens=128)
+        )
     finally:
         with torch.no_grad():
             weight.copy_(original)
@@ -49,8 +55,8 @@ def test_another_text_limit_or_encoder_is_another_entry(aligner, tmp_path):
 
 def test_no_cache_computes(aligner):
     assert torch.equal(
-        frozen_text_encodings(aligner, TEXTS, "cpu", 128, None),
-        encode_texts(aligner, TEXTS, "cpu", max_tokens=128),
+        frozen_text_encodings(aligner.text_encoder, TEXTS, "cpu", 128, None),
+        encode_texts(aligner.text_encoder, TEXTS, "cpu", max_tokens=128),
     )
 
 
@@ -59,7 +65,26 @@ def test_a_bfloat16_encoder_is_kept_under_its_own_key(aligner, tmp_path):
     import copy
 
     half = copy.deepcopy(aligner).to(torch.bfloat16)
-    q = frozen_text_encodings(half, TEXTS, "cpu", 128, tmp_path)
-    frozen_text_encodings(aligner, TEXTS, "cpu", 128, tmp_path)
+    q = frozen_text_encodings(half.text_encoder, TEXTS, "cpu", 128, tmp_path)
+    frozen_text_encodings(aligner.text_encoder, TEXTS, "cpu", 128, tmp_path)
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
-    assert torch.equal(q, frozen_text_encodings(half, TEXTS, "cpu", 128, tmp_path))
+    assert torch.equal(q, frozen_text_encodings(half.text_encoder, TEXTS, "cpu", 128, tmp_path))
+
+
+def test_a_named_frozen_encoder_is_read_back_without_loading_it(aligner, tmp_path, monkeypatch):
+    """A Stage 1 worker's path: the q_i of `data.text_encoder` are kept by the model folder's
+    files, and read back without the encoder (nor sentence-transformers) being loaded."""
+    import allmrec.training.stage1 as stage1
+
+    name = "embedded:all-MiniLM-L6-v2"
+    first = frozen_text_encodings_of(name, TEXTS, "cpu", 128, tmp_path)
+    assert torch.equal(first, encode_texts(aligner.text_encoder, TEXTS, "cpu", max_tokens=128))
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the encoder was loaded")
+
+    monkeypatch.setattr(stage1, "load_sentence_encoder", no_loading)
+    assert torch.equal(frozen_text_encodings_of(name, TEXTS, "cpu", 128, tmp_path), first)
+    with pytest.raises(AssertionError, match="was loaded"):  # another dtype: another entry
+        frozen_text_encodings_of(name, TEXTS, "cpu", 128, tmp_path, dtype=torch.bfloat16)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
