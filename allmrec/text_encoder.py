@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from allmrec.manifest import file_sha256
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_PREFIX = "embedded:"
@@ -55,9 +57,7 @@ def folder_digest(folder: Path) -> str:
     encoder loaded from it is, known without loading it."""
     digest = hashlib.sha256()
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(folder)).encode() + b"\x00")
-        with file.open("rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
+        digest.update(f"{file.relative_to(folder)}\x00{file_sha256(file)}\x00".encode())
     return digest.hexdigest()
 
 
