@@ -50,7 +50,9 @@ def train(args, alpha: float, beta: float, data, frozen, texts, no_train, cold) 
     if text_params:
         groups.append({"params": text_params, "lr": args.text_lr})
     optimizer = torch.optim.Adam(groups, lr=args.lr, betas=(0.9, 0.98))
-    q_cache = encode_texts(aligner, texts, "cpu") if args.text_encoder == "frozen" else None
+    q_cache = (
+        encode_texts(aligner.text_encoder, texts, "cpu") if args.text_encoder == "frozen" else None
+    )
     users = data.training_users()
     row = {}
     for epoch in range(1, args.epochs + 1):
@@ -72,7 +74,7 @@ def train(args, alpha: float, beta: float, data, frozen, texts, no_train, cold) 
             losses.total.backward()
             optimizer.step()
         aligner.eval()
-        q = q_cache if q_cache is not None else encode_texts(aligner, texts, "cpu")
+        q = q_cache if q_cache is not None else encode_texts(aligner.text_encoder, texts, "cpu")
         with torch.no_grad():
             e = frozen.item_table[1:]
             recon = torch.nn.functional.mse_loss(aligner.item_ae(e)[1], e).item()
