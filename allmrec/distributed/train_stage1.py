@@ -62,8 +62,9 @@ WEIGHTS = "aligner.safetensors"  # the gathered state dict inside each Ray check
 
 
 def _text_encoding_cache(cfg: Stage1Config) -> Path | None:
-    """Where a frozen text encoder's q_i are kept on this machine (`frozen_text_encodings`),
-    read by the workers and the artifact's writer alike; None for a trained encoder."""
+    """Where a frozen text encoder's q_i are kept on this machine, for the workers
+    (`frozen_text_encodings_of`) and the artifact's writer (`frozen_text_encodings`, keyed by
+    the loaded encoder's weights: its own entries); None for a trained encoder."""
     return cache_dir() / "text-encodings" if cfg.text_encoder_trainable == "frozen" else None
 
 
@@ -75,7 +76,7 @@ def _optimizer(aligner: CollabTextAligner, cfg: Stage1Config) -> torch.optim.Opt
         }
     ]
     encoder = aligner.text_encoder  # None when frozen: its q_i come computed
-    text_params = [p for p in encoder.parameters() if p.requires_grad] if encoder else []
+    text_params = [] if encoder is None else [p for p in encoder.parameters() if p.requires_grad]
     if text_params:
         groups.append({"params": text_params, "lr": cfg.text_encoder_lr or cfg.lr})
     return torch.optim.Adam(groups, betas=(0.9, 0.98))

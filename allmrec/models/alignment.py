@@ -92,7 +92,8 @@ class CollabTextAligner(nn.Module):
     """The trainable part of Stage 1: the Sentence-BERT and both autoencoders.
 
     The CF backbone is not in here: it is frozen and its e_i and x_u come in as tensors, so a
-    DeepSpeed engine around this module partitions and trains only what Stage 1 trains.
+    DeepSpeed engine around this module partitions and trains only what Stage 1 trains. A
+    frozen Sentence-BERT is left out the same way (`text_encoder=None`, q_i come in computed).
     """
 
     def __init__(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,8 +190,10 @@ def _kept_encodings(
         return load_file(str(path))["q"]
     q = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.partial")
-    save_file({"q": q.contiguous()}, str(partial))
+    # a name no other writer has, also on another host sharing this cache (an NFS home)
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".partial")
+    os.close(handle)
+    save_file({"q": q.contiguous()}, partial)
     os.replace(partial, path)
     return q
 

@@ -178,7 +178,7 @@ def test_reconstruction_ablation(cf_run):
     frozen = frozen_cf_inputs(cf_model, data, 50)
     texts, _, cold = item_texts(data)
     encoder = load_sentence_encoder("embedded:all-MiniLM-L6-v2")
-    # the frozen encoder's q_i, as Stage 1 keeps them (the session's Stage 1 wrote them)
+    # the frozen encoder's q_i, kept by the session's Stage 1 artifact writer (2 threads)
     q = frozen_text_encodings(encoder, texts, "cpu", 128, cache_dir() / "text-encodings")
     results = {}
     for alpha, beta in ((0.5, 0.2), (0.0, 0.0)):
