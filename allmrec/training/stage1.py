@@ -24,7 +24,7 @@ from allmrec.data.prepared import PreparedData
 from allmrec.evaluation import ALLMREC_PROTOCOL, evaluate
 from allmrec.models.alignment import CollabTextAligner, set_text_encoder_trainable
 from allmrec.sequences import left_pad, sample_negatives
-from allmrec.text_encoder import load_sentence_encoder
+from allmrec.text_encoder import folder_digest, load_sentence_encoder, local_model_dir
 
 
 @dataclass
@@ -159,7 +159,6 @@ def frozen_text_encodings_of(
     never imports sentence-transformers (~4 s a process on 2 cores). The key stands for the
     weights by the files of the model's folder; a name only a hub resolves is loaded and keyed
     by its weights."""
-    from allmrec.text_encoder import folder_digest, local_model_dir
 
     def loaded() -> torch.nn.Module:
         return load_sentence_encoder(name, device=str(device)).to(dtype)
