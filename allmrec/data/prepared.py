@@ -71,6 +71,15 @@ def seeded_users(users: np.ndarray, max_users: int | None, seed: int) -> np.ndar
     return users
 
 
+def worker_users(users, rank: int, world: int) -> np.ndarray:
+    """Worker `rank`'s share of the training `users` of a run on `world` workers: the sorted
+    users dealt round-robin, cut first to a multiple of `world` (at most `world - 1` users
+    left out) so that every worker takes the same number of steps: DDP's and ZeRO-3's
+    collectives would wait forever for a worker with one batch fewer."""
+    users = np.sort(np.asarray(users, dtype=np.int64))
+    return users[: len(users) // world * world][rank::world]
+
+
 def load_prepared(run_dir: str | Path) -> PreparedData:
     directory = Path(run_dir) / "data"
     manifest = read_manifest(directory, "data")

@@ -86,12 +86,16 @@ def restore_deepspeed(engine) -> dict | None:
         return json.loads((Path(ckpt) / "state.json").read_text())
 
 
-def shard_user_ids(name: str = "train") -> np.ndarray:
-    """The sorted user ids of this worker's Ray Data shard `name`."""
+def shard_user_ids(loop_config: dict) -> np.ndarray:
+    """This worker's training users (`allmrec.data.prepared.worker_users` of the run's)."""
     import ray.train
 
-    batches = ray.train.get_dataset_shard(name).iter_batches(batch_size=4096, batch_format="numpy")
-    return np.sort(np.concatenate([b["user_idx"] for b in batches])).astype(np.int64)
+    from allmrec.data.prepared import worker_users
+
+    context = ray.train.get_context()
+    return worker_users(
+        loop_config["train_users"], context.get_world_rank(), context.get_world_size()
+    )
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
@@ -137,7 +141,6 @@ def make_trainer(
     scaling: TrainScaling,
     storage: str,
     name: str,
-    datasets: dict,
     checkpoints_to_keep: int,
     callbacks: list | None = None,
     best_by: str | None = None,
@@ -181,7 +184,6 @@ def make_trainer(
                 log_level=os.environ.get("ALLMREC_RAY_TRAIN_LOG_LEVEL", "WARNING")
             ),
         ),
-        datasets=datasets,
     )
 
 
@@ -234,7 +236,7 @@ def train_stage(
     *,
     loop,
     loop_config: dict,
-    rows: list[dict],
+    users: np.ndarray,
     scaling: TrainScaling,
     storage: str,
     weights_file: str,
@@ -244,17 +246,16 @@ def train_stage(
     best_by: str | None = None,
     run_home: str | None = None,
 ) -> TrainedRun:
-    """The driver's side of a Train stage: `rows` (one per user) as the Ray Dataset the workers
-    shard, the run named by the stage's inputs (a restarted driver resumes it), fitted, and
-    read back: the final checkpoint's state, and the weights of the final checkpoint or, with
-    `best_by`, of the checkpoint Ray scored best by that metric. With tracking on and the
-    run's `run_home`, every report of rank 0 goes to the stage's MLflow run as it comes."""
-    import ray.data
-
+    """The driver's side of a Train stage: the training `users` (each worker takes its share,
+    `shard_user_ids`), the run named by the stage's inputs (a restarted driver resumes it), fitted,
+    and read back: the final checkpoint's state, and the weights of the final checkpoint or, with
+    `best_by`, of the checkpoint Ray scored best by that metric. With tracking on and the run's
+    `run_home`, every report of rank 0 goes to the stage's MLflow run as it comes."""
     started = time.perf_counter()
-    # Per-epoch lines are the progress here; Ray Data's bars from every worker are noise.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    dataset = ray.data.from_items(rows).materialize()
+    # The users go in the loop config, not as a Ray Dataset: a list of ids needs no Ray Data
+    # (whose split coordinator is one more actor process a run) and the workers read the
+    # interactions themselves from the prepared data.
+    loop_config = {**loop_config, "train_users": [int(u) for u in users]}
     inputs = stage_inputs(stage, config, run_dir)
     name = run_name(stage, inputs)
     live = open_live_run(config, run_home, stage, inputs) if run_home else None
@@ -266,7 +267,6 @@ def train_stage(
         scaling,
         storage,
         name,
-        {"train": dataset},
         checkpoints_to_keep,
         callbacks,
         best_by,

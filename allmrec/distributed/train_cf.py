@@ -1,13 +1,12 @@
 """Ray Train: CF-RecSys pre-training (SASRec by default) with early stopping and resume.
 
-`train_cf(config, run_dir)` runs a `TorchTrainer` whose workers read their shard of users from
-Ray Data, train the backbone (DDP over gloo on CPU, NCCL on GPU), validate every
-`cf.eval_every` epochs on HR@10/NDCG@10 against 100 sampled negatives, and report metrics
-every epoch, with a checkpoint at every validation. A worker that dies is replaced and
-training resumes from the last checkpoint (`FailureConfig`); a driver that dies resumes the
-same run when started again with the same config and data. Ray Train scores the checkpoints by
-validation NDCG@10 and keeps the best (and the latest): the best becomes
-`cf/model.safetensors`.
+`train_cf(config, run_dir)` runs a `TorchTrainer` whose workers each take their share of the
+training users (`allmrec.data.prepared.worker_users`), train the backbone (DDP over gloo on CPU,
+NCCL on GPU), validate every `cf.eval_every` epochs on HR@10/NDCG@10 against 100 sampled negatives,
+and report metrics every epoch, with a checkpoint at every validation. A worker that dies is
+replaced and training resumes from the last checkpoint (`FailureConfig`); a driver that dies resumes
+the same run when started again with the same config and data. Ray Train scores the checkpoints by
+validation NDCG@10 and keeps the best (and the latest): the best becomes `cf/model.safetensors`.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ from allmrec.distributed.common import (
     maybe_fail,
     print_epoch,
     quiet_worker_warnings,
+    shard_user_ids,
     train_stage,
 )
 from allmrec.evaluation import (
@@ -82,18 +82,11 @@ def _device() -> torch.device:
     return ray.train.torch.get_device()
 
 
-def _read_shard(shard) -> dict[str, np.ndarray]:
-    """This worker's users, read once from its Ray Data shard.
-
-    The rows are one per user (small even for millions of interactions), while every pass over
-    a shard costs a Ray Data execution (about 1.5 s on 2 CPUs, longer than a SASRec epoch on
-    MovieLens-100K); so the shard is read once and reshuffled locally each epoch.
-    """
-    users, items = [], []
-    for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
-        users.append(batch["user_idx"])
-        items.extend(batch["items"])
-    return user_rows(np.concatenate(users), items)
+def _shard_rows(worker: _Worker, loop_config: dict) -> dict[str, np.ndarray]:
+    """This worker's users and their training sequences (from the prepared data it loaded),
+    built once and reshuffled locally each epoch."""
+    users = shard_user_ids(loop_config)
+    return user_rows(users, [worker.data.train[u].astype(np.int64) for u in users])
 
 
 @dataclass
@@ -197,7 +190,7 @@ def cf_train_loop(loop_config: dict) -> None:
     NDCG@10."""
     worker = _set_up(loop_config)
     cfg, state = worker.cfg, worker.state
-    worker.shard_rows = _read_shard(ray.train.get_dataset_shard("train"))
+    worker.shard_rows = _shard_rows(worker, loop_config)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         maybe_fail(cfg.fail_at_epoch, epoch, worker.rank, loop_config["marker_dir"])
         metrics = worker.train_epoch(epoch)
@@ -227,7 +220,7 @@ def train_cf(config: Config, run_dir: str | Path | RunStorage) -> dict:
         run_dir,
         loop=cf_train_loop,
         loop_config={"cf": config_to_dict(config)["cf"], "seed": config.seed, "run": run.home},
-        rows=[{"user_idx": int(u), "items": data.train[u].astype(np.int64)} for u in users],
+        users=users,
         scaling=cfg.scaling,
         storage=run.uri("checkpoints"),
         weights_file=MODEL_FILE,

@@ -270,7 +270,7 @@ def stage1_train_loop(loop_config: dict) -> None:
     train, validate (every `eval_every`), save (every `checkpoint_every`)."""
     worker = _set_up(loop_config)
     cfg, state = worker.config.stage1, worker.state
-    shard_users = shard_user_ids("train")  # each worker trains on its Ray Data shard of users
+    shard_users = shard_user_ids(loop_config)  # each worker trains on its share of users
     if state["epoch"] == 0:
         state["probe"] = worker.probe()
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
@@ -316,7 +316,7 @@ def train_stage1(
         run_dir,
         loop=stage1_train_loop,
         loop_config={"config": settings, "run": run.home},
-        rows=[{"user_idx": int(u)} for u in users],
+        users=users,
         scaling=cfg.scaling,
         storage=storage or run.uri("checkpoints"),
         weights_file=WEIGHTS,

@@ -257,9 +257,9 @@ def stage2_train_loop(loop_config: dict) -> None:
     worker = _set_up(loop_config)
     worker.marker_dir = loop_config["marker_dir"]
     cfg, state = worker.config.stage2, worker.state
-    # Each worker trains on its Ray Data shard of users (equal shards: ZeRO-3's collectives
-    # need every worker to take the same number of steps).
-    shard_users = shard_user_ids("train")
+    # Each worker trains on its share of users (equal shares: ZeRO-3's collectives need every
+    # worker to take the same number of steps).
+    shard_users = shard_user_ids(loop_config)
     if "probe" not in state:
         state["probe"] = _probe_loss(worker, loop_config["probe_users"])
     if not state["curve"]:
@@ -325,7 +325,7 @@ def train_stage2(config: Config, run_dir: str | Path | RunStorage) -> dict:
             "run": run.home,
             "probe_users": [int(u) for u in users[: cfg.batch_size]],
         },
-        rows=[{"user_idx": int(u)} for u in users],
+        users=users,
         scaling=cfg.scaling,
         storage=run.uri("checkpoints"),
         weights_file=WEIGHTS,
