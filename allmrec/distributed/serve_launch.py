@@ -66,6 +66,8 @@ def start(config: dict, timeout_s: float = 300) -> str:
         build_app(_validated(build_app, args)),
         name=app_config.get("name", "allmrec"),
         route_prefix=app_config.get("route_prefix", "/"),
+        # the config's own (e.g. `enable_access_log: false`), as `serve run` would apply it
+        logging_config=app_config.get("logging_config"),
         blocking=False,
     )
     url = f"http://{host}:{port}"
