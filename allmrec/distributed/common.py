@@ -86,18 +86,6 @@ def restore_deepspeed(engine) -> dict | None:
         return json.loads((Path(ckpt) / "state.json").read_text())
 
 
-def shard_user_ids(loop_config: dict) -> np.ndarray:
-    """This worker's training users (`allmrec.data.prepared.worker_users` of the run's)."""
-    import ray.train
-
-    from allmrec.data.prepared import worker_users
-
-    context = ray.train.get_context()
-    return worker_users(
-        loop_config["train_users"], context.get_world_rank(), context.get_world_size()
-    )
-
-
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Element-wise sums over all workers (the values themselves on a single worker)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -247,10 +235,11 @@ def train_stage(
     run_home: str | None = None,
 ) -> TrainedRun:
     """The driver's side of a Train stage: the training `users` (each worker takes its share,
-    `shard_user_ids`), the run named by the stage's inputs (a restarted driver resumes it), fitted,
-    and read back: the final checkpoint's state, and the weights of the final checkpoint or, with
-    `best_by`, of the checkpoint Ray scored best by that metric. With tracking on and the run's
-    `run_home`, every report of rank 0 goes to the stage's MLflow run as it comes."""
+    `allmrec.data.prepared.worker_users`), the run named by the stage's inputs (a restarted
+    driver resumes it), fitted, and read back: the final checkpoint's state, and the weights of
+    the final checkpoint or, with `best_by`, of the checkpoint Ray scored best by that metric.
+    With tracking on and the run's `run_home`, every report of rank 0 goes to the stage's MLflow
+    run as it comes."""
     started = time.perf_counter()
     # The users go in the loop config, not as a Ray Dataset: a list of ids needs no Ray Data
     # (whose split coordinator is one more actor process a run) and the workers read the

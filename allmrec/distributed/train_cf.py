@@ -28,13 +28,12 @@ from ray.train import Checkpoint
 from safetensors.torch import load_file
 
 from allmrec.config import CFConfig, Config, config_to_dict
-from allmrec.data.prepared import PreparedData, load_prepared, seeded_users
+from allmrec.data.prepared import PreparedData, load_prepared, seeded_users, worker_users
 from allmrec.distributed.common import (
     all_reduce_sum,
     maybe_fail,
     print_epoch,
     quiet_worker_warnings,
-    shard_user_ids,
     train_stage,
 )
 from allmrec.evaluation import (
@@ -85,8 +84,8 @@ def _device() -> torch.device:
 def _shard_rows(worker: _Worker, loop_config: dict) -> dict[str, np.ndarray]:
     """This worker's users and their training sequences (from the prepared data it loaded),
     built once and reshuffled locally each epoch."""
-    users = shard_user_ids(loop_config)
-    return user_rows(users, [worker.data.train[u].astype(np.int64) for u in users])
+    users = worker_users(loop_config["train_users"], worker.rank, worker.world)
+    return user_rows(users, [worker.data.train[u] for u in users])
 
 
 @dataclass

@@ -23,7 +23,7 @@ import ray.train.torch
 import torch
 
 from allmrec.config import Config, Stage1Config, config_to_dict
-from allmrec.data.prepared import PreparedData, load_prepared, seeded_users
+from allmrec.data.prepared import PreparedData, load_prepared, seeded_users, worker_users
 from allmrec.distributed.common import (
     all_reduce_sum,
     by_rank,
@@ -32,7 +32,6 @@ from allmrec.distributed.common import (
     print_epoch,
     restore_deepspeed,
     save_deepspeed,
-    shard_user_ids,
     train_stage,
 )
 from allmrec.manifest import staged_output, write_manifest
@@ -270,7 +269,8 @@ def stage1_train_loop(loop_config: dict) -> None:
     train, validate (every `eval_every`), save (every `checkpoint_every`)."""
     worker = _set_up(loop_config)
     cfg, state = worker.config.stage1, worker.state
-    shard_users = shard_user_ids(loop_config)  # each worker trains on its share of users
+    # each worker trains on its share of users
+    shard_users = worker_users(loop_config["train_users"], worker.rank, worker.world)
     if state["epoch"] == 0:
         state["probe"] = worker.probe()
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):

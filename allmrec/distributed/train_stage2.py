@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from allmrec.config import Config, config_to_dict
+from allmrec.data.prepared import worker_users
 from allmrec.distributed.common import (
     all_reduce_sum,
     by_rank,
@@ -32,7 +33,6 @@ from allmrec.distributed.common import (
     print_epoch,
     restore_deepspeed,
     save_deepspeed,
-    shard_user_ids,
     train_stage,
 )
 from allmrec.llm_evaluation import validation_cases, validation_hits
@@ -259,7 +259,7 @@ def stage2_train_loop(loop_config: dict) -> None:
     cfg, state = worker.config.stage2, worker.state
     # Each worker trains on its share of users (equal shares: ZeRO-3's collectives need every
     # worker to take the same number of steps).
-    shard_users = shard_user_ids(loop_config)
+    shard_users = worker_users(loop_config["train_users"], worker.rank, worker.world)
     if "probe" not in state:
         state["probe"] = _probe_loss(worker, loop_config["probe_users"])
     if not state["curve"]:
