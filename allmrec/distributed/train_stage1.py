@@ -43,7 +43,7 @@ from allmrec.training.stage1 import (
     FrozenCF,
     build_aligner,
     collapse_stats,
-    encode_texts,
+    encode_across_workers,
     frozen_cf_inputs,
     frozen_text_encodings_of,
     item_texts,
@@ -168,8 +168,13 @@ class _Worker:
         with gathered(params):
             q = self.q_cache
             if q is None:
-                q = encode_texts(
-                    aligner.text_encoder, self.texts, self.device, max_tokens=cfg.max_text_tokens
+                q = encode_across_workers(
+                    aligner.text_encoder,
+                    self.texts,
+                    self.device,
+                    cfg.max_text_tokens,
+                    self.rank,
+                    self.world,
                 )
             m = stage1_quality(
                 aligner,

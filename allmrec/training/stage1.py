@@ -8,6 +8,7 @@ one negative sampled from items the user has not trained on.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from allmrec.config import Config
@@ -96,12 +98,15 @@ def to_device(features: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
 
 
+TEXT_BATCH_SIZE = 128  # texts a forward pass of `encode_texts`
+
+
 @torch.no_grad()
 def encode_texts(
     text_encoder: torch.nn.Module,
     texts: list[str],
     device,
-    batch_size: int = 128,
+    batch_size: int = TEXT_BATCH_SIZE,
     max_tokens: int = 128,
 ) -> torch.Tensor:
     """q_i of every text with the (current, fine-tuned) Sentence-BERT, eval mode."""
@@ -114,6 +119,34 @@ def encode_texts(
         out.append(embedded.float().cpu())
     text_encoder.train(was_training)
     return torch.cat(out)
+
+
+def encode_across_workers(
+    encoder: torch.nn.Module, texts: list[str], device, max_tokens: int, rank: int, world: int
+) -> torch.Tensor:
+    """`encode_texts` of every text, in 1/world of the time: each worker encodes its own run
+    of whole batches and gets the others' by an all-gather (collective). The batches are the
+    ones a single pass makes, so the q_i are the same to the bit. A worker with fewer batches
+    encodes the first batch again, unused: every worker makes as many forward passes through
+    its engine (a fine-tuned encoder lives in the DeepSpeed engine, whose ZeRO-3 hooks run on
+    every forward)."""
+    if world == 1 or not dist.is_initialized():
+        return encode_texts(encoder, texts, device, max_tokens=max_tokens)
+    size = TEXT_BATCH_SIZE
+    per_worker = math.ceil(math.ceil(len(texts) / size) / world)  # whole batches a worker
+    start = min(rank * per_worker * size, len(texts))
+    end = min(start + per_worker * size, len(texts))
+    mine = []
+    if end > start:
+        mine.append(encode_texts(encoder, texts[start:end], device, max_tokens=max_tokens))
+    for _ in range(per_worker - math.ceil((end - start) / size)):
+        mine.append(encode_texts(encoder, texts[:size], device, max_tokens=max_tokens)[:0])
+    block = torch.cat(mine)
+    padded = torch.zeros(per_worker * size, block.shape[1], dtype=block.dtype, device=device)
+    padded[: len(block)] = block.to(device)
+    blocks = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(blocks, padded)
+    return torch.cat(blocks).cpu()[: len(texts)]
 
 
 def frozen_text_encodings(
