@@ -18,6 +18,10 @@ PORT = 18431
 URL = f"http://127.0.0.1:{PORT}"
 TOKEN = "test-token-5f2c"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# Ray 2.60 deprecates the field it still reads (`_deployment_options`), at every config parse
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The `metrics_interval_s` field in AutoscalingConfig is deprecated:DeprecationWarning"
+)
 
 
 def _deployment_options() -> list[dict]:
@@ -66,7 +70,7 @@ def served(ray_local, stack_run):
     # each tailed by Ray's log monitor and printed by this process: CPU the tests need.
     config["applications"][0]["logging_config"] = {"enable_access_log": False}
     # Generations of the tiny LLM long enough (it rarely draws its EOS) that an LLM replica
-    # under load always holds some in flight: the replica-kill test kills one mid-generation.
+    # under load always holds some in flight: the load test kills one mid-generation.
     config["applications"][0]["args"]["max_new_tokens"] = 128
     start(config, timeout_s=240)
     yield stack_run
