@@ -139,7 +139,7 @@ def encode_across_workers(
     mine = []
     if end > start:
         mine.append(encode_texts(encoder, texts[start:end], device, max_tokens=max_tokens))
-    for _ in range(per_worker - math.ceil((end - start) / size)):
+    for _ in range(per_worker - math.ceil((end - start) / size)):  # unused: kept as 0 rows
         mine.append(encode_texts(encoder, texts[:size], device, max_tokens=max_tokens)[:0])
     block = torch.cat(mine)
     padded = torch.zeros(per_worker * size, block.shape[1], dtype=block.dtype, device=device)

@@ -91,17 +91,17 @@ def test_a_named_frozen_encoder_is_read_back_without_loading_it(aligner, tmp_pat
 
 
 _ACROSS_WORKERS = """
+import json
 import sys
 import torch
 import torch.distributed as dist
 from allmrec.text_encoder import load_sentence_encoder
 from allmrec.training.stage1 import encode_across_workers
 
-rank, out = int(sys.argv[1]), sys.argv[2]
+rank, out, texts = int(sys.argv[1]), sys.argv[2], json.loads(open(sys.argv[4]).read())
 torch.set_num_threads(1)
 dist.init_process_group("gloo", init_method=sys.argv[3], rank=rank, world_size=2)
 encoder = load_sentence_encoder("embedded:all-MiniLM-L6-v2")
-texts = [f"Movie {i} ({1950 + i % 50}), " + "Drama " * (i % 9) for i in range(261)]
 q = {
     str(n): encode_across_workers(encoder, texts[:n], "cpu", 32, rank, 2).contiguous()
     for n in (261, 100)  # uneven shares; a share with no text at all
@@ -116,16 +116,20 @@ dist.destroy_process_group()
 def test_encodings_shared_across_two_workers_equal_one_pass(aligner, tmp_path):
     """Two real processes (gloo): each encodes its run of whole batches, and the gathered q_i
     equal one process's single pass to the bit, with uneven shares and an empty one."""
+    import json
     import subprocess
     import sys
 
     from safetensors.torch import load_file
 
+    texts = [f"Movie {i} ({1950 + i % 50}), " + "Drama " * (i % 9) for i in range(261)]
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
     out = tmp_path / "q.safetensors"
     rendezvous = f"file://{tmp_path / 'rendezvous'}"
+    args = [str(out), rendezvous, str(tmp_path / "texts.json")]
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", _ACROSS_WORKERS, str(rank), str(out), rendezvous],
+            [sys.executable, "-c", _ACROSS_WORKERS, str(rank), *args],
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -135,7 +139,6 @@ def test_encodings_shared_across_two_workers_equal_one_pass(aligner, tmp_path):
         _, err = worker.communicate(timeout=300)
         assert worker.returncode == 0, err[-3000:]
     gathered = load_file(str(out))
-    texts = [f"Movie {i} ({1950 + i % 50}), " + "Drama " * (i % 9) for i in range(261)]
     for n in (261, 100):
         expected = encode_texts(aligner.text_encoder, texts[:n], "cpu", max_tokens=32)
         assert torch.equal(gathered[str(n)], expected), n
