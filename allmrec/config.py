@@ -59,11 +59,32 @@ class DataConfig(_Section):
         description="item text Q_i; fields of the item table, missing ones become 'No Title' / "
         "'No Description'",
     )
-    cold_item_threshold: int = Field(
-        10, ge=0, description="items with fewer training interactions are labelled cold"
+    cold_item_share: float = Field(
+        0.35,
+        gt=0,
+        le=0.5,
+        description="cold / warm items (the paper's Table 4): items ranked by training "
+        "interactions, the bottom share cold, the top share warm, the rest in neither",
     )
-    cold_user_threshold: int = Field(
-        5, ge=0, description="users with at most this many training interactions are cold"
+    cold_item_threshold: int | None = Field(
+        None,
+        ge=1,
+        description="instead of cold_item_share: items with fewer training interactions "
+        "than this are cold, the rest warm",
+    )
+    cold_user_share: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="cold users (the paper's Table 5): a seeded share of the users left out "
+        "of every training stage (CF, Stage 1, Stage 2), each evaluated on their third "
+        "interaction with the first two as history; 0: none",
+    )
+    few_shot_users: int | None = Field(
+        None,
+        ge=1,
+        description="few-shot (the paper's Table 6): every training stage trains on this many "
+        "seeded users only (K); the test split is then the users outside them",
     )
     text_encoder: str = Field(
         "embedded:all-MiniLM-L6-v2",
@@ -166,12 +187,14 @@ class Stage2Config(_Section):
         "likelihood ranking at evaluation); rank: one forward pass scores every candidate "
         "through a small readout head, cross-entropy over the candidates",
     )
-    readout: Literal["candidate", "user_item"] = Field(
-        "user_item",
+    readout: Literal["candidate", "user_item", "user_item_text"] = Field(
+        "user_item_text",
         description="rank objective: 'candidate' scores each candidate by the LLM's hidden "
         "state at its [CandidateEmb] token against the last position; 'user_item' reads a "
         "user vector at the last position (x_u plus the LLM's correction) and scores any item "
-        "of the catalogue by it (allmrec.models.readout)",
+        "of the catalogue by it; 'user_item_text' adds a text path (the history's and the "
+        "item's Sentence-BERT encodings), each path weighted by how many training "
+        "interactions the item has (allmrec.models.readout)",
     )
     readout_layer: int | None = Field(
         None,
@@ -214,9 +237,6 @@ class Stage2Config(_Section):
     max_train_users: int | None = Field(
         None, ge=1, description="train on a seeded sample of this many users (None: all)"
     )
-    train_user_share: float = Field(
-        1.0, gt=0, le=1, description="few-shot: train on this share of the users"
-    )
     checkpoint_every_steps: int | None = Field(
         None, ge=1, description="also checkpoint within an epoch every this many steps"
     )
@@ -256,21 +276,12 @@ class EvalConfig(_Section):
     )
     max_new_tokens: int = Field(24, ge=1)
     generation_batch_size: int = Field(8, ge=1)
-    cold_user_max_train: int | None = Field(
-        None,
-        ge=1,
-        description="cold users: at most this many training interactions "
-        "(None: the data's own label, data.cold_user_threshold)",
-    )
     cross_domain: list[str] = Field(
         default_factory=list,
-        description="run directories of other prepared data sets (with their cf/ and stage1/) "
-        "on which this run's projectors are also evaluated",
-    )
-    few_shot: list[str] = Field(
-        default_factory=list,
-        description="run directories whose Stage 2 was trained on a share of the users "
-        "(stage2.train_user_share), evaluated on this run's users and candidates",
+        description="cross-domain (the paper's Table 7): run directories of other prepared data "
+        "sets (only their data/ is read) on which this run's whole stack recommends with no "
+        "training there: items matched by title use this run's CF embeddings, the others "
+        "enter by their text alone",
     )
     num_workers: int = Field(1, ge=1, description="Ray tasks evaluating shards of the users")
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -293,7 +304,12 @@ class TuneConfig(_Section):
     beta_range: tuple[float, float] = Field((0.01, 1.0), description="random search: [low, high]")
     log_uniform: bool = Field(True, description="random search: log-uniform, else uniform")
     num_samples: int = Field(8, ge=1, description="random search: trials")
-    metric: str = Field("valid_hit@1", description="Stage 1 validation metric to maximise")
+    metric: str = Field(
+        "valid_coldtext_hit@1",
+        description="Stage 1 validation metric to maximise: valid_coldtext_hit@1 ranks the "
+        "cold items by their text path, which alpha and beta shape (valid_hit@1, ranking "
+        "through the item path, reproduces the CF model and barely moves with them)",
+    )
     grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs")
     reduction_factor: int = Field(2, ge=2, description="ASHA: keep 1/reduction_factor per rung")
     max_concurrent_trials: int | None = Field(None, ge=1)

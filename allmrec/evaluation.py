@@ -38,7 +38,7 @@ def sample_candidates(
     data: PreparedData, users: np.ndarray, split: str, num_negatives: int, seed: int
 ) -> np.ndarray:
     """[U, 1 + n] item ids: the held-out item of `split` first, then n sampled negatives."""
-    target = data.valid if split == "valid" else data.test
+    target = data.targets(split)
     out = np.zeros((len(users), 1 + num_negatives), dtype=np.int64)
     for row, user in enumerate(users):
         rng = np.random.default_rng([seed, int(user), num_negatives])

@@ -34,8 +34,9 @@ import torch
 
 from allmrec.config import Config
 from allmrec.data.prepared import seeded_users
-from allmrec.evaluation import metrics_from_ranks, popularity_scorer, random_scorer
+from allmrec.evaluation import metrics_from_ranks, random_scorer
 from allmrec.models.projection import ALLMRecLM, hit_contains, hit_exact
+from allmrec.models.readout import TextInputs
 from allmrec.sequences import left_pad
 from allmrec.training.stage2 import EvalCase, Stage2Inputs, eval_example
 
@@ -46,6 +47,8 @@ LLM_ONLY = "LLM-only"
 GENERATION, LIKELIHOOD = "generation", "likelihood"
 RANK_ROW = f"{ALLMREC} (rank)"
 BYPASS_ROW = f"{ALLMREC} (rank, LLM bypassed)"
+SBERT_ROW = f"{ALLMREC} (SBERT)"
+TEXT_ROW = "Text (MiniLM)"
 CF_PREFIX = "CF backbone"
 RANK_KS = (1, 3, 5, 10)
 CATALOGUE_KS = (10,)
@@ -62,15 +65,36 @@ def _ranking_rows(inputs: Stage2Inputs, cases: Sequence[EvalCase], seed: int) ->
     users = np.array([c.user for c in cases])
     candidates = np.stack([c.candidates for c in cases])
     seqs = left_pad([c.history for c in cases], inputs.cf_model.config.max_len)
+    counts = inputs.counts.double().numpy()
     scorers = {
         cf_row(inputs): model_scorer(inputs.cf_model),
-        "Popularity": popularity_scorer(inputs.data),
+        "Popularity": lambda users, seqs, candidates: counts[candidates],
         "Random": random_scorer(seed),
     }
-    return {
+    ranks = {
         name: ranks_of_true(np.asarray(scorer(users, seqs, candidates), np.float64), seed)
         for name, scorer in scorers.items()
     }
+    if inputs.q is not None:
+        text = text_scores(inputs, [c.history for c in cases], candidates)
+        ranks[TEXT_ROW] = ranks_of_true(text.double().numpy(), seed)
+    return ranks
+
+
+def text_profile(inputs: Stage2Inputs, histories: Sequence[np.ndarray], last: int = 10):
+    """The `Text (MiniLM)` baseline's user: the mean of the unit q_i of the last `last`
+    history items (zeros for an empty history), [U, d_text]."""
+    q = torch.nn.functional.normalize(inputs.q, dim=-1)
+    rows = [q[torch.as_tensor(np.asarray(h[-last:], dtype=np.int64))] for h in histories]
+    return torch.stack([r.mean(0) if len(r) else torch.zeros(q.shape[1]) for r in rows])
+
+
+def text_scores(inputs: Stage2Inputs, histories, candidates: np.ndarray) -> torch.Tensor:
+    """`Text (MiniLM)`: the cosine of each candidate's Sentence-BERT encoding q_c to the
+    mean of the last 10 history items' (no LLM, no CF model), [U, C]."""
+    profile = torch.nn.functional.normalize(text_profile(inputs, histories), dim=-1)
+    q = torch.nn.functional.normalize(inputs.q, dim=-1)
+    return torch.einsum("ud,ucd->uc", profile, q[torch.as_tensor(candidates)])
 
 
 def catalogue_rank(scores: np.ndarray, case: EvalCase) -> int:
@@ -89,17 +113,27 @@ def _catalogue_baselines(inputs: Stage2Inputs, cases: Sequence[EvalCase], chunk:
     from allmrec.evaluation import model_scorer
 
     every_item = np.arange(inputs.data.num_items + 1)
-    counts = inputs.data.item_train_counts.astype(np.float64)
+    counts = inputs.counts.double().numpy()
     cf = model_scorer(inputs.cf_model)
     ranks = {cf_row(inputs): [], "Popularity": []}
+    if inputs.q is not None:
+        ranks[TEXT_ROW] = []
     for start in range(0, len(cases), chunk):
         part = cases[start : start + chunk]
         users = np.array([c.user for c in part])
         seqs = left_pad([c.history for c in part], inputs.cf_model.config.max_len)
         scores = np.asarray(cf(users, seqs, np.tile(every_item, (len(part), 1))), np.float64)
-        for case, row in zip(part, scores, strict=True):
+        text = None
+        if inputs.q is not None:
+            profile = torch.nn.functional.normalize(
+                text_profile(inputs, [c.history for c in part]), dim=-1
+            )
+            text = (profile @ torch.nn.functional.normalize(inputs.q, dim=-1).T).double().numpy()
+        for b, (case, row) in enumerate(zip(part, scores, strict=True)):
             ranks[cf_row(inputs)].append(catalogue_rank(row, case))
             ranks["Popularity"].append(catalogue_rank(counts, case))
+            if text is not None:
+                ranks[TEXT_ROW].append(catalogue_rank(text[b], case))
     return ranks
 
 
@@ -111,29 +145,44 @@ def _rank_rows(
     records: list[dict],
     config: Config,
     progress: Callable[[int, int], None] | None,
+    sbert: bool = True,
 ) -> None:
-    """The rank objective's rows: the readout and the bypass, batched; with the `user_item`
-    readout also their full-catalogue ranks (one forward pass gives both)."""
+    """The rank objective's rows: the readout and the bypass, batched (and, with `sbert`, the
+    readout with every z_i = enc_T(q_i)); with the `user_item` readouts also their
+    full-catalogue ranks (one forward pass gives both)."""
     size = config.evaluate.generation_batch_size
     catalogue = model.readout.scores_any_item
-    z = inputs.z.to(model.device)
+    device = model.device
+    tables = {RANK_ROW: inputs.z}
+    if sbert and inputs.z_text is not None:
+        # the paper's A-LLMRec (SBERT): every item's joint embedding from its text alone,
+        # z_i = enc_T(q_i), through the same trained stack (not retrained on it)
+        tables[SBERT_ROW] = inputs.z_text
+    everything = None
+    if inputs.q is not None:
+        everything = TextInputs(torch.zeros(0), inputs.q.to(device), inputs.counts.to(device))
     for start in range(0, len(cases), size):
         part = list(range(start, min(start + size, len(cases))))
-        examples = [eval_example(cases[i], inputs, config) for i in part]
-        batch = model.collate(examples).to(model.device)
-        scores, query = model.rank_forward(batch)
-        rows = {RANK_ROW: scores}
-        if model.bypass is not None:
-            rows[BYPASS_ROW] = model.bypass(batch)
-        for name, scores in rows.items():
-            for b, i in enumerate(part):
-                order = torch.argsort(scores[b], descending=True, stable=True).tolist()
-                shown = examples[b].prompt.candidate_items
-                records[i]["ranks"][name] = [shown[j] for j in order].index(records[i]["true_item"])
-        if catalogue:
-            full = {RANK_ROW: query @ model.readout.item_keys(z).T}
-            if model.bypass is not None:
-                full[BYPASS_ROW] = model.bypass.catalogue_scores(batch.user_vectors, z)
+        for row, z in tables.items():
+            examples = [eval_example(cases[i], inputs, config, z=z) for i in part]
+            batch = model.collate(examples).to(device)
+            scores, query = model.rank_forward(batch)
+            rows = {row: scores}
+            full = {}
+            if catalogue:
+                full[row] = model.readout.item_scores(query, z.to(device), everything)
+            if row == RANK_ROW and model.bypass is not None:
+                rows[BYPASS_ROW] = model.bypass(batch)
+                if catalogue:
+                    full[BYPASS_ROW] = model.bypass.readout.item_scores(
+                        model.bypass.user_query(batch), z.to(device), everything
+                    )
+            for name, scores in rows.items():
+                for b, i in enumerate(part):
+                    order = torch.argsort(scores[b], descending=True, stable=True).tolist()
+                    shown = examples[b].prompt.candidate_items
+                    true = records[i]["true_item"]
+                    records[i]["ranks"][name] = [shown[j] for j in order].index(true)
             for name, scores in full.items():
                 scores = scores.cpu().double().numpy()
                 for b, i in enumerate(part):
@@ -186,6 +235,7 @@ def evaluate_cases(
     baselines: bool = True,
     progress: Callable[[int, int], None] | None = None,
     llm_only_users: set[int] | None = None,
+    sbert: bool = True,
 ) -> list[dict]:
     """One record per case: the true item, its labels, each row's rank (among the candidates
     and, where the row can score any item, in the whole catalogue) or generated text.
@@ -214,7 +264,7 @@ def evaluate_cases(
                 record["catalogue_ranks"][name] = int(rank)
     if ALLMREC in rows:
         if model.objective == "rank":
-            _rank_rows(model, inputs, cases, records, config, progress)
+            _rank_rows(model, inputs, cases, records, config, progress, sbert)
         else:
             _llm_rows(model, inputs, cases, records, config, ALLMREC, progress)
     if LLM_ONLY in rows:
@@ -262,7 +312,9 @@ def validation_hits(
     generate objective's likelihood ranking (`VALIDATION_KEYS` names them)."""
     ranking_only = config.model_copy(deep=True)
     ranking_only.evaluate.ranking, ranking_only.evaluate.generation = True, False
-    records = evaluate_cases(model, inputs, cases, ranking_only, [ALLMREC], baselines=False)
+    records = evaluate_cases(
+        model, inputs, cases, ranking_only, [ALLMREC], baselines=False, sbert=False
+    )
     rows = [row for row in VALIDATION_KEYS if records and row in records[0]["ranks"]]
     return {VALIDATION_KEYS[row]: [int(r["ranks"][row] == 0) for r in records] for row in rows}
 
@@ -275,7 +327,7 @@ def _row_order(row: str) -> tuple:
     return (len(ROW_PREFIXES), row)
 
 
-ROW_PREFIXES = (ALLMREC, CF_PREFIX, LLM_ONLY, "Popularity", "Random")
+ROW_PREFIXES = (ALLMREC, CF_PREFIX, TEXT_ROW, LLM_ONLY, "Popularity", "Random")
 
 
 def summarize(records: Sequence[dict]) -> dict[str, dict]:
@@ -331,55 +383,82 @@ def paired_difference(
 
 
 def paired_differences(records: Sequence[dict], seed: int = 0) -> list[dict]:
-    """The rank row against the CF backbone and against the bypass, where the rows exist."""
+    """The rank row against the CF backbone, the text baseline and the bypass, where the rows
+    exist."""
     rows = {row for r in records for row in r["ranks"]}
     if RANK_ROW not in rows:
         return []
     baselines = sorted(row for row in rows if row.startswith(CF_PREFIX))
-    baselines += [BYPASS_ROW] if BYPASS_ROW in rows else []
+    baselines += [row for row in (TEXT_ROW, BYPASS_ROW) if row in rows]
     found = [paired_difference(records, RANK_ROW, b, seed=seed) for b in baselines]
     return [d for d in found if d is not None]
 
 
-def label_records(records: list[dict], inputs: Stage2Inputs, cold_user_max_train: int | None):
-    """Adds `cold_item` (the true item is labelled cold) and `cold_user` to each record."""
-    import pyarrow.parquet as pq
-
-    if cold_user_max_train is None:
-        users = pq.read_table(
-            inputs.data.directory / "users.parquet", columns=["user_idx", "is_cold"]
-        )
-        cold_users = set(
-            np.asarray(users.column("user_idx"))[np.asarray(users.column("is_cold"))].tolist()
-        )
-    else:
-        cold_users = {
-            u
-            for u in range(1, inputs.data.num_users + 1)
-            if len(inputs.data.train[u]) <= cold_user_max_train
-        }
+def label_records(records: list[dict], inputs: Stage2Inputs) -> list[dict]:
+    """Adds `cold_item` and `warm_item` (the true item's label, `data.cold_item_share`)."""
     for record in records:
         record["cold_item"] = bool(inputs.cold_items[record["true_item"]])
-        record["cold_user"] = record["user"] in cold_users
+        record["warm_item"] = bool(
+            inputs.warm_items[record["true_item"]]
+            if inputs.warm_items is not None
+            else not record["cold_item"]
+        )
     return records
 
 
+# Sections of the test split's users, by their held-out item (the cold users are another
+# split: `scenario_tables`' `cold_users`).
 SCENARIOS: dict[str, Callable[[dict], bool]] = {
     "all users": lambda r: True,
-    "warm items": lambda r: not r["cold_item"],
+    "warm items": lambda r: r["warm_item"],
     "cold items": lambda r: r["cold_item"],
-    "cold users": lambda r: r["cold_user"],
 }
+COLD_USERS = "cold users"
 
 
-def scenario_tables(records: list[dict]) -> dict[str, dict]:
-    return {name: summarize([r for r in records if keep(r)]) for name, keep in SCENARIOS.items()}
+def scenario_tables(records: list[dict], cold_users: list[dict] | None = None) -> dict[str, dict]:
+    tables = {name: summarize([r for r in records if keep(r)]) for name, keep in SCENARIOS.items()}
+    if cold_users is not None:
+        tables[COLD_USERS] = summarize(cold_users)
+    return tables
 
 
-def scenario_differences(records: list[dict], seed: int = 0) -> dict[str, list[dict]]:
-    return {
+def scenario_differences(
+    records: list[dict], cold_users: list[dict] | None = None, seed: int = 0
+) -> dict[str, list[dict]]:
+    out = {
         name: paired_differences([r for r in records if keep(r)], seed)
         for name, keep in SCENARIOS.items()
+    }
+    if cold_users is not None:
+        out[COLD_USERS] = paired_differences(cold_users, seed)
+    return out
+
+
+def section_definitions(data_manifest: dict, split: str, few_shot: bool) -> dict[str, str]:
+    """What each section holds (docs/method.md, section 4), with its thresholds."""
+    sections = data_manifest.get("item_sections", {})
+    users = "the users outside the few-shot K (never trained on)" if few_shot else "every user"
+    held = f"{users}, on their {split} item"
+    cold_max = sections.get("cold_max_interactions")
+    warm_min = sections.get("warm_min_interactions")
+    if cold_max is not None:
+        cold = f"at most {cold_max} training interactions: the bottom 35% of items by count"
+        warm = f"at least {warm_min} training interactions: the top 35%"
+    else:
+        cold = sections.get("rule", "the data's cold label")
+        warm = "the other items"
+    share = data_manifest.get("config", {}).get("data", {}).get("cold_user_share")
+    return {
+        "all users": held,
+        "warm items": f"{held}, where that item is warm ({warm})",
+        "cold items": f"{held}, where that item is cold ({cold})",
+        COLD_USERS: (
+            f"the seeded {share:.0%} of the users held out of every training stage, each on "
+            "their third interaction with the first two as history"
+            if share
+            else "none (data.cold_user_share is 0)"
+        ),
     }
 
 
@@ -418,12 +497,15 @@ def markdown_tables(
     title: str,
     notes: Sequence[str] = (),
     differences: dict[str, list[dict]] | None = None,
+    definitions: dict[str, str] | None = None,
 ) -> str:
     lines = [f"# {title}", ""]
     lines += [f"{n}" for n in notes]
     for scenario, table in tables.items():
         users = max((m["users"] for m in table.values()), default=0)
         lines += ["", f"## {scenario} ({users} users)", ""]
+        if definitions and scenario in definitions:
+            lines += [f"_{definitions[scenario]}._", ""]
         if not table:
             lines.append("no user in this scenario")
             continue

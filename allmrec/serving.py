@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import string
+import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from allmrec.manifest import file_sha256
 from allmrec.models.alignment import Autoencoder
 from allmrec.models.base import SequentialBackbone
 from allmrec.models.projection import Stage2Example
+from allmrec.models.readout import RankReadout, TextInputs
 from allmrec.prompts import build_prompt, shuffle_candidates
 from allmrec.stages import read_manifest
 
@@ -86,16 +89,23 @@ class StackRecommender:
                 strict=True,
             )
         }
+        self.q = inputs.q.clone()  # Sentence-BERT q_i: the text-aware readout reads them
+        self.counts = [int(n) for n in inputs.counts]  # training interactions (added: 0)
+        self.added: dict[int, tuple[str, str]] = {}  # index -> (title, description) as added
         stage1 = self.run_dir / "stage1"
         self.text_encoder = load_sentence_encoder(str(stage1 / "text_encoder"))
         self.text_ae = _autoencoder(stage1 / "text_autoencoder.safetensors")
         self.item_ae = _autoencoder(stage1 / "item_autoencoder.safetensors")
         with torch.no_grad():
             self.decoded = self.item_ae.decoder(self.z)  # dec_I(z_i): retrieval keys
-        self.item_map = _item_map(self.run_dir)  # g of the user_item readout, or None
+        self.readout = _readout(self.run_dir)  # the user_item readouts' scorer, or None
         self.template = self.config.data.text_template
         self.max_tokens = self.config.stage1.max_text_tokens
         self.sequential = isinstance(self.cf_model, SequentialBackbone)
+        # Serve calls a replica's methods on several threads at once: the catalogue (ids,
+        # titles, z, q, counts and the index) changes only under this lock, and readers take
+        # it too, so no request sees an item half added or one item's row under another's id.
+        self.lock = threading.RLock()
 
     # -- requests -------------------------------------------------------------------------
 
@@ -165,13 +175,16 @@ class StackRecommender:
     def ranks_catalogue(self) -> bool:
         """True when the stack's readout scores any item: requests without candidates then
         rank the whole catalogue."""
-        return self.item_map is not None
+        return self.readout is not None
 
     @torch.no_grad()
     def catalogue_top(self, query: list[float], history: list[int], k: int) -> list[tuple]:
-        """The top `k` (item index, score) of the whole catalogue (added items too) by
-        <u, g(z_i)>, the user_item readout's score; the history left out."""
-        scores = self.item_map(self.z) @ torch.tensor(query)
+        """The top `k` (item index, score) of the whole catalogue (added items too) by the
+        user_item readouts' score of `query`; the history left out."""
+        with self.lock:
+            z, q, counts = self.z, self.q, torch.tensor(self.counts)
+        text = TextInputs(torch.zeros(0), q, counts)
+        scores = self.readout.item_scores(torch.tensor([query]), z, text)[0]
         scores[0] = -torch.inf
         scores[torch.as_tensor(history, dtype=torch.long)] = -torch.inf
         top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
@@ -179,68 +192,112 @@ class StackRecommender:
 
     def llm_request(self, request: RecommendRequest) -> dict:
         """Everything the LLM half needs for one request (small: titles and vectors)."""
-        user, history, candidates = self.resolve(request)
-        x_u = self.user_vector(user, history)
-        source = "request"
-        if candidates is None:
-            candidates = self.shortlist(x_u, history, self.limits.shortlist)
-            catalogue = self.ranks_catalogue and request.mode == "rank"
-            source = "catalogue" if catalogue else "retrieval"
-        shown = history[-self.config.stage2.max_history :] if self.config.stage2.max_history else []
-        needed = sorted(set(shown) | set(candidates))
-        return {
-            "history": shown,
-            "candidates": candidates,
-            "titles": {i: self.titles[i] for i in needed},
-            "item_ids": {i: self.item_ids[i] for i in candidates},
-            "z": {i: self.z[i].tolist() for i in needed},
-            "x_u": x_u.tolist(),
-            "history_all": history,
-            "k": request.k,
-            "mode": request.mode,
-            "candidates_from": source,
-            "shuffle_seed": user or int(hashlib.sha256(str(history).encode()).hexdigest()[:8], 16),
-        }
+        with self.lock:  # one consistent view of the catalogue for the whole request
+            user, history, candidates = self.resolve(request)
+            x_u = self.user_vector(user, history)
+            source = "request"
+            if candidates is None:
+                candidates = self.shortlist(x_u, history, self.limits.shortlist)
+                catalogue = self.ranks_catalogue and request.mode == "rank"
+                source = "catalogue" if catalogue else "retrieval"
+            max_history = self.config.stage2.max_history
+            shown = history[-max_history:] if max_history else []
+            needed = sorted(set(shown) | set(candidates))
+            seed = user or int(hashlib.sha256(str(history).encode()).hexdigest()[:8], 16)
+            return {
+                "history": shown,
+                "candidates": candidates,
+                "titles": {i: self.titles[i] for i in needed},
+                "item_ids": {i: self.item_ids[i] for i in candidates},
+                "z": {i: self.z[i].tolist() for i in needed},
+                "q": {i: self.q[i].tolist() for i in needed},
+                "counts": {i: self.counts[i] for i in candidates},
+                "x_u": x_u.tolist(),
+                "history_all": history,
+                "k": request.k,
+                "mode": request.mode,
+                "candidates_from": source,
+                "shuffle_seed": seed,
+            }
+
+    def catalogue_items(self, indices: list[int]) -> list[tuple[str, str]]:
+        """(item id, title) of catalogue indices."""
+        with self.lock:
+            return [(self.item_ids[i], self.titles[i]) for i in indices]
 
     # -- the catalogue --------------------------------------------------------------------
 
     def item_info(self, item_id: str) -> ItemInfo:
-        idx = self._item(item_id, "item_id")
-        source = self.source[idx] if idx < len(self.source) else "added"
-        counts = self.data.item_train_counts
+        with self.lock:
+            return self._info(self._item(item_id, "item_id"))
+
+    def _info(self, idx: int) -> ItemInfo:
         return ItemInfo(
             item_id=self.item_ids[idx],
             title=self.titles[idx],
-            source=source,
-            train_interactions=int(counts[idx]) if idx < len(counts) else 0,
+            source=self.source[idx],
+            train_interactions=self.counts[idx],
         )
 
     def joint_embedding(self, item_id: str) -> list[float]:
         """The item's joint embedding z_i as this process holds it (an added item's too)."""
-        return self.z[self._item(item_id, "item_id")].tolist()
+        with self.lock:
+            return self.z[self._item(item_id, "item_id")].tolist()
 
-    @torch.no_grad()
-    def add_item(self, item: NewItem) -> ItemInfo:
-        """A new item from its text alone: z = enc_T(q), q from the fine-tuned Sentence-BERT."""
-        item_id = item.item_id or f"new-{len(self.item_ids)}"
-        if item_id in self.item_index:
-            raise BadRequest("item_id", f"item id {item_id!r} exists already", 409)
+    def added_items(self) -> list[tuple[str, str, list[float]]]:
+        """(item id, title, z) of every item added at run time, in the order added."""
+        with self.lock:
+            return [(self.item_ids[i], self.titles[i], self.z[i].tolist()) for i in self.added]
+
+    def item_text(self, item: NewItem) -> str:
+        """Q_i of a new item: the data's text template over its title and description."""
         fields = {name for _, name, _, _ in string.Formatter().parse(self.template) if name}
         values = {name: "" for name in fields} | {
             "title": item.title.strip(),
             "description": item.description.strip() or "No Description",
         }
-        text = " ".join(self.template.format(**values).split())
-        q = self.text_encoder.encode([text], convert_to_tensor=True).float().cpu()
-        z = self.text_ae.encode(q)
-        idx = len(self.item_ids)
-        self.z = torch.cat([self.z, z])
-        self.decoded = torch.cat([self.decoded, self.item_ae.decoder(z)])
-        self.item_ids.append(item_id)
-        self.titles.append(" ".join(item.title.split()))
-        self.source.append("added")
-        self.item_index[item_id] = idx
-        return self.item_info(item_id)
+        return " ".join(self.template.format(**values).split())
+
+    @torch.no_grad()
+    def encode_item(self, item: NewItem) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, z = enc_T(q)) of a new item from its text alone, q from the stack's
+        Sentence-BERT: the slow part of adding, done outside the lock."""
+        q = self.text_encoder.encode([self.item_text(item)], convert_to_tensor=True)
+        q = q.float().cpu()
+        return q, self.text_ae.encode(q)
+
+    @torch.no_grad()
+    def add_item(self, item: NewItem, encoded=None) -> tuple[ItemInfo, bool]:
+        """A new item from its text alone (the paper's cold-item route, no retraining):
+        (its info, True) when added; (the info of the item there, False) when an item with
+        this id was added before with the same title and description (a retried add).
+        Another item under the id is a 409. `encoded`: `encode_item`'s (q, z), if known."""
+        item_id = item.item_id or f"new-{uuid.uuid4().hex[:10]}"
+        content = (" ".join(item.title.split()), item.description.strip())
+        with self.lock:
+            if item_id in self.item_index:
+                return self._existing(item_id, content), False
+        q, z = encoded if encoded is not None else self.encode_item(item)
+        with self.lock:
+            if item_id in self.item_index:  # added by another thread meanwhile
+                return self._existing(item_id, content), False
+            idx = len(self.item_ids)
+            self.z = torch.cat([self.z, z])
+            self.q = torch.cat([self.q, q])
+            self.decoded = torch.cat([self.decoded, self.item_ae.decoder(z)])
+            self.item_ids.append(item_id)
+            self.titles.append(content[0])
+            self.source.append("added")
+            self.counts.append(0)
+            self.added[idx] = content
+            self.item_index[item_id] = idx
+            return self._info(idx), True
+
+    def _existing(self, item_id: str, content: tuple[str, str]) -> ItemInfo:
+        idx = self.item_index[item_id]
+        if self.added.get(idx) != content:
+            raise BadRequest("item_id", f"item id {item_id!r} exists already", 409)
+        return self._info(idx)
 
 
 def _check_length(field: str, ids: list[str], limit: int, wanted: str) -> None:
@@ -250,19 +307,26 @@ def _check_length(field: str, ids: list[str], limit: int, wanted: str) -> None:
         raise BadRequest(field, f"{len(ids)} items, more than the limit of {limit}")
 
 
-def _item_map(run_dir: Path) -> torch.nn.Linear | None:
-    """The user_item readout's g: Linear(d_joint -> d_cf), from the Stage 2 weights."""
+def _readout(run_dir: Path) -> RankReadout | None:
+    """The user_item readouts' item scorer (g and, for user_item_text, the text path and its
+    weights), from the Stage 2 weights; None for a stack whose readout scores only the
+    candidates in its prompt."""
     from allmrec.training.stage2 import PROJECTORS_FILE
 
     weights = load_file(str(run_dir / "stage2" / PROJECTORS_FILE))
     if "readout.item_map.weight" not in weights:
         return None
     d_cf, d_joint = weights["readout.item_map.weight"].shape
-    item_map = torch.nn.Linear(d_joint, d_cf)
-    item_map.load_state_dict(
-        {"weight": weights["readout.item_map.weight"], "bias": weights["readout.item_map.bias"]}
+    d_llm = weights["readout.user_head.0.weight"].shape[0]
+    text_head = weights.get("readout.text_head.1.weight")
+    kind = "user_item" if text_head is None else "user_item_text"
+    d_text = None if text_head is None else text_head.shape[0]
+    readout = RankReadout(kind, d_llm, d_cf, d_joint, d_text=d_text)
+    prefix = "readout."
+    readout.load_state_dict(
+        {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
     )
-    return item_map.eval()
+    return readout.eval()
 
 
 def _autoencoder(path: Path) -> Autoencoder:
@@ -295,11 +359,13 @@ class StackLLM:
     def _example(self, req: dict) -> Stage2Example:
         titles = {int(k): v for k, v in req["titles"].items()}
         z = {int(k): torch.tensor(v) for k, v in req["z"].items()}
+        q = {int(k): torch.tensor(v) for k, v in req["q"].items()}
+        counts = {int(k): int(v) for k, v in req["counts"].items()}
         order = shuffle_candidates(req["candidates"], int(req["shuffle_seed"]))
         prompt = build_prompt(
             req["history"], order, titles, self.config.data.domain, self.config.stage2.max_history
         )
-        return Stage2Example(prompt, torch.tensor(req["x_u"]), z)
+        return Stage2Example(prompt, torch.tensor(req["x_u"]), z, item_text=q, item_counts=counts)
 
     def answer(self, requests: list[dict], max_new_tokens: int = 24) -> list[dict]:
         """Ranked items (and generated text, and the readout's user vector) for each request;

@@ -67,6 +67,7 @@ def _stage1_summary(manifest: dict, stage_dir: Path) -> str:
         "valid_ndcg@10",
         "valid_coldtext_hit@1",
         "valid_coldtext_ndcg@10",
+        "valid_text_hit@1",
         "z_mean_cosine",
         "z_mean_dim_variance",
     )

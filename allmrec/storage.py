@@ -25,7 +25,6 @@ import hashlib
 import logging
 import os
 import shutil
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,38 +210,62 @@ def create_once(uri: str, text: str) -> bool:
 
 
 class RecordLog:
-    """An append-only log of JSON records kept as one file each under `location` (a path or
-    URI): writers on any node append without a shared file or lock, readers replay the
-    records in the order they were written (names start with the writer's clock)."""
+    """A log of JSON records under `location` (a path or URI), one file per key: writers on
+    any node add records without a shared file or lock, each key at most once (`claim`);
+    readers replay the records they have not seen yet (`new_records`)."""
 
     def __init__(self, location: str) -> None:
         self.location = location
         self.fs, self.path = filesystem(location)
         self.seen: set[str] = set()
 
-    def append(self, record: dict) -> None:
+    @staticmethod
+    def _name(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()[:32] + ".json"
+
+    def _read(self, name: str) -> dict:
         import json
 
-        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+        with self.fs.open_input_stream(f"{self.path}/{name}") as f:
+            return json.loads(f.read())
+
+    def claim(self, key: str, record: dict) -> dict | None:
+        """Writes `record` as the one record of `key` unless `key` has one already: None when
+        this call wrote it, else the record that is there (whoever wrote it).
+
+        Exclusive on a local or mounted filesystem: the record is written whole under a
+        hidden name, then hard-linked to its key's name, which fails if that name exists. An
+        object store has no such operation here: there the key is checked just before the
+        upload, so two writers of one key in the same instant could both write it (the later
+        upload wins)."""
+        import json
+
+        name = self._name(key)
+        final = f"{self.path}/{name}"
         self.fs.create_dir(self.path, recursive=True)
         data = json.dumps(record).encode()
+        self.seen.add(name)  # this process applies it (or the one there) itself
         if isinstance(self.fs, pafs.LocalFileSystem):
-            # a local file appears whole: written under a hidden name, then renamed
-            tmp = f"{self.path}/.{name}"
+            tmp = f"{self.path}/.{name}.{uuid.uuid4().hex[:8]}"
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, f"{self.path}/{name}")
-        else:  # an object store's object appears whole when its upload completes
-            with self.fs.open_output_stream(f"{self.path}/{name}") as f:
-                f.write(data)
-        self.seen.add(name)
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                return self._read(name)
+            finally:
+                os.unlink(tmp)
+            return None
+        if self.fs.get_file_info(final).type != pafs.FileType.NotFound:
+            return self._read(name)
+        with self.fs.open_output_stream(final) as f:  # appears whole when the upload ends
+            f.write(data)
+        return None
 
     def new_records(self) -> list[dict]:
-        """The records written since the last call (by anyone but this log), oldest first."""
-        import json
-
+        """The records written since the last call (by anyone but this log), in name order."""
         selector = pafs.FileSelector(self.path, allow_not_found=True)
         names = sorted(
             info.base_name
@@ -255,7 +278,6 @@ class RecordLog:
         for name in names:
             if name in self.seen:
                 continue
-            with self.fs.open_input_stream(f"{self.path}/{name}") as f:
-                records.append(json.loads(f.read()))
+            records.append(self._read(name))
             self.seen.add(name)
         return records

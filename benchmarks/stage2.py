@@ -129,8 +129,10 @@ def main() -> None:
     for objective in ("generate", "rank"):
         config = load_config(args.config, [f"stage2.objective={objective}"])
         torch.manual_seed(0)
-        model = build_stage2_model(config, inputs.d_cf, inputs.d_joint, llm, tokenizer)
-        start_readouts(model, inputs)
+        model = build_stage2_model(
+            config, inputs.d_cf, inputs.d_joint, llm, tokenizer, d_text=inputs.d_text
+        )
+        start_readouts(model, inputs, config)
         rates[objective] = train_speed(model, inputs, config, args.train_steps, peak)
         models[objective] = (model, config)
     print(f"ratio: rank prompts/s / generate prompts/s = {rates['rank'] / rates['generate']:.2f}")

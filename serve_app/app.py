@@ -18,6 +18,7 @@ import asyncio
 import hmac
 import logging
 import os
+import threading
 import time
 import uuid
 
@@ -51,13 +52,18 @@ class Recommender:
         run = RunStorage.open(run_dir)
         self.core = StackRecommender(run.pull(*STACK), Limits(**limits))
         self.added = RecordLog(run.uri("serve", "added_items"))
+        # Serve runs these methods on several threads: the log's replay and each add's claim
+        # and insert go one at a time (the catalogue itself is locked by StackRecommender).
+        self.adding = threading.Lock()
 
     def _replay(self) -> None:
         """Apply the items that any replica added since the last request."""
-        for record in self.added.new_records():
-            item = NewItem(**record)
-            if item.item_id not in self.core.item_index:
-                self.core.add_item(item)
+        with self.adding:
+            for record in self.added.new_records():
+                try:
+                    self.core.add_item(NewItem(**record))
+                except BadRequest as err:  # two replicas took one id on an object store
+                    log.warning("added item %s not replayed: %s", record.get("item_id"), err)
 
     def prepare(self, request: dict) -> dict:
         self._replay()
@@ -67,15 +73,26 @@ class Recommender:
             return {"error": err.payload(), "status": err.status}
 
     def add_item(self, item: dict) -> dict:
+        """Adds the item (its id given: the ingress names new ones), once in the whole
+        service: its record is claimed in the shared log first, so a retry, here or on another
+        replica, finds it and is answered with the item that exists (`created` False)."""
         self._replay()
         new = NewItem(**item)
-        new.item_id = new.item_id or f"new-{uuid.uuid4().hex[:10]}"
         try:
-            info = self.core.add_item(new)
+            encoded = self.core.encode_item(new)  # the slow part, outside the lock
+            with self.adding:
+                if new.item_id in self.core.item_index:
+                    info, created = self.core.add_item(new, encoded)
+                else:
+                    there = self.added.claim(new.item_id, new.model_dump())
+                    record = new if there is None else NewItem(**there)
+                    if record != new:  # another replica added another item under this id
+                        raise BadRequest("item_id", f"item id {new.item_id!r} exists already", 409)
+                    info, created = self.core.add_item(new, encoded)
+                    created = created and there is None
         except BadRequest as err:
             return {"error": err.payload(), "status": err.status}
-        self.added.append(new.model_dump())
-        return {"ok": info.model_dump()}
+        return {"ok": info.model_dump(), "created": created}
 
     def item(self, item_id: str) -> dict:
         self._replay()
@@ -94,13 +111,21 @@ class Recommender:
         except BadRequest as err:
             return {"error": err.payload(), "status": err.status}
 
+    def added_items(self) -> dict:
+        """Every item added at run time as this replica holds it: (id, title, z), and which
+        replica answered."""
+        self._replay()
+        replica = serve.get_replica_context().replica_id.unique_id
+        return {"replica": replica, "items": self.core.added_items()}
+
     def catalogue(self, query: list[float], history: list[int], k: int) -> list[dict]:
         """The top `k` of the whole catalogue by the readout's user vector `query`."""
         self._replay()
         top = self.core.catalogue_top(query, history, k)
+        named = self.core.catalogue_items([i for i, _ in top])
         return [
-            {"item_id": self.core.item_ids[i], "title": self.core.titles[i], "score": score}
-            for i, score in top
+            {"item_id": item_id, "title": title, "score": score}
+            for (item_id, title), (_, score) in zip(named, top, strict=True)
         ]
 
     def version(self) -> str:
@@ -253,11 +278,21 @@ class Ingress:
         )
 
     @api.post(
-        "/items", response_model=ItemInfo, status_code=201, dependencies=[Depends(_check_token)]
+        "/items",
+        response_model=ItemInfo,
+        status_code=201,
+        responses={200: {"model": ItemInfo, "description": "added before: a retried add"}},
+        dependencies=[Depends(_check_token)],
     )
-    async def add_item(self, item: NewItem) -> ItemInfo:
-        # not retried: adding is not idempotent without an item_id
-        return ItemInfo(**self._unwrap(await self.recommender.add_item.remote(item.model_dump())))
+    async def add_item(self, item: NewItem) -> ItemInfo | JSONResponse:
+        # A new item is named here, so that the call is idempotent and can be retried when a
+        # replica dies under it: a retry finds the item added and is answered with it.
+        item.item_id = item.item_id or f"new-{uuid.uuid4().hex[:10]}"
+        result = await self._call(self.recommender, "add_item", item.model_dump())
+        info = ItemInfo(**self._unwrap(result))
+        if not result["created"]:  # added before (a retried add): 200, not 201
+            return JSONResponse(status_code=200, content=info.model_dump())
+        return info
 
     @api.get("/items/{item_id}", response_model=ItemInfo, dependencies=[Depends(_check_token)])
     async def get_item(self, item_id: str) -> ItemInfo:

@@ -105,3 +105,87 @@ def item_text(fields: dict[str, object], template: str) -> str:
             f"data.text_template {template!r} names field {exc}, which the items do not "
             f"have; available: {', '.join(sorted(values))}"
         ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's scenarios (docs/method.md, section 4): who trains, and which items are cold.
+
+ROLE_TRAIN, ROLE_COLD, ROLE_UNSEEN = "train", "cold", "unseen"
+
+
+def user_roles(
+    interactions_per_user: np.ndarray, cold_share: float, few_shot: int | None, seed: int
+) -> np.ndarray:
+    """Each user's role by user id (index 0, padding, is ""):
+
+    - "cold": a seeded `cold_share` of the users (among those with at least 3 interactions),
+      left out of every training stage and evaluated on their third interaction with the
+      first two as history (the paper's cold users had exactly 3 interactions; MovieLens has
+      none, so a seeded sample stands in);
+    - "train": the users every training stage trains on; with `few_shot`, only that many
+      seeded users of the others (the paper's K);
+    - "unseen": the rest, when `few_shot` is set: trained on by no stage, evaluated on their
+      test item.
+
+    `interactions_per_user[u]` counts user u's interactions (all splits); one permutation,
+    seeded by `seed`, deals the cold users first and the few-shot users next, so K = 128's
+    users are K = 256's first 128.
+    """
+    counts = np.asarray(interactions_per_user)
+    users = np.arange(1, len(counts))
+    order = np.random.default_rng([seed, 3]).permutation(users)
+    roles = np.full(len(counts), ROLE_TRAIN, dtype=object)
+    roles[0] = ""
+    eligible = order[counts[order] >= 3]
+    n_cold = int(round(cold_share * len(users)))
+    if n_cold > len(eligible):
+        raise ValueError(
+            f"data.cold_user_share={cold_share}: {n_cold} cold users wanted, but only "
+            f"{len(eligible)} users have the 3 interactions a cold user is evaluated on"
+        )
+    cold = eligible[:n_cold]
+    roles[cold] = ROLE_COLD
+    if few_shot is not None:
+        rest = order[roles[order] == ROLE_TRAIN]
+        if few_shot > len(rest):
+            raise ValueError(
+                f"data.few_shot_users={few_shot}: only {len(rest)} users are left after the "
+                f"{n_cold} cold users"
+            )
+        roles[rest[few_shot:]] = ROLE_UNSEEN
+    return roles
+
+
+def popularity_sections(
+    counts: np.ndarray, share: float, threshold: int | None = None
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(cold mask, warm mask, the rule with its thresholds) of items by their training
+    interactions `counts` (one per item).
+
+    The paper's Table 4: items ranked by interactions, the bottom `share` cold, the top
+    `share` warm, the middle in neither. Items tied with the item at a boundary fall on its
+    side (so a section can hold a little more than `share`); an item never counts as both.
+    With `threshold`, the older label instead: fewer interactions than it cold, the rest warm.
+    """
+    counts = np.asarray(counts)
+    if threshold is not None:
+        cold = counts < threshold
+        return cold, ~cold, {"rule": f"fewer than {threshold} training interactions"}
+    n = len(counts)
+    if n == 0:
+        return np.zeros(0, bool), np.zeros(0, bool), {"rule": "no items"}
+    ranked = np.sort(counts)
+    k = max(1, int(np.ceil(share * n)))
+    cold_max, warm_min = int(ranked[k - 1]), int(ranked[n - k])
+    cold = counts <= cold_max
+    warm = (counts >= warm_min) & ~cold
+    return (
+        cold,
+        warm,
+        {
+            "rule": f"items ranked by training interactions: the bottom {share:.0%} cold, "
+            f"the top {share:.0%} warm, ties on the boundary item's side",
+            "cold_max_interactions": cold_max,
+            "warm_min_interactions": warm_min,
+        },
+    )

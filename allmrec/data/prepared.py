@@ -13,8 +13,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from allmrec.data.prepare import ROLE_COLD, ROLE_TRAIN, ROLE_UNSEEN
 from allmrec.manifest import ArtifactError
 from allmrec.stages import read_manifest
+
+# The evaluation split of the held-out cold users: their third interaction, the first two
+# as history (`PreparedData.history`).
+COLD_USER_SPLIT = "cold_user"
+SPLITS = ("valid", "test", COLD_USER_SPLIT)
 
 
 @dataclass
@@ -28,19 +34,60 @@ class PreparedData:
     train: list[np.ndarray]  # train[u]: user u's training items in time order (u = 1..U)
     valid: np.ndarray  # valid[u]: the second-to-last item (0 when the user has none)
     test: np.ndarray  # test[u]: the last item (0 when none)
-    item_train_counts: np.ndarray  # [num_items + 1] training interactions per item
+    # [num_items + 1] training interactions per item, of the users that are trained on
+    item_train_counts: np.ndarray
+    # by user id: "train", "cold" (held out of every stage) or "unseen" (outside few-shot K)
+    roles: np.ndarray
 
     @property
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
 
+    @property
+    def few_shot(self) -> bool:
+        """True when only some users are trained on (`data.few_shot_users`)."""
+        return bool((self.roles == ROLE_UNSEEN).any())
+
     def eval_users(self, split: str) -> np.ndarray:
-        """Users that have a held-out item in `split` ('valid' or 'test')."""
-        target = self.valid if split == "valid" else self.test
-        return np.flatnonzero(target)
+        """The users evaluated on `split`, each with a held-out item there:
+        - 'valid' (model selection, part of training): the users that are trained on;
+        - 'test': those too, or in a few-shot run the users outside the K ("unseen");
+        - 'cold_user': the users held out of every stage (their third interaction)."""
+        if split == COLD_USER_SPLIT:
+            return np.flatnonzero((self.roles == ROLE_COLD) & (self._lengths() >= 3))
+        target = self.targets(split)
+        role = ROLE_UNSEEN if split == "test" and self.few_shot else ROLE_TRAIN
+        return np.flatnonzero((target > 0) & (self.roles == role))
+
+    def _lengths(self) -> np.ndarray:
+        return np.array(
+            [
+                len(t) + bool(v) + bool(s)
+                for t, v, s in zip(self.train, self.valid, self.test, strict=True)
+            ]
+        )
+
+    def sequence(self, user: int) -> np.ndarray:
+        """All of a user's items in time order (train, valid, test)."""
+        return self.interacted(user)
+
+    def targets(self, split: str) -> np.ndarray:
+        """The held-out item of every user in `split` by user id (0 where none)."""
+        if split == "valid":
+            return self.valid
+        if split == "test":
+            return self.test
+        if split == COLD_USER_SPLIT:
+            out = np.zeros(self.num_users + 1, dtype=np.int64)
+            for u in np.flatnonzero(self.roles == ROLE_COLD):
+                seq = self.sequence(int(u))
+                out[u] = seq[2] if len(seq) >= 3 else 0
+            return out
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
 
     def history(self, user: int, split: str) -> np.ndarray:
-        """The items a model sees before predicting `split`: train (+ valid for test)."""
+        """The items a model sees before predicting `split`: train (+ valid for test); for
+        a held-out cold user, their first two interactions."""
         if split == "valid":
             return self.train[user]
         if split == "test":
@@ -49,13 +96,20 @@ class PreparedData:
                 if self.valid[user]
                 else self.train[user]
             )
-        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+        if split == COLD_USER_SPLIT:
+            return self.sequence(user)[:2]
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
 
     def training_users(self) -> np.ndarray:
-        """Users with a target and at least one item before it in their training sequence:
-        those CF, Stage 1 and Stage 2 train on."""
+        """The users CF, Stage 1 and Stage 2 train on: role "train", with a target and at least
+        one item before it in their training sequence."""
         return np.array(
-            [u for u in range(1, self.num_users + 1) if len(self.train[u]) >= 2], dtype=np.int64
+            [
+                u
+                for u in range(1, self.num_users + 1)
+                if len(self.train[u]) >= 2 and self.roles[u] == ROLE_TRAIN
+            ],
+            dtype=np.int64,
         )
 
     def interacted(self, user: int) -> np.ndarray:
@@ -105,5 +159,22 @@ def load_prepared(run_dir: str | Path) -> PreparedData:
     train_users, train_items = users[is_train], items[is_train]
     bounds = np.searchsorted(train_users, np.arange(num_users + 2))
     train = [train_items[bounds[u] : bounds[u + 1]] for u in range(num_users + 1)]
-    counts = np.bincount(train_items, minlength=num_items + 1)
-    return PreparedData(directory, manifest, num_users, num_items, train, valid, test, counts)
+    roles = _roles(directory, num_users)
+    trained = roles[train_users] == ROLE_TRAIN
+    counts = np.bincount(train_items[trained], minlength=num_items + 1)
+    return PreparedData(
+        directory, manifest, num_users, num_items, train, valid, test, counts, roles
+    )
+
+
+def _roles(directory: Path, num_users: int) -> np.ndarray:
+    path = directory / "users.parquet"
+    table = pq.read_table(path)
+    if "role" not in table.column_names:
+        raise ArtifactError(
+            f"{path}: no column 'role' (made by an allmrec before the paper's scenarios); "
+            "rerun `allmrec data prepare`"
+        )
+    roles = np.full(num_users + 1, "", dtype=object)
+    roles[table.column("user_idx").to_numpy()] = table.column("role").to_pylist()
+    return roles

@@ -51,7 +51,9 @@ USERS_SCHEMA = pa.schema(
         pa.field("user_idx", pa.int32(), nullable=False),
         pa.field("user_id", pa.string(), nullable=False),
         pa.field("num_train", pa.int32(), nullable=False),
-        pa.field("is_cold", pa.bool_(), nullable=False),
+        # "train" (every training stage trains on the user), "cold" (held out of every
+        # stage: the cold-user scenario), "unseen" (outside a few-shot run's K users)
+        pa.field("role", pa.string(), nullable=False),
     ]
 )
 
@@ -62,8 +64,10 @@ ITEMS_SCHEMA = pa.schema(
         pa.field("title", pa.string(), nullable=False),
         pa.field("description", pa.string(), nullable=False),
         pa.field("text", pa.string(), nullable=False),  # Q_i, what Sentence-BERT embeds
+        # training interactions of the users every stage trains on (role "train")
         pa.field("num_train", pa.int32(), nullable=False),
-        pa.field("is_cold", pa.bool_(), nullable=False),
+        pa.field("is_cold", pa.bool_(), nullable=False),  # data.cold_item_share's bottom
+        pa.field("is_warm", pa.bool_(), nullable=False),  # ... and its top
     ]
 )
 

@@ -4,6 +4,7 @@ checkpoints and cross-worker sums, and fault injection."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -215,6 +216,19 @@ class TrainedRun:
     inputs: dict  # the stage's inputs (allmrec.stages.stage_inputs): its manifest records them
     name: str  # the Ray Train run
     seconds: float
+    users: np.ndarray  # the training users the workers shared
+
+    @property
+    def users_record(self) -> dict:
+        """What a manifest records of the training users: how many, and their digest (a test
+        or a reader checks them against the data's roles: `users_sha256`)."""
+        return {"train_users": len(self.users), "train_users_sha256": users_sha256(self.users)}
+
+
+def users_sha256(users) -> str:
+    """A digest of a set of user ids (sorted, int64)."""
+    ids = np.sort(np.asarray(users, dtype=np.int64))
+    return hashlib.sha256(ids.tobytes()).hexdigest()
 
 
 def train_stage(
@@ -267,7 +281,9 @@ def train_stage(
         with contextlib.suppress(Exception):  # the stage's own error is the one to see
             fail_live_run(config, live)
         raise
-    return TrainedRun(state, weights, kept, inputs, name, time.perf_counter() - started)
+    return TrainedRun(
+        state, weights, kept, inputs, name, time.perf_counter() - started, np.asarray(users)
+    )
 
 
 def fit_and_load(

@@ -194,12 +194,14 @@ def _kcore(ds: ray.data.Dataset, cfg: DataConfig, counts_log: list[dict]) -> ray
             return ds
 
 
-def _fingerprint(table: pa.Table) -> str:
-    """A content hash of the prepared interactions, independent of file layout."""
+def _fingerprint(table: pa.Table, users: pa.Table) -> str:
+    """A content hash of the prepared interactions and of who trains on them (the users'
+    roles), independent of file layout: a stage trained on other users refuses this data."""
     digest = hashlib.sha256()
     for name in ("user_idx", "item_idx", "position", "timestamp"):
         digest.update(table.column(name).to_numpy().tobytes())
     digest.update("\n".join(table.column("split").to_pylist()).encode())
+    digest.update("\n".join(users.column("role").to_pylist()).encode())
     return digest.hexdigest()
 
 
@@ -209,7 +211,7 @@ def _items_table(
     train_counts: np.ndarray,
     cfg: DataConfig,
     bad_lines: list[BadLine],
-) -> tuple[pa.Table, int]:
+) -> tuple[pa.Table, int, dict]:
     meta: dict[str, dict] = {}
     extra_columns: list[str] = []
     for path in source.item_paths:
@@ -233,6 +235,9 @@ def _items_table(
         for c in extra_columns:
             extras[c].append(None if row.get(c) is None else str(row.get(c)))
     n = len(item_order)
+    cold, warm, sections = prepare.popularity_sections(
+        train_counts[1:], cfg.cold_item_share, cfg.cold_item_threshold
+    )
     table = pa.table(
         {
             "item_idx": pa.array(np.arange(1, n + 1, dtype=np.int32)),
@@ -241,13 +246,14 @@ def _items_table(
             "description": descriptions,
             "text": texts,
             "num_train": pa.array(train_counts[1:].astype(np.int32)),
-            "is_cold": pa.array(train_counts[1:] < cfg.cold_item_threshold),
+            "is_cold": pa.array(cold),
+            "is_warm": pa.array(warm),
         },
         schema=ITEMS_SCHEMA,
     )
     for c in extra_columns:
         table = table.append_column(pa.field(c, pa.string()), pa.array(extras[c], pa.string()))
-    return table, missing
+    return table, missing, sections
 
 
 def _embed_items(items: pa.Table, cfg: DataConfig) -> tuple[pa.Table, int]:
@@ -387,13 +393,13 @@ def _write_interactions(split: ray.data.Dataset, out: Path) -> pa.Table:
     )
 
 
-def _users_table(user_order: list, user_train: np.ndarray, cfg: DataConfig) -> pa.Table:
+def _users_table(user_order: list, user_train: np.ndarray, roles: np.ndarray) -> pa.Table:
     return pa.table(
         {
             "user_idx": pa.array(np.arange(1, len(user_order) + 1, dtype=np.int32)),
             "user_id": user_order,
             "num_train": pa.array(user_train[1:].astype(np.int32)),
-            "is_cold": pa.array(user_train[1:] <= cfg.cold_user_threshold),
+            "role": pa.array(roles[1:].tolist(), pa.string()),
         },
         schema=USERS_SCHEMA,
     )
@@ -408,6 +414,9 @@ def _counts_of(
     items_without_meta: int,
     bad_item_lines: list[BadLine],
 ) -> dict:
+    roles, role_counts = np.unique(
+        users.column("role").to_numpy(zero_copy_only=False), return_counts=True
+    )
     """The manifest's counts: raw, after filtering, per split, cold, bad lines."""
     splits, counts = np.unique(
         interactions.column("split").to_numpy(zero_copy_only=False), return_counts=True
@@ -424,7 +433,8 @@ def _counts_of(
         "interactions": interactions.num_rows,
         "splits": {s: int(n) for s, n in zip(splits, counts, strict=True)},
         "cold_items": int(pc.sum(items.column("is_cold")).as_py()),
-        "cold_users": int(pc.sum(users.column("is_cold")).as_py()),
+        "warm_items": int(pc.sum(items.column("is_warm")).as_py()),
+        "users_by_role": {r: int(n) for r, n in zip(roles, role_counts, strict=True)},
         "items_without_metadata": items_without_meta,
         "bad_lines": {"interactions": read.bad_total, "items": len(bad_item_lines)},
     }
@@ -440,6 +450,14 @@ def _preprocessing(cfg: DataConfig, filter_rounds: list[dict]) -> dict:
         "tie_break": prepare.TIE_BREAK,
         "split": "leave-one-out by time: last = test, second-to-last = valid",
         "ids": "contiguous from 1; 0 is padding",
+        "users": f"a seeded {cfg.cold_user_share:.0%} of the users held out of every training "
+        "stage (role 'cold', evaluated on their third interaction)"
+        + (
+            f"; {cfg.few_shot_users} seeded users of the others trained on (role 'train'), "
+            "the rest only evaluated (role 'unseen')"
+            if cfg.few_shot_users is not None
+            else "; every other user trained on (role 'train')"
+        ),
     }
 
 
@@ -456,19 +474,27 @@ def prepare_data(config: Config, run_dir: str | Path | RunStorage) -> dict:
 
     with staged_output(run.local / "data") as out:
         interactions = _write_interactions(split, out)
+        n_users = len(user_order) + 1
+        per_user = np.bincount(interactions.column("user_idx").to_numpy(), minlength=n_users)
+        roles = prepare.user_roles(per_user, cfg.cold_user_share, cfg.few_shot_users, config.seed)
         train = interactions.filter(pc.equal(interactions.column("split"), "train"))
-        item_train = np.bincount(train.column("item_idx").to_numpy(), minlength=len(item_order) + 1)
-        user_train = np.bincount(train.column("user_idx").to_numpy(), minlength=len(user_order) + 1)
+        train_users = train.column("user_idx").to_numpy()
+        user_train = np.bincount(train_users, minlength=n_users)
+        # items count the interactions of the users that are trained on only
+        trained = train.filter(pa.array(roles[train_users] == prepare.ROLE_TRAIN))
+        item_train = np.bincount(
+            trained.column("item_idx").to_numpy(), minlength=len(item_order) + 1
+        )
 
         bad_item_lines: list[BadLine] = []
-        items, items_without_meta = _items_table(
+        items, items_without_meta, sections = _items_table(
             source, item_order, item_train, cfg, bad_item_lines
         )
         _raise_on_bad_lines(
             [b.describe() for b in bad_item_lines], len(bad_item_lines), cfg.max_bad_lines, "item"
         )
         pq.write_table(items, out / "items.parquet")
-        users = _users_table(user_order, user_train, cfg)
+        users = _users_table(user_order, user_train, roles)
         pq.write_table(users, out / "users.parquet")
 
         log.info("embedding %d item texts with %s", items.num_rows, cfg.text_encoder)
@@ -489,12 +515,13 @@ def prepare_data(config: Config, run_dir: str | Path | RunStorage) -> dict:
             },
             expected_raw=source.expected_raw,
             preprocessing=_preprocessing(cfg, filter_rounds),
+            item_sections=sections,
             counts=_counts_of(
                 read, filter_rounds, interactions, items, users, items_without_meta, bad_item_lines
             ),
             bad_lines=read.bad_shown + [b.describe() for b in bad_item_lines[:100]],
             text_encoder={"name": cfg.text_encoder, "dim": dim},
-            fingerprint=_fingerprint(interactions),
+            fingerprint=_fingerprint(interactions, users),
             outputs=tree_sha256(out),
             seconds=round(time.perf_counter() - started, 2),
         )

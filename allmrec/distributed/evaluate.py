@@ -3,9 +3,10 @@
 Each of `evaluate.num_workers` tasks loads the stack (the frozen LLM with the trained
 projectors, the CF backbone, Stage 1's z_i) and evaluates its share of the users; the driver
 gathers the per-user records and writes `eval/results.json`, `results.md` and `results.png`.
-Sections beyond the run's own users: `evaluate.few_shot` (other runs' projectors, trained on a
-share of the users, on this run's users and candidates) and `evaluate.cross_domain` (this run's
-projectors on other prepared data sets, with their own CF models and Stage 1).
+Sections (docs/method.md, section 4): all users, warm and cold items, the held-out cold users
+(their third interaction), and `evaluate.cross_domain` (this run's stack recommending for the
+users of other prepared data sets, with no training there: `allmrec.transfer`). A few-shot run
+is a run of its own (`data.few_shot_users`): its test users are those outside its K.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import ray
 
 from allmrec.config import Config, config_to_dict
-from allmrec.data.prepared import load_prepared, seeded_users
+from allmrec.data.prepared import COLD_USER_SPLIT, load_prepared, seeded_users
 from allmrec.distributed.runtime import check_fits_locally
 from allmrec.llm_evaluation import (
     ALLMREC,
@@ -31,13 +32,14 @@ from allmrec.llm_evaluation import (
     plot_hit1,
     scenario_differences,
     scenario_tables,
+    section_definitions,
     summarize,
 )
 from allmrec.manifest import staged_output, write_manifest
 from allmrec.stages import read_manifest, stage_inputs
 from allmrec.storage import RunStorage, open_run
 from allmrec.training.cf import write_json
-from allmrec.training.stage2 import STACK, STAGE2_INPUTS
+from allmrec.training.stage2 import STACK
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +47,17 @@ log = logging.getLogger(__name__)
 def _evaluate_shard(
     settings: dict,
     stack_dir: str,
-    inputs_dir: str | None,
+    target_dir: str | None,
+    split: str,
     users: list[int],
     rows: list[str],
     baselines: bool,
     tag: str,
     llm_only_users: list[int] | None = None,
 ) -> list[dict]:
-    """Runs in a Ray task: load the stack once, evaluate `users` (the LLM-only rows on
-    `llm_only_users` of them only, when given)."""
+    """Runs in a Ray task: load the stack once, evaluate `users` on `split` (the LLM-only
+    rows on `llm_only_users` of them only, when given); `target_dir`: another prepared data
+    set the stack recommends for (cross-domain)."""
     import torch
 
     from allmrec.training.stage2 import eval_cases, load_trained_stage2
@@ -62,24 +66,26 @@ def _evaluate_shard(
     torch.set_num_threads(max(1, int(config.evaluate.cpus_per_worker)))
     device = "cuda" if config.evaluate.use_gpu else "cpu"
     stack = RunStorage.open(stack_dir).pull(*STACK)
-    if inputs_dir is not None:
-        inputs_dir = RunStorage.open(inputs_dir).pull(*STAGE2_INPUTS)
-    model, inputs = load_trained_stage2(stack, device, inputs_dir=inputs_dir)
-    cases = eval_cases(
-        np.asarray(users), inputs, config.evaluate.split, config.stage2.num_negatives, config.seed
-    )
+    model, inputs = load_trained_stage2(stack, device)
+    if target_dir is not None:
+        from allmrec.transfer import transferred_inputs
+
+        target = RunStorage.open(target_dir).pull("data")
+        inputs = transferred_inputs(stack, inputs, target, config.stage2.title_template)
+    cases = eval_cases(np.asarray(users), inputs, split, config.stage2.num_negatives, config.seed)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     subset = None if llm_only_users is None else set(llm_only_users)
     records = evaluate_cases(
         model, inputs, cases, config, rows, baselines, Progress(tag), llm_only_users=subset
     )
-    return label_records(records, inputs, config.evaluate.cold_user_max_train)
+    return label_records(records, inputs)
 
 
 def _run_sharded(
     config: Config,
     stack: RunStorage,
-    inputs: RunStorage | None,
+    target: RunStorage | None,
+    split: str,
     users,
     rows,
     baselines,
@@ -87,7 +93,8 @@ def _run_sharded(
     llm_only_users: np.ndarray | None = None,
 ) -> list[dict]:
     """`users` split over Ray tasks, each evaluating the stack of `stack` (on the users and
-    items of `inputs`, default the stack's own) on whatever node it lands."""
+    items of the prepared data of `target`, default the stack's own) on whatever node it
+    lands."""
     cfg = config.evaluate
     # one task at a time must fit; more queue for their turn
     check_fits_locally("evaluate", 1, cfg.cpus_per_worker, int(cfg.use_gpu))
@@ -98,7 +105,8 @@ def _run_sharded(
         task.remote(
             settings,
             stack.home,
-            None if inputs is None else inputs.home,
+            None if target is None else target.home,
+            split,
             [int(u) for u in shard],
             rows,
             baselines,
@@ -132,23 +140,37 @@ def evaluate_stack(config: Config, run_dir: str | Path | RunStorage) -> dict:
         ", ".join(m for m, on in (("ranking", cfg.ranking), ("generation", cfg.generation)) if on),
         cfg.num_workers,
     )
-    records = _run_sharded(config, run, None, users, rows, True, "evaluate", llm_only_users)
-    tables = scenario_tables(records)
-    differences = scenario_differences(records, config.seed)
-    sections = _other_runs(config, run, users, rows, tables, differences)
+    records = _run_sharded(
+        config, run, None, cfg.split, users, rows, True, "evaluate", llm_only_users
+    )
+    cold_users = data.eval_users(COLD_USER_SPLIT)
+    cold_records = None
+    if len(cold_users) and cfg.split == "test":
+        log.info("evaluating the %d held-out cold users", len(cold_users))
+        cold_records = _run_sharded(
+            config, run, None, COLD_USER_SPLIT, cold_users, [ALLMREC], True, "cold users"
+        )
+    tables = scenario_tables(records, cold_records)
+    differences = scenario_differences(records, cold_records, config.seed)
+    definitions = section_definitions(data.manifest, cfg.split, data.few_shot)
+    sections = _other_runs(config, run, rows, tables, differences, definitions)
     seconds = time.perf_counter() - started
 
     title = f"A-LLMRec on {run.name}: {cfg.split} split, 20 candidates per user"
     notes = _table_notes(stage2, cfg, llm_only_users)
     with staged_output(run_dir / "eval") as out:
-        (out / "results.md").write_text(markdown_tables(tables, title, notes, differences))
+        (out / "results.md").write_text(
+            markdown_tables(tables, title, notes, differences, definitions)
+        )
         plot_hit1(tables, out / "results.png", title=f"Hit@1, {run.name}")
         write_json(
             out / "results.json",
             {
                 "tables": tables,
                 "differences": differences,
+                "definitions": definitions,
                 "records": records,
+                "cold_user_records": cold_records or [],
                 "sections": sections,
             },
         )
@@ -167,32 +189,33 @@ def evaluate_stack(config: Config, run_dir: str | Path | RunStorage) -> dict:
     return manifest
 
 
-def _other_runs(config: Config, run, users, rows, tables: dict, differences: dict) -> dict:
-    """The few-shot sections (another run's Stage 2 on this run's users) and the
-    cross-domain ones (this run's stack on another run's data), added to `tables` and
-    `differences`; their per-user records by section."""
+def _other_runs(
+    config: Config, run, rows, tables: dict, differences: dict, definitions: dict
+) -> dict:
+    """The cross-domain sections (this run's stack recommending for another prepared data
+    set, with no training there), added to `tables`, `differences` and `definitions`; their
+    per-user records by section."""
     cfg = config.evaluate
     sections = {}
-    for other in cfg.few_shot:
-        other = open_run(other)
-        stage2_of_other = read_manifest(other.pull("stage2") / "stage2", "stage2")
-        share = stage2_of_other["config"]["stage2"]["train_user_share"]
-        part = _run_sharded(config, other, run, users, [ALLMREC], False, f"few-shot {other.home}")
-        name = f"few-shot: Stage 2 on {share:.0%} of the users ({other.name})"
-        tables[name] = summarize(part)
-        differences[name] = paired_differences(part, config.seed)
-        sections[name] = part
     for other in cfg.cross_domain:
         other = open_run(other)
         other_users = seeded_users(
             load_prepared(other.pull("data")).eval_users(cfg.split), cfg.max_users, config.seed
         )
         part = _run_sharded(
-            config, run, other, other_users, rows, True, f"cross-domain {other.home}"
+            config, run, other, cfg.split, other_users, rows, True, f"cross-domain {other.home}"
         )
-        name = f"cross-domain: evaluated on {other.name}"
+        name = f"cross-domain: {run.name} -> {other.name}"
         tables[name] = summarize(part)
         differences[name] = paired_differences(part, config.seed)
+        definitions[name] = (
+            f"the {cfg.split} items of {other.name}'s users, recommended by this run's stack "
+            "with no training on them: an item whose normalised title and year match one of "
+            "this catalogue takes that item's CF embedding and joint embedding, any other "
+            "enters by its text alone (z = enc_T(q), q from this stack's Sentence-BERT); "
+            "x_u is this CF model over the matched history items; the CF backbone row scores "
+            "the same way, an unmatched candidate as the mean item embedding"
+        )
         sections[name] = part
     return sections
 

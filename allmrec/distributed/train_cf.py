@@ -256,6 +256,7 @@ def train_cf(config: Config, run_dir: str | Path | RunStorage) -> dict:
             metrics=metrics,
             train_seconds=round(trained.seconds, 1),
             workers=cfg.scaling.num_workers,
+            **trained.users_record,
         )
     run.push("cf")
     return manifest

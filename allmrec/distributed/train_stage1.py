@@ -380,6 +380,7 @@ def _write_stage1(
             "stage1",
             config=config_to_dict(config),
             inputs=trained.inputs,
+            **trained.users_record,
             text_encoder={
                 "name": config.data.text_encoder,
                 "trainable": cfg.text_encoder_trainable,

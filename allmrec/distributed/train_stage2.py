@@ -201,8 +201,8 @@ def _set_up(loop_config: dict) -> _Worker:
     run_dir = RunStorage.open(loop_config["run"]).pull(*STAGE2_INPUTS)
     inputs = load_stage2_inputs(run_dir, config)
     torch.manual_seed(config.seed)  # the same initial weights on every worker
-    model = build_stage2_model(config, inputs.d_cf, inputs.d_joint)
-    fit_errors = start_readouts(model, inputs)
+    model = build_stage2_model(config, inputs.d_cf, inputs.d_joint, d_text=inputs.d_text)
+    fit_errors = start_readouts(model, inputs, config)
     trained = [p for name in TRAINED_MODULES for p in _parameters(model, name)]
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -229,7 +229,7 @@ def _set_up(loop_config: dict) -> _Worker:
     state = restore_deepspeed(engine)
     if state is None:
         state = {"epoch": 0, "step": 0, "prompts": 0, "history": [], "curve": []}
-        state["readout_fit_error"] = fit_errors
+        state["readout_start"] = fit_errors
     else:
         state.setdefault("resumed_from", []).append([state["epoch"], state["step"]])
         print(
@@ -340,12 +340,10 @@ def train_stage2(config: Config, run_dir: str | Path | RunStorage) -> dict:
 
 
 def _training_users(config: Config, inputs) -> np.ndarray:
-    """The users Stage 2 trains on: a seeded `train_user_share` (few-shot) and at most
-    `max_train_users` of them, sorted."""
+    """The users Stage 2 trains on: the data's training users (the few-shot K, cold users
+    left out) and at most `max_train_users` of them, sorted."""
     cfg = config.stage2
     users = np.random.default_rng(config.seed).permutation(inputs.data.training_users())
-    if cfg.train_user_share < 1:
-        users = users[: max(1, round(cfg.train_user_share * len(users)))]
     if cfg.max_train_users is not None:
         users = users[: cfg.max_train_users]
     return np.sort(users)
@@ -375,7 +373,7 @@ def _write_stage2(stage_dir: Path, config: Config, trained, num_users: int) -> d
                 if cfg.objective == "rank"
                 else None
             ),
-            readout_fit_error=state.get("readout_fit_error", {}),
+            readout_start=state.get("readout_start", {}),
             train_prompts=state["prompts"],
             kept={
                 "keep": cfg.keep,
@@ -384,7 +382,7 @@ def _write_stage2(stage_dir: Path, config: Config, trained, num_users: int) -> d
             },
             curve=state["curve"],
             projector_shapes={k: list(v.shape) for k, v in weights.items()},
-            train_users=num_users,
+            **trained.users_record,
             epochs_run=state["epoch"],
             metrics={k: v for k, v in last.items() if k != "epoch"},
             probe_loss=state.get("probe"),

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from allmrec.llm import SPECIAL_TOKENS, first_layers, freeze
-from allmrec.models.readout import RankReadout, listwise_loss
+from allmrec.models.readout import RankReadout, TextInputs, listwise_loss
 from allmrec.prompts import CANDIDATE_TOKEN, HISTORY_TOKEN, USER_TOKEN, Prompt, quote_title
 
 IGNORE_INDEX = -100
@@ -81,6 +81,9 @@ class Stage2Example(NamedTuple):
     item_vectors: Mapping[int, Tensor] | Tensor  # z_i by item id: a dict or a [n_items, 128] table
     target_title: str | None = None
     target_item: int | None = None
+    # the `user_item_text` readout's: q_i and the training interactions n_i by item id
+    item_text: Mapping[int, Tensor] | Tensor | None = None
+    item_counts: Mapping[int, int] | Tensor | None = None
 
 
 @dataclass
@@ -93,6 +96,7 @@ class Stage2Batch:
     candidate_vectors: Tensor  # z_i of each row's candidates in prompt order, [B, C, d_joint]
     candidate_mask: Tensor  # [B, C], False where a row has fewer candidates than C
     targets: Tensor | None = None  # [B], the true item's index among the row's candidates
+    text: TextInputs | None = None  # the candidates' text, when the examples carry it
 
     def to(self, device: torch.device | str) -> Stage2Batch:
         moved = {}
@@ -100,6 +104,8 @@ class Stage2Batch:
             value = getattr(self, f.name)
             if isinstance(value, Tensor):
                 value = value.to(device)
+            elif isinstance(value, TextInputs):
+                value = TextInputs(*(v.to(device) for v in value))
             elif isinstance(value, list):
                 value = [v.to(device) for v in value]
             moved[f.name] = value
@@ -127,6 +133,38 @@ def _item_vectors(table: Mapping[int, Tensor] | Tensor, items: Sequence[int]) ->
         return torch.stack([torch.as_tensor(table[i], dtype=torch.float32) for i in items])
     table = torch.as_tensor(np.asarray(table) if not isinstance(table, Tensor) else table)
     return table[torch.as_tensor(list(items), dtype=torch.long)].float()
+
+
+def _item_counts(table: Mapping[int, int] | Tensor, items: Sequence[int]) -> Tensor:
+    if isinstance(table, Mapping):
+        return torch.tensor([int(table[i]) for i in items], dtype=torch.long)
+    return torch.as_tensor(table)[torch.as_tensor(list(items), dtype=torch.long)].long()
+
+
+def _text_inputs(examples: Sequence[Stage2Example], width: int) -> TextInputs | None:
+    """The candidates' q_i and counts (padded like the candidates) and the mean of each
+    prompt's history q_j (unit vectors; zeros for an empty history); None when the examples
+    carry no text."""
+    if all(e.item_text is None for e in examples):
+        return None
+    if any(e.item_text is None or e.item_counts is None for e in examples):
+        raise ValueError("collate_stage2: every example needs item_text and item_counts, or none")
+    history, items, counts = [], [], []
+    for e in examples:
+        cands = e.prompt.candidate_items
+        q = _item_vectors(e.item_text, cands)
+        padded = torch.zeros(width, q.shape[1])
+        padded[: len(cands)] = q
+        items.append(padded)
+        n = torch.zeros(width, dtype=torch.long)
+        n[: len(cands)] = _item_counts(e.item_counts, cands)
+        counts.append(n)
+        hist = e.prompt.history_items
+        if hist:
+            history.append(F.normalize(_item_vectors(e.item_text, hist), dim=-1).mean(0))
+        else:
+            history.append(torch.zeros(q.shape[1]))
+    return TextInputs(torch.stack(history), torch.stack(items), torch.stack(counts))
 
 
 def collate_stage2(
@@ -184,6 +222,7 @@ def collate_stage2(
         candidate_vectors,
         candidate_mask,
         targets,
+        _text_inputs(examples, candidate_mask.shape[1]),
     )
 
 
@@ -225,22 +264,30 @@ class BypassRanker(nn.Module):
     """The `rank` readout without the LLM: its own F_U and F_I feed the same head directly
     (F_U(x_u) in place of the LLM's last hidden state, F_I(z_c) in place of the state at c)."""
 
-    def __init__(self, kind: str, d_cf: int, d_joint: int, d_llm: int, dim: int = 128) -> None:
+    def __init__(
+        self,
+        kind: str,
+        d_cf: int,
+        d_joint: int,
+        d_llm: int,
+        dim: int = 128,
+        d_text: int | None = None,
+    ) -> None:
         super().__init__()
         self.user_projector = UserProjector(d_cf, d_llm)
         self.item_projector = ItemProjector(d_joint, d_llm)
-        self.readout = RankReadout(kind, d_llm, d_cf, d_joint, dim)
+        self.readout = RankReadout(kind, d_llm, d_cf, d_joint, dim, d_text)
 
     def forward(self, batch: Stage2Batch) -> Tensor:
         """Scores [B, C] of each row's candidates, -inf on padding."""
         x_u, z = batch.user_vectors, batch.candidate_vectors
-        scores = self.readout(self.user_projector(x_u), self.item_projector(z), x_u, z)
+        scores = self.readout(self.user_projector(x_u), self.item_projector(z), x_u, z, batch.text)
         return scores.masked_fill(~batch.candidate_mask, float("-inf"))
 
-    def catalogue_scores(self, x_u: Tensor, z: Tensor) -> Tensor:
-        """`user_item` readout: scores [B, N] of every item of `z` [N, d_joint]."""
-        query = self.readout.user_query(self.user_projector(x_u), x_u)
-        return query @ self.readout.item_keys(z).T
+    def user_query(self, batch: Stage2Batch) -> Tensor:
+        """The readout's query for each row (`RankReadout.user_query`), F_U(x_u) for h."""
+        x_u = batch.user_vectors
+        return self.readout.user_query(self.user_projector(x_u), x_u, batch.text)
 
 
 class ALLMRecLM(nn.Module):
@@ -265,6 +312,7 @@ class ALLMRecLM(nn.Module):
         readout_layer: int | None = None,
         readout_dim: int = 128,
         bypass: bool = True,
+        d_text: int | None = None,
     ) -> None:
         super().__init__()
         if objective not in ("generate", "rank"):
@@ -292,9 +340,9 @@ class ALLMRecLM(nn.Module):
         self.item_projector = ItemProjector(d_joint, d_llm)  # F_I
         self.readout = self.bypass = None
         if objective == "rank":
-            self.readout = RankReadout(readout, d_llm, d_cf, d_joint, readout_dim)
+            self.readout = RankReadout(readout, d_llm, d_cf, d_joint, readout_dim, d_text)
             if bypass:
-                self.bypass = BypassRanker(readout, d_cf, d_joint, d_llm, readout_dim)
+                self.bypass = BypassRanker(readout, d_cf, d_joint, d_llm, readout_dim, d_text)
         # The state of this module is the projectors: the LLM is a frozen input, loaded by
         # name. So no checkpoint ever holds it (DeepSpeed's exclude_frozen_parameters alone
         # keeps a tied lm_head weight, a second name of the frozen embedding).
@@ -405,15 +453,18 @@ class ALLMRecLM(nn.Module):
 
     def rank_forward(self, batch: Stage2Batch) -> tuple[Tensor, Tensor | None]:
         """`rank`, one forward pass: (scores [B, C] of each row's candidates in prompt order,
-        -inf on padding; the `user_item` readout's user vector u [B, d_cf], which scores any
-        item by `readout.item_keys`, or None for the `candidate` readout)."""
+        -inf on padding; the `user_item` readouts' query (u [B, d_cf], and t after it for
+        `user_item_text`), which scores any item by `readout.item_scores`, or None for the
+        `candidate` readout)."""
         if self.readout is None:
             raise ValueError("this model was not trained with stage2.objective=rank")
         h_user, h_cand = self._readout_states(batch)
         x_u = batch.user_vectors.to(h_user.dtype)
-        scores = self.readout(h_user, h_cand, x_u, batch.candidate_vectors)
+        scores = self.readout(h_user, h_cand, x_u, batch.candidate_vectors, batch.text)
         scores = scores.float().masked_fill(~batch.candidate_mask, float("-inf"))
-        query = self.readout.user_query(h_user, x_u) if self.readout.scores_any_item else None
+        query = None
+        if self.readout.scores_any_item:
+            query = self.readout.user_query(h_user, x_u, batch.text)
         return scores, query
 
     def candidate_scores(self, batch: Stage2Batch) -> Tensor:

@@ -23,6 +23,18 @@ Two heads, `stage2.readout`:
   CF model's ranking and the LLM learns the correction; any item with a z_i can be scored,
   whether listed in the prompt or not (the whole catalogue, items added at serving time).
 
+- `user_item_text`: `user_item` with a text path beside the item path, weighted by how many
+  training interactions each item has (the CF model knows a rarely seen item badly, its text
+  says the same about every item):
+      s_i = a_k <u, g(z_i)> + tau b_k cos(t, q_i) + c_k,   k = bucket of n_i (log2),
+      t = unit(mean of the prompt's history q_j (unit) + T(h_last)),
+  q_i the item's Sentence-BERT encoding (Stage 1's), n_i its training interactions; a, b, c
+  one weight each per bucket (a 1, b and c 0 at the start: `user_item`'s ranking), T:
+  LayerNorm -> Linear(d_llm -> d_text), zero at the start. `fit_gate` sets a, b, c before
+  any step from examples the LLM is not needed for (its corrections are zero then): where
+  the item path is weak (few interactions) the fit trusts the text more. Any item with a z_i
+  and a q_i can be scored, an item added at serving time too (n = 0).
+
 The bypass (`allmrec.models.projection.BypassRanker`, the ablation row "A-LLMRec (rank, LLM
 bypassed)") is the same head with its own F_U and F_I, reading F_U(x_u) in place of h_last
 and F_I(z_c) in place of h_c: what the readout can do without the LLM, on the same examples.
@@ -31,12 +43,31 @@ and F_I(z_c) in place of h_c: what the readout can do without the LLM, on the sa
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-READOUTS = ("candidate", "user_item")
+READOUTS = ("candidate", "user_item", "user_item_text")
+# Buckets of an item's training interactions n: 0, 1, 2-3, 4-7, ..., the last one >= 2^10.
+COUNT_BUCKETS = 12
+TEXT_SCALE = 10.0  # tau: cosines lie in [-1, 1], the CF scores spread over several units
+
+
+def count_bucket(counts: Tensor) -> Tensor:
+    """The bucket of each training-interaction count: 0 for none, else 1 + floor(log2 n)."""
+    n = counts.float().clamp_min(0)
+    bucket = torch.where(n > 0, 1 + torch.floor(torch.log2(n.clamp_min(1))), torch.zeros_like(n))
+    return bucket.long().clamp_max(COUNT_BUCKETS - 1)
+
+
+class TextInputs(NamedTuple):
+    """What the `user_item_text` readout reads of the items' text."""
+
+    history: Tensor  # [B, d_text] the mean of the prompt's history q_j (unit vectors)
+    items: Tensor  # q_i of the items scored: [B, C, d_text] (candidates) or [N, d_text]
+    counts: Tensor  # their training interactions: [B, C] or [N]
 
 
 def listwise_loss(scores: Tensor, targets: Tensor) -> Tensor:
@@ -59,7 +90,15 @@ def _head(d_in: int, d_out: int) -> nn.Sequential:
 class RankReadout(nn.Module):
     """s_c for every candidate c of a prompt (`kind` as in the module docstring)."""
 
-    def __init__(self, kind: str, d_llm: int, d_cf: int, d_joint: int, dim: int = 128) -> None:
+    def __init__(
+        self,
+        kind: str,
+        d_llm: int,
+        d_cf: int,
+        d_joint: int,
+        dim: int = 128,
+        d_text: int | None = None,
+    ) -> None:
         super().__init__()
         if kind not in READOUTS:
             raise ValueError(f"stage2.readout {kind!r}: expected one of {', '.join(READOUTS)}")
@@ -73,36 +112,144 @@ class RankReadout(nn.Module):
             nn.init.zeros_(self.user_head[1].weight)
             nn.init.zeros_(self.user_head[1].bias)
             self.item_map = nn.Linear(d_joint, d_cf)  # g
+        if kind == "user_item_text":
+            if not d_text:
+                raise ValueError("the user_item_text readout needs the width of q_i (d_text)")
+            self.text_head = _head(d_llm, d_text)  # T, zero: t = the history's mean q
+            nn.init.zeros_(self.text_head[1].weight)
+            nn.init.zeros_(self.text_head[1].bias)
+            self.cf_weight = nn.Parameter(torch.ones(COUNT_BUCKETS))  # a
+            self.text_weight = nn.Parameter(torch.zeros(COUNT_BUCKETS))  # b
+            self.bucket_bias = nn.Parameter(torch.zeros(COUNT_BUCKETS))  # c
 
     @property
     def scores_any_item(self) -> bool:
-        """True when items not listed in the prompt can be scored (`item_keys`)."""
-        return self.kind == "user_item"
+        """True when items not listed in the prompt can be scored (`item_scores`)."""
+        return self.kind != "candidate"
 
-    def user_query(self, h_user: Tensor, x_u: Tensor) -> Tensor:
-        """`user_item`: u = x_u + A(h_user), [B, d_cf]."""
-        return x_u.to(h_user.dtype) + self.user_head(h_user)
+    @property
+    def reads_text(self) -> bool:
+        """True when the readout needs `TextInputs`."""
+        return self.kind == "user_item_text"
+
+    def user_query(self, h_user: Tensor, x_u: Tensor, text: TextInputs | None = None) -> Tensor:
+        """The user's query, [B, d_cf] (`user_item`: u = x_u + A(h_user)), with the text
+        query t [B, d_text] after it for `user_item_text`."""
+        u = x_u.to(h_user.dtype) + self.user_head(h_user)
+        if not self.reads_text:
+            return u
+        if text is None:
+            raise ValueError("the user_item_text readout needs the items' text (TextInputs)")
+        t = F.normalize(text.history.to(h_user.dtype) + self.text_head(h_user), dim=-1)
+        return torch.cat([u, t], dim=-1)
 
     def item_keys(self, z: Tensor) -> Tensor:
         """`user_item`: g(z_i) for any items, [..., d_cf]."""
         return self.item_map(z.to(self.item_map.weight.dtype))
 
-    def forward(self, h_user: Tensor, h_cand: Tensor, x_u: Tensor, z_cand: Tensor) -> Tensor:
+    def gated(self, cf_scores: Tensor, text_scores: Tensor, counts: Tensor) -> Tensor:
+        """`user_item_text`: a_k * cf + tau * b_k * text + c_k, k the count's bucket."""
+        k = count_bucket(counts)
+        return (
+            self.cf_weight[k] * cf_scores
+            + TEXT_SCALE * self.text_weight[k] * text_scores
+            + self.bucket_bias[k]
+        )
+
+    def path_scores(
+        self, query: Tensor, z: Tensor, text: TextInputs | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """(<u, g(z_i)>, cos(t, q_i) or None) of any items for the query of `user_query`:
+        z [B, C, d_joint] gives [B, C] (each row's own items), z [N, d_joint] gives [B, N]
+        (the same items for every row); `text` holds their q_i in the same shape."""
+        d_cf = self.item_map.out_features
+        keys = self.item_keys(z)
+        per_row = z.dim() == 3
+        u = query[..., :d_cf]
+        cf = torch.einsum("bd,bcd->bc", u, keys) if per_row else u @ keys.T
+        if not self.reads_text:
+            return cf, None
+        t = query[..., d_cf:]
+        q = F.normalize(text.items.to(t.dtype), dim=-1)
+        return cf, torch.einsum("bd,bcd->bc", t, q) if per_row else t @ q.T
+
+    def start_query(self, x_u: Tensor, text: TextInputs | None = None) -> Tensor:
+        """`user_query` while the LLM's corrections A(h) and T(h) are zero (the start):
+        x_u, and the unit mean of the history's q for `user_item_text`."""
+        if not self.reads_text:
+            return x_u
+        return torch.cat([x_u, F.normalize(text.history.to(x_u.dtype), dim=-1)], dim=-1)
+
+    def item_scores(self, query: Tensor, z: Tensor, text: TextInputs | None = None) -> Tensor:
+        """Scores of any items by the query of `user_query` (shapes as `path_scores`)."""
+        cf, cosine = self.path_scores(query, z, text)
+        if cosine is None:
+            return cf
+        counts = text.counts if z.dim() == 3 else text.counts[None, :]
+        return self.gated(cf, cosine, counts.to(cf.device))
+
+    def forward(
+        self,
+        h_user: Tensor,
+        h_cand: Tensor,
+        x_u: Tensor,
+        z_cand: Tensor,
+        text: TextInputs | None = None,
+    ) -> Tensor:
         """Scores [B, C] from h_user [B, d], h_cand [B, C, d] (the states at the candidates'
-        tokens), x_u [B, d_cf] and z_cand [B, C, d_joint]."""
+        tokens), x_u [B, d_cf], z_cand [B, C, d_joint] and, for `user_item_text`, the
+        candidates' text."""
         if self.kind == "candidate":
             u = F.normalize(self.user_head(h_user), dim=-1)
             v = F.normalize(self.item_head(h_cand), dim=-1)
             return self.log_scale.exp() * torch.einsum("bd,bcd->bc", u, v)
-        u = self.user_query(h_user, x_u)
-        return torch.einsum("bd,bcd->bc", u, self.item_keys(z_cand))
+        return self.item_scores(self.user_query(h_user, x_u, text), z_cand, text)
+
+    @torch.no_grad()
+    def fit_gate(
+        self,
+        cf_scores: Tensor,
+        text_scores: Tensor,
+        counts: Tensor,
+        steps: int = 300,
+        lr: float = 0.05,
+        ridge: float = 1e-3,
+    ) -> dict[str, float]:
+        """`user_item_text`: a, b, c fitted by the listwise loss over examples whose true item
+        is column 0: their CF scores <x_u, g(z_c)>, text cosines and counts, [E, C] each
+        (the readout's own scores while its LLM corrections are zero). A small ridge holds
+        each weight near its start where a bucket has few items. Returns the loss before and
+        after. A no-op for the other readouts."""
+        if not self.reads_text:
+            return {}
+        cf_scores, text_scores = cf_scores.detach(), text_scores.detach()
+        params = [self.cf_weight, self.text_weight, self.bucket_bias]
+        start = [p.detach().clone() for p in params]
+        targets = torch.zeros(len(cf_scores), dtype=torch.long)
+
+        def loss() -> Tensor:
+            scores = self.gated(cf_scores, text_scores, counts)
+            fit = F.cross_entropy(scores, targets)
+            return fit + ridge * sum(
+                ((p - s) ** 2).sum() for p, s in zip(params, start, strict=True)
+            )
+
+        before = float(loss())
+        optimizer = torch.optim.Adam(params, lr=lr)
+        with torch.enable_grad():
+            for _ in range(steps):
+                optimizer.zero_grad()
+                value = loss()
+                value.backward()
+                optimizer.step()
+        return {"gate_loss_before": before, "gate_loss_after": float(loss())}
 
     @torch.no_grad()
     def fit_item_map(self, z: Tensor, item_embeddings: Tensor, ridge: float = 1e-2) -> float:
         """`user_item`: g := the ridge least-squares map from z_i to the CF item embedding e_i
         over the catalogue (rows 0, padding, left out). Returns the relative error
         ||g(z) - e|| / ||e||. A no-op for `candidate`."""
-        if self.kind != "user_item":
+        if not self.scores_any_item:
             return float("nan")
         z, e = z[1:].double(), item_embeddings[1:].double()
         x = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], dim=1)

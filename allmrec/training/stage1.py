@@ -258,14 +258,16 @@ def stage1_quality(
     seed: int,
     users: np.ndarray | None = None,
 ) -> dict:
-    """Validation ranking by <x_u, dec_I(enc_I(e_i))>, and the same with the cold-labelled
-    items taking the text path dec_I(enc_T(q_i)): Stage 1's objective for tuning."""
+    """Validation ranking by <x_u, dec_I(enc_I(e_i))> (`valid_hit@1`), the same with the
+    cold-labelled items taking the text path dec_I(enc_T(q_i)) (`valid_coldtext_hit@1`, the
+    search's default objective: the text path is what alpha and beta shape), and every item
+    through the text path (`valid_text_hit@1`, the SBERT variant's)."""
     item_scores = aligner.item_ae.decoder(aligner.item_ae.encode(frozen.item_table))
     text_scores = aligner.item_ae.decoder(aligner.text_ae.encode(q))
     cold = torch.as_tensor(cold_label)[:, None]
     mixed = torch.where(cold, text_scores, item_scores)
     out = {}
-    for name, table in (("", item_scores), ("coldtext_", mixed)):
+    for name, table in (("", item_scores), ("coldtext_", mixed), ("text_", text_scores)):
 
         def scorer(batch_users, seqs, candidates, table=table):
             x = frozen.x_valid[torch.as_tensor(batch_users)]
@@ -334,14 +336,25 @@ def write_stage1_artifact(
     aligner.text_encoder.save(str(out / "text_encoder"), safe_serialization=True)
     q = frozen_text_encodings(aligner.text_encoder, texts, "cpu", max_tokens, cache)
     z = joint_embeddings(aligner, frozen, q, no_train)
-    dim = z.shape[1]
+    with torch.no_grad():
+        z_text = aligner.text_ae.encode(q.to(z.dtype))
+
+    def column(values: torch.Tensor) -> pa.FixedSizeListArray:
+        values = values[1:].float().contiguous()
+        return pa.FixedSizeListArray.from_arrays(
+            pa.array(values.reshape(-1).numpy(), pa.float32()), values.shape[1]
+        )
+
+    # z: the joint embedding (the item path, or the text path for items without
+    # interactions); z_text: enc_T(q_i) of every item (the paper's A-LLMRec (SBERT)); q: the
+    # Sentence-BERT encoding itself (the text-aware readout and the Text baseline read it).
     table = pa.table(
         {
             "item_idx": pa.array(np.arange(1, len(z), dtype=np.int32)),
-            "z": pa.FixedSizeListArray.from_arrays(
-                pa.array(z[1:].reshape(-1).numpy(), pa.float32()), dim
-            ),
+            "z": column(z),
             "source": pa.array(np.where(no_train[1:], "text", "item")),
+            "z_text": column(z_text),
+            "q": column(q),
         }
     )
     pq.write_table(table, out / "joint_item_emb.parquet")

@@ -29,6 +29,7 @@ from allmrec.data.prepared import PreparedData, load_prepared
 from allmrec.evaluation import sample_candidates
 from allmrec.manifest import ArtifactError
 from allmrec.models.projection import ALLMRecLM, Stage2Example
+from allmrec.models.readout import TextInputs
 from allmrec.prompts import build_prompt, shuffle_candidates
 from allmrec.sequences import left_pad
 from allmrec.stages import output_digest, read_manifest, recorded_upstream
@@ -43,9 +44,15 @@ class Stage2Inputs:
     titles: list[str]  # by item id; index 0 is padding
     z: torch.Tensor  # [num_items + 1, d_joint] joint item embeddings, row 0 zeros
     z_source: np.ndarray  # "item" or "text" (cold items without interactions) by item id
-    cold_items: np.ndarray  # bool by item id: the data's cold label
+    cold_items: np.ndarray  # bool by item id: the data's cold label (data.cold_item_share)
     cf_manifest: dict
     stage1_manifest: dict
+    z_text: torch.Tensor | None = None  # [num_items + 1, d_joint] enc_T(q_i) of every item
+    q: torch.Tensor | None = None  # [num_items + 1, d_text] Stage 1's Sentence-BERT q_i
+    warm_items: np.ndarray | None = None  # bool by item id: the data's warm label
+    # training interactions by item id when not the data's own (cross-domain: the stack's)
+    item_counts: torch.Tensor | None = None
+    matched_items: int | None = None  # cross-domain: items matched to the stack's catalogue
 
     @property
     def d_cf(self) -> int:
@@ -54,6 +61,17 @@ class Stage2Inputs:
     @property
     def d_joint(self) -> int:
         return int(self.z.shape[1])
+
+    @property
+    def d_text(self) -> int | None:
+        return None if self.q is None else int(self.q.shape[1])
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Training interactions by item id (of the users that are trained on)."""
+        if self.item_counts is not None:
+            return self.item_counts
+        return torch.as_tensor(self.data.item_train_counts, dtype=torch.long)
 
 
 def item_titles(data: PreparedData, template: str) -> list[str]:
@@ -74,29 +92,49 @@ def item_titles(data: PreparedData, template: str) -> list[str]:
     return titles
 
 
-def load_joint_embeddings(run_dir: Path, num_items: int) -> tuple[torch.Tensor, np.ndarray]:
+@dataclass
+class JointEmbeddings:
+    """`stage1/joint_item_emb.parquet` by item id (row 0, padding, zeros)."""
+
+    z: torch.Tensor  # [num_items + 1, d_joint] the joint embedding z_i
+    source: np.ndarray  # "item" or "text" (items without interactions) by item id
+    z_text: torch.Tensor  # [num_items + 1, d_joint] enc_T(q_i) of every item
+    q: torch.Tensor  # [num_items + 1, d_text] the Sentence-BERT encoding q_i
+
+
+def load_joint_embeddings(run_dir: Path, num_items: int) -> JointEmbeddings:
     path = Path(run_dir) / "stage1" / "joint_item_emb.parquet"
     table = pq.read_table(path)
+    missing = {"z", "source", "z_text", "q"} - set(table.column_names)
+    if missing:
+        raise ArtifactError(
+            f"{path}: no column(s) {', '.join(sorted(missing))} (made by an older allmrec); "
+            "rerun `allmrec train stage1`"
+        )
     ids = table.column("item_idx").to_numpy()
-    dim = table.schema.field("z").type.list_size
-    values = table.column("z").combine_chunks().flatten().to_numpy().reshape(-1, dim)
     if len(ids) != num_items or ids.max(initial=0) > num_items:
         raise ArtifactError(
             f"{path}: {len(ids)} items, but the prepared data has {num_items}: Stage 1 was "
             "trained on another preparation; rerun `allmrec train stage1`"
         )
-    z = torch.zeros(num_items + 1, dim)
-    z[torch.tensor(ids, dtype=torch.long)] = torch.tensor(values, dtype=torch.float32)
+    rows = torch.tensor(ids, dtype=torch.long)
+
+    def by_item(name: str) -> torch.Tensor:
+        dim = table.schema.field(name).type.list_size
+        values = table.column(name).combine_chunks().flatten().to_numpy().reshape(-1, dim)
+        out = torch.zeros(num_items + 1, dim)
+        out[rows] = torch.tensor(values, dtype=torch.float32)
+        return out
+
     source = np.full(num_items + 1, "", dtype=object)
     source[ids] = table.column("source").to_pylist()
-    return z, source
+    return JointEmbeddings(by_item("z"), source, by_item("z_text"), by_item("q"))
 
 
 def load_stage2_inputs(run_dir: Path, config: Config) -> Stage2Inputs:
     """The data, the frozen CF backbone and Stage 1's z_i of `run_dir`, checked to belong
     together (Stage 1 must have been trained on this very CF model and data)."""
     from allmrec.training.cf import load_cf_model
-    from allmrec.training.stage1 import item_texts
 
     run_dir = Path(run_dir)
     data = load_prepared(run_dir)
@@ -113,19 +151,35 @@ def load_stage2_inputs(run_dir: Path, config: Config) -> Stage2Inputs:
             f"{run_dir / 'stage1' / 'manifest.json'}: made from another data preparation; "
             "rerun `allmrec train stage1`"
         )
-    z, source = load_joint_embeddings(run_dir, data.num_items)
-    _, _, cold = item_texts(data)
+    joint = load_joint_embeddings(run_dir, data.num_items)
+    cold, warm = item_sections(data)
     cf_model.eval()
     return Stage2Inputs(
         data,
         cf_model,
         item_titles(data, config.stage2.title_template),
-        z,
-        source,
+        joint.z,
+        joint.source,
         cold,
         cf_manifest,
         stage1_manifest,
+        z_text=joint.z_text,
+        q=joint.q,
+        warm_items=warm,
     )
+
+
+def item_sections(data: PreparedData) -> tuple[np.ndarray, np.ndarray]:
+    """(cold, warm) masks by item id, the data's labels (`data.cold_item_share`)."""
+    items = pq.read_table(
+        data.directory / "items.parquet", columns=["item_idx", "is_cold", "is_warm"]
+    )
+    ids = items.column("item_idx").to_numpy()
+    cold = np.zeros(data.num_items + 1, dtype=bool)
+    warm = np.zeros(data.num_items + 1, dtype=bool)
+    cold[ids] = items.column("is_cold").to_numpy(zero_copy_only=False)
+    warm[ids] = items.column("is_warm").to_numpy(zero_copy_only=False)
+    return cold, warm
 
 
 @torch.no_grad()
@@ -192,7 +246,16 @@ def training_examples(
             histories[row], order, inputs.titles, config.data.domain, cfg.max_history
         )
         if cfg.objective == "rank":
-            examples.append(Stage2Example(prompt, x_u[row], inputs.z, target_item=target))
+            examples.append(
+                Stage2Example(
+                    prompt,
+                    x_u[row],
+                    inputs.z,
+                    target_item=target,
+                    item_text=inputs.q,
+                    item_counts=inputs.counts,
+                )
+            )
         else:
             examples.append(Stage2Example(prompt, x_u[row], inputs.z, inputs.titles[target]))
     return examples
@@ -230,8 +293,13 @@ def eval_cases(
 
 
 def eval_example(
-    case: EvalCase, inputs: Stage2Inputs, config: Config, with_embeddings: bool = True
+    case: EvalCase,
+    inputs: Stage2Inputs,
+    config: Config,
+    with_embeddings: bool = True,
+    z: torch.Tensor | None = None,
 ) -> Stage2Example:
+    """A case as a prompt; `z` replaces the joint embeddings (the SBERT row: enc_T(q_i))."""
     prompt = build_prompt(
         case.history,
         case.shuffled,
@@ -240,11 +308,23 @@ def eval_example(
         config.stage2.max_history,
         with_embeddings=with_embeddings,
     )
-    return Stage2Example(prompt, case.x_u, inputs.z)
+    return Stage2Example(
+        prompt,
+        case.x_u,
+        z if z is not None else inputs.z,
+        item_text=inputs.q,
+        item_counts=inputs.counts,
+    )
 
 
 def build_stage2_model(
-    config: Config, d_cf: int, d_joint: int, llm=None, tokenizer=None, device: str = "cpu"
+    config: Config,
+    d_cf: int,
+    d_joint: int,
+    llm=None,
+    tokenizer=None,
+    device: str = "cpu",
+    d_text: int | None = None,
 ) -> ALLMRecLM:
     """The frozen LLM named by `stage2.llm` (with the special tokens) and fresh projectors
     (and, for the rank objective, a fresh readout and bypass)."""
@@ -264,20 +344,71 @@ def build_stage2_model(
         readout_layer=cfg.readout_layer,
         readout_dim=cfg.readout_dim,
         bypass=cfg.bypass,
+        d_text=d_text,
     )
     return model.to(device)
 
 
-def start_readouts(model: ALLMRecLM, inputs: Stage2Inputs) -> dict[str, float]:
-    """The `user_item` readouts' item map g at its starting point, fitted to the CF item
-    embeddings (`RankReadout.fit_item_map`); the relative fit error of each."""
-    errors = {}
+def start_readouts(
+    model: ALLMRecLM, inputs: Stage2Inputs, config: Config, users: np.ndarray | None = None
+) -> dict[str, float]:
+    """The `user_item` readouts at their starting point: the item map g fitted to the CF item
+    embeddings (`RankReadout.fit_item_map`; the relative fit error of each) and, for
+    `user_item_text`, the weights of the item and the text path by interaction count fitted
+    on one example per training user (`RankReadout.fit_gate`, before any LLM step: the LLM's
+    corrections are zero there, so the readout's scores need no forward pass). The bypass
+    starts from the same weights."""
+    out = {}
     item_embeddings = inputs.cf_model.item_embeddings().detach().float().cpu()
     readouts = {"rank": model.readout, "bypass": getattr(model.bypass, "readout", None)}
     for name, readout in readouts.items():
         if readout is not None and readout.scores_any_item:
-            errors[name] = readout.fit_item_map(inputs.z, item_embeddings)
-    return errors
+            out[f"{name}_item_map_error"] = readout.fit_item_map(inputs.z, item_embeddings)
+    if model.readout is not None and model.readout.reads_text:
+        users = inputs.data.training_users() if users is None else users
+        out |= model.readout.fit_gate(*gate_examples(model.readout, inputs, config, users))
+        if model.bypass is not None:
+            for name in ("cf_weight", "text_weight", "bucket_bias"):
+                getattr(model.bypass.readout, name).data.copy_(getattr(model.readout, name))
+    return out
+
+
+@torch.no_grad()
+def gate_examples(
+    readout, inputs: Stage2Inputs, config: Config, users: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(CF scores <x_u, g(z_c)>, text cosines, counts), [E, 20] each with the true item in
+    column 0: each user's last training item after the items before it (the target nearest
+    in time to the held-out ones), with 19 seeded negatives the user never interacted with."""
+    data, cfg = inputs.data, config.stage2
+    users = np.asarray(users, dtype=np.int64)
+    rng = np.random.default_rng([config.seed, 11])
+    all_items = np.arange(1, data.num_items + 1)
+    histories = [data.train[int(u)][:-1] for u in users]
+    candidates = np.stack(
+        [
+            np.concatenate(
+                [
+                    [data.train[int(u)][-1]],
+                    rng.choice(
+                        np.setdiff1d(all_items, data.interacted(int(u))), cfg.num_negatives, False
+                    ),
+                ]
+            )
+            for u in users
+        ]
+    )
+    x_u = user_vectors_of(inputs, users, histories)
+    q = torch.nn.functional.normalize(inputs.q, dim=-1)
+    shown = [h[-cfg.max_history :] if cfg.max_history else h[:0] for h in histories]
+    history_text = torch.stack(
+        [q[torch.as_tensor(h)].mean(0) if len(h) else torch.zeros(q.shape[1]) for h in shown]
+    )
+    cand = torch.as_tensor(candidates)
+    text = TextInputs(history_text, inputs.q[cand], inputs.counts[cand])
+    query = readout.start_query(x_u, text)
+    cf_scores, text_scores = readout.path_scores(query, inputs.z[cand], text)
+    return cf_scores, text_scores, text.counts
 
 
 def llm_dtype(config: Config) -> torch.dtype:
@@ -369,6 +500,8 @@ def load_projected_llm(run_dir: Path, device: str = "cpu") -> tuple[ALLMRecLM, C
     weights = load_file(str(stage2_dir / PROJECTORS_FILE))
     d_cf = weights["user_projector.net.0.weight"].shape[1]
     d_joint = weights["item_projector.net.0.weight"].shape[1]
-    model = build_stage2_model(trained, d_cf, d_joint, device=device)
+    text_head = weights.get("readout.text_head.1.weight")
+    d_text = None if text_head is None else text_head.shape[0]
+    model = build_stage2_model(trained, d_cf, d_joint, device=device, d_text=d_text)
     load_projectors(model, weights, str(stage2_dir))
     return model.eval(), trained

@@ -440,3 +440,100 @@ def test_sigterm_stops_allmrec_serve_and_every_process_of_its_ray(stack_run, tmp
             return False
 
     _wait_for(lambda: not any(alive(p) for p in started), 30, "the Ray processes to stop")
+
+
+@pytest.mark.slow
+def test_concurrent_adds_and_reads_keep_every_item_its_own(served):
+    """Concurrent `POST /items`, `GET /items/{id}` and `POST /recommend` over real HTTP, two
+    recommender replicas: every answer is about its own request's item; every added item keeps
+    its own id, title and embedding (enc_T of its own text) on every replica; the catalogue
+    holds exactly the items added, none lost or twice; a retried add is answered as such."""
+    import torch
+    from ray import serve
+
+    n_items = 32
+    titles = [f"Concurrent Film {n:02d}" for n in range(n_items)]
+    answers: dict[int, requests.Response] = {}
+    reads: list[tuple[str, str, requests.Response]] = []
+
+    def add(n: int) -> None:
+        answers[n] = _post("/items", {"title": titles[n], "description": f"plot number {n}"})
+        if answers[n].status_code == 201:
+            item_id = answers[n].json()["item_id"]
+            # read it back at once, by id and among a request's candidates
+            got = requests.get(f"{URL}/items/{item_id}", headers=AUTH, timeout=60)
+            reads.append((item_id, titles[n], got))
+            ranked = _post(
+                "/recommend", {"history": ["1", "2"], "candidates": [item_id, "50"], "k": 2}
+            )
+            reads.append((item_id, titles[n], ranked))
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(add, range(n_items)))
+
+    statuses = sorted({r.status_code for r in answers.values()})
+    assert statuses == [201], [r.text for r in answers.values() if r.status_code != 201][:3]
+    ids = {n: r.json()["item_id"] for n, r in answers.items()}
+    for n, response in answers.items():  # each answer names its own request's item
+        assert response.json()["title"] == titles[n], (n, response.json())
+    assert len(set(ids.values())) == n_items, "two adds were answered with the same id"
+    for item_id, title, response in reads:
+        assert response.status_code == 200, response.text
+        body = response.json()
+        if "items" in body:  # a recommendation: the added item under its own title
+            named = {i["item_id"]: i["title"] for i in body["items"]}
+            assert named.get(item_id) == title, (item_id, title, body["items"])
+        else:
+            assert (body["item_id"], body["title"]) == (item_id, title)
+
+    # Every replica: the same added items, each with its own title and z = enc_T(q(text)).
+    handle = serve.get_deployment_handle("Recommender", app_name="allmrec")
+    catalogues = {}
+    for _ in range(80):
+        answer = handle.added_items.remote().result()
+        catalogues[answer["replica"]] = answer
+        if len(catalogues) == 2:
+            break
+    assert len(catalogues) == 2, f"only replica(s) {list(catalogues)} answered"
+    expected_z = _enc_t(served, [f"{titles[n]} (),".strip() for n in range(n_items)])
+    for replica, answer in catalogues.items():
+        held = answer["items"]  # [(item_id, title, z)] of every item added at run time
+        held_ids = [item_id for item_id, _, _ in held]
+        assert len(held_ids) == len(set(held_ids)), f"{replica}: an item added twice"
+        by_id = {item_id: (title, z) for item_id, title, z in held}
+        for n, item_id in ids.items():
+            title, z = by_id[item_id]
+            assert title == titles[n], (replica, item_id, title)
+            assert torch.allclose(torch.tensor(z), expected_z[n], atol=1e-5), (replica, n)
+    first, second = catalogues.values()
+    assert sorted(i for i, _, _ in first["items"]) == sorted(i for i, _, _ in second["items"])
+
+    # A retried add (same item_id, same item) is answered as the item that exists, stored
+    # once; the same id for another item is refused.
+    item_id = ids[0]
+    again = _post(
+        "/items", {"title": titles[0], "description": "plot number 0", "item_id": item_id}
+    )
+    assert again.status_code == 200 and again.json()["item_id"] == item_id, again.text
+    other = _post("/items", {"title": "Another Film", "item_id": item_id})
+    assert other.status_code == 409 and other.json()["field"] == "item_id"
+    answer = handle.added_items.remote().result()
+    assert [i for i, _, _ in answer["items"]].count(item_id) == 1
+
+
+def _enc_t(stack, texts: list[str]):
+    """enc_T(q) of `texts` through the stack's own Sentence-BERT and text encoder."""
+    import torch
+    from safetensors.torch import load_file
+
+    from allmrec.models.alignment import Autoencoder
+    from allmrec.text_encoder import load_sentence_encoder
+
+    stage1 = stack / "stage1"
+    q = load_sentence_encoder(str(stage1 / "text_encoder")).encode(texts, convert_to_tensor=True)
+    weights = load_file(str(stage1 / "text_autoencoder.safetensors"))
+    latent, dim = weights["encoder.0.weight"].shape
+    text_ae = Autoencoder(dim, latent)
+    text_ae.load_state_dict(weights)
+    with torch.no_grad():
+        return text_ae.eval().encode(q.float().cpu())

@@ -79,8 +79,8 @@ def _probe_in_process(config, run_dir) -> float:
 
     inputs = load_stage2_inputs(run_dir, config)
     torch.manual_seed(config.seed)  # as every worker does before building the model
-    model = build_stage2_model(config, inputs.d_cf, inputs.d_joint).eval()
-    start_readouts(model, inputs)
+    model = build_stage2_model(config, inputs.d_cf, inputs.d_joint, d_text=inputs.d_text).eval()
+    start_readouts(model, inputs, config)
     size = config.stage2.batch_size
     users = _training_users(config, inputs)[:size]
     pairs = training_targets(users, inputs.data, config, epoch=0)[:size]
@@ -239,7 +239,7 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(stack_run,
     assert curve[0]["prompts"] == 0 and curve[-1]["prompts"] == 32
     assert [p["prompts"] for p in curve] == sorted(p["prompts"] for p in curve)
     assert all(0 <= p["valid_hit@1"] <= 1 and "valid_bypass_hit@1" in p for p in curve)
-    assert manifest["readout_fit_error"]["rank"] < 0.2  # g(z_i) starts near e_i
+    assert manifest["readout_start"]["rank_item_map_error"] < 0.2  # g(z_i) starts near e_i
     # partitioned over two workers, the probe batch's listwise loss is the library's own
     assert manifest["probe_loss"] == pytest.approx(_probe_in_process(config, run_dir), rel=1e-4)
     weights = load_file(str(run_dir / "stage2" / "projectors.safetensors"))

@@ -38,8 +38,7 @@ def test_hit_and_ndcg_on_hand_computed_ranks():
 def _data(num_items: int, seen: dict[int, list[int]], test: dict[int, int]):
     return SimpleNamespace(
         num_items=num_items,
-        test=test,
-        valid=test,
+        targets=lambda split: test,
         interacted=lambda user: np.array(seen[user]),
     )
 

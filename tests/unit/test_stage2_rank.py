@@ -188,7 +188,17 @@ def test_training_targets_last_and_sequence():
     from allmrec.data.prepared import PreparedData
 
     train = [np.array([], dtype=np.int64), np.arange(1, 8), np.array([3, 4])]
-    data = PreparedData(None, {}, 2, 10, train, np.zeros(3), np.zeros(3), np.zeros(11))
+    data = PreparedData(
+        None,
+        {},
+        2,
+        10,
+        train,
+        np.zeros(3),
+        np.zeros(3),
+        np.zeros(11),
+        np.array(["", "train", "train"], dtype=object),
+    )
     config = load_config([], ["stage2.examples_per_user=1"])
     assert training_targets(np.array([1, 2]), data, config, epoch=1) == [(1, 6), (2, 1)]
     config = load_config([], ["stage2.examples_per_user=3"])

@@ -113,14 +113,35 @@ def test_record_log_between_replicas(tmp_path, scheme):
     location = str(tmp_path / "log") if scheme == "path" else f"file://{tmp_path / 'log'}"
     first, second = RecordLog(location), RecordLog(location)
     assert second.new_records() == []  # nothing yet, and no directory needed
-    first.append({"item_id": "a"})
-    first.append({"item_id": "b"})
+    assert first.claim("a", {"item_id": "a"}) is None
+    assert first.claim("b", {"item_id": "b"}) is None
     assert first.new_records() == []  # its own records are applied already
-    assert [r["item_id"] for r in second.new_records()] == ["a", "b"]
+    assert sorted(r["item_id"] for r in second.new_records()) == ["a", "b"]
     assert second.new_records() == []
-    second.append({"item_id": "c"})
+    # a key is written once: a second claim gets the record that is there, whoever asks
+    assert second.claim("a", {"item_id": "a", "title": "other"}) == {"item_id": "a"}
+    assert second.claim("c", {"item_id": "c"}) is None
     assert [r["item_id"] for r in first.new_records()] == ["c"]
-    assert [r["item_id"] for r in RecordLog(location).new_records()] == ["a", "b", "c"]
+    assert sorted(r["item_id"] for r in RecordLog(location).new_records()) == ["a", "b", "c"]
+
+
+def test_record_log_claims_race_to_one_winner(tmp_path):
+    """Sixteen threads claim one key at once (as two replicas' threads would): one wins, every
+    other sees the winner's record, and the key holds it alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    location = str(tmp_path / "log")
+
+    def claim(n: int):
+        return RecordLog(location).claim("same", {"writer": n})
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(claim, range(16)))
+    winners = [n for n, r in enumerate(results) if r is None]
+    assert len(winners) == 1
+    assert all(r == {"writer": winners[0]} for r in results if r is not None)
+    assert RecordLog(location).new_records() == [{"writer": winners[0]}]
+    assert len(list((tmp_path / "log").iterdir())) == 1  # no hidden file left behind
 
 
 def test_a_command_on_a_uri_home_pushes_its_log_there(tmp_path, monkeypatch, capfd):

@@ -1,0 +1,143 @@
+"""The paper's scenarios (docs/method.md, section 4): the 35% item split, the users that are
+trained on (cold users held out, the few-shot K), and a text-aware readout that recovers cold
+items from their text where the CF model cannot."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from allmrec.data.prepare import ROLE_COLD, ROLE_TRAIN, ROLE_UNSEEN, popularity_sections, user_roles
+from allmrec.data.prepared import COLD_USER_SPLIT, PreparedData
+
+
+def test_the_35_percent_split_by_training_interactions_with_ties_on_the_boundary():
+    # 10 items: ceil(3.5) = 4 a section. Ranked: 0 1 1 2 | 3 | 5 5 5 8 13.
+    counts = np.array([5, 0, 13, 1, 3, 5, 2, 8, 1, 5])
+    cold, warm, rule = popularity_sections(counts, 0.35)
+    assert rule["cold_max_interactions"] == 2 and rule["warm_min_interactions"] == 5
+    assert np.flatnonzero(cold).tolist() == [1, 3, 6, 8]  # counts 0, 1, 2, 1
+    # the 4th from the top is a 5: every item tied with it is warm too (5 items, not 4)
+    assert np.flatnonzero(warm).tolist() == [0, 2, 5, 7, 9]
+    assert np.flatnonzero(~cold & ~warm).tolist() == [4]  # the middle: the 3
+    # ties at the cold boundary: the 4th from the bottom is a 1, shared by 3 more items
+    cold, warm, rule = popularity_sections(np.array([1, 1, 1, 1, 1, 1, 4, 9, 9, 9]), 0.35)
+    assert cold.tolist() == [True] * 6 + [False] * 4 and rule["cold_max_interactions"] == 1
+    assert warm.tolist() == [False] * 6 + [True] * 4  # the 4th from the top is the 4
+    # all tied: every item is cold, none is both
+    cold, warm, _ = popularity_sections(np.full(6, 7), 0.35)
+    assert cold.all() and not warm.any()
+    # the older label, as a setting: fewer than the threshold cold, the rest warm
+    cold, warm, rule = popularity_sections(counts, 0.35, threshold=3)
+    assert np.flatnonzero(cold).tolist() == [1, 3, 6, 8] and (warm == ~cold).all()
+    assert rule["rule"] == "fewer than 3 training interactions"
+
+
+def test_user_roles_hold_out_seeded_cold_users_and_deal_the_few_shot_k():
+    per_user = np.array([0] + [2] * 10 + [20] * 190)  # users 1..10 have 2 interactions
+    roles = user_roles(per_user, cold_share=0.1, few_shot=None, seed=42)
+    assert roles[0] == "" and (roles[1:] != "").all()
+    cold = np.flatnonzero(roles == ROLE_COLD)
+    assert len(cold) == 20 and cold.min() > 10  # never a user without a third interaction
+    assert (roles[1:] != ROLE_UNSEEN).all()
+    assert (user_roles(per_user, 0.1, None, seed=42) == roles).all()  # seeded
+    assert (user_roles(per_user, 0.1, None, seed=43) != roles).any()
+    k256 = user_roles(per_user, cold_share=0.1, few_shot=50, seed=42)
+    k128 = user_roles(per_user, cold_share=0.1, few_shot=25, seed=42)
+    assert (np.flatnonzero(k256 == ROLE_COLD) == cold).all()  # the same cold users
+    assert (k256 == ROLE_TRAIN).sum() == 50 and (k128 == ROLE_TRAIN).sum() == 25
+    assert set(np.flatnonzero(k128 == ROLE_TRAIN)) <= set(np.flatnonzero(k256 == ROLE_TRAIN))
+    assert (k256 == ROLE_UNSEEN).sum() == 200 - 20 - 50
+    with pytest.raises(ValueError, match="few_shot_users=500"):
+        user_roles(per_user, 0.1, 500, seed=42)
+    with pytest.raises(ValueError, match="cold_user_share=0.99"):
+        user_roles(per_user, 0.99, None, seed=42)
+
+
+def _data(roles: list[str]) -> PreparedData:
+    """Three users of 6 interactions each (train 4, valid, test)."""
+    n = len(roles)
+    train = [np.zeros(0, dtype=np.int64)] + [np.arange(1, 5) + 10 * u for u in range(1, n + 1)]
+    valid = np.array([0] + [5 + 10 * u for u in range(1, n + 1)])
+    test = np.array([0] + [6 + 10 * u for u in range(1, n + 1)])
+    counts = np.zeros(10 * n + 10)
+    return PreparedData(
+        None, {}, n, 10 * n + 9, train, valid, test, counts, np.array(["", *roles], dtype=object)
+    )
+
+
+def test_training_and_evaluated_users_follow_the_roles():
+    data = _data([ROLE_TRAIN, ROLE_COLD, ROLE_TRAIN])
+    # every stage trains on data.training_users(): the held-out cold user is never among them
+    assert data.training_users().tolist() == [1, 3]
+    assert data.eval_users("valid").tolist() == [1, 3]
+    assert data.eval_users("test").tolist() == [1, 3]
+    assert data.eval_users(COLD_USER_SPLIT).tolist() == [2]
+    # a cold user: the first two interactions as history, the third as the target
+    assert data.history(2, COLD_USER_SPLIT).tolist() == [21, 22]
+    assert data.targets(COLD_USER_SPLIT).tolist() == [0, 0, 23, 0]
+    few = _data([ROLE_TRAIN, ROLE_UNSEEN, ROLE_COLD, ROLE_UNSEEN])
+    assert few.few_shot and few.training_users().tolist() == [1]
+    assert few.eval_users("valid").tolist() == [1]  # model selection within the K
+    assert few.eval_users("test").tolist() == [2, 4]  # tested outside the K
+
+
+def test_the_text_aware_readout_recovers_cold_items_the_cf_model_cannot_rank():
+    """A synthetic catalogue: 150 warm items whose CF embeddings carry the users' taste, 150
+    cold ones whose CF embeddings are near zero (seen too rarely to learn); every item's text
+    carries its taste. The user_item_text readout, its gate fitted as Stage 2 fits it
+    (`fit_gate`, before any LLM step), ranks the cold held-out items far better than the CF
+    model, and keeps at least the CF model's level on warm ones."""
+    from allmrec.models.readout import RankReadout, TextInputs
+
+    gen = torch.Generator().manual_seed(0)
+    n_items, d, d_text = 300, 8, 16
+    warm = torch.arange(n_items) < 150
+    counts = torch.where(warm, torch.tensor(200), torch.tensor(3))
+    taste = torch.nn.functional.normalize(torch.randn(n_items, d_text, generator=gen), dim=-1)
+    project = torch.randn(d_text, d, generator=gen) / d_text**0.5
+    e = torch.where(
+        warm[:, None], 0.5 * taste @ project, 0.05 * torch.randn(n_items, d, generator=gen)
+    )
+    q = taste + 0.1 * torch.randn(n_items, d_text, generator=gen)
+
+    def examples(n: int, cold_share: float):
+        users = torch.nn.functional.normalize(torch.randn(n, d_text, generator=gen), dim=-1)
+        affinity = users @ taste.T
+        history = affinity.topk(5, dim=1).indices  # what the user already liked
+        true_cold = torch.rand(n, generator=gen) < cold_share
+        pool = torch.where(true_cold[:, None], ~warm, warm).float()
+        masked = torch.where(pool > 0, affinity, torch.tensor(-9.0))
+        masked.scatter_(1, history, -9.0)
+        true = masked.argmax(dim=1)
+        negatives = torch.stack([torch.randperm(n_items, generator=gen)[:19] for _ in range(n)])
+        candidates = torch.cat([true[:, None], negatives], dim=1)
+        x_u = 4 * users @ project  # the CF model's user vector
+        text = TextInputs(q[history].mean(1), q[candidates], counts[candidates])
+        return x_u, candidates, text, true_cold
+
+    readout = RankReadout("user_item_text", d_llm=4, d_cf=d, d_joint=d, d_text=d_text)
+    readout.fit_item_map(torch.cat([torch.zeros(1, d), e]), torch.cat([torch.zeros(1, d), e]))
+    z = torch.cat([torch.zeros(1, d), e])[1:]  # joint embeddings: here the item path itself
+
+    x_u, candidates, text, _ = examples(600, cold_share=0.3)
+    cf, cosine = readout.path_scores(readout.start_query(x_u, text), z[candidates], text)
+    fitted = readout.fit_gate(cf, cosine, text.counts)
+    assert fitted["gate_loss_after"] < fitted["gate_loss_before"]
+
+    x_u, candidates, text, true_cold = examples(800, cold_share=0.3)
+    with torch.no_grad():
+        ours = readout.item_scores(readout.start_query(x_u, text), z[candidates], text)
+    cf_only = torch.einsum("bd,bcd->bc", x_u, e[candidates])
+    hit_ours = (ours.argmax(dim=1) == 0).float()
+    hit_cf = (cf_only.argmax(dim=1) == 0).float()
+    assert hit_cf[true_cold].mean() < 0.05  # the CF model cannot rank cold items
+    assert hit_ours[true_cold].mean() > hit_cf[true_cold].mean() + 0.15
+    assert hit_ours[~true_cold].mean() >= hit_cf[~true_cold].mean() - 0.02
+    # and at the start (before the fit) the readout is the CF model's ranking
+    fresh = RankReadout("user_item_text", d_llm=4, d_cf=d, d_joint=d, d_text=d_text)
+    fresh.fit_item_map(torch.cat([torch.zeros(1, d), e]), torch.cat([torch.zeros(1, d), e]))
+    with torch.no_grad():
+        start = fresh.item_scores(fresh.start_query(x_u, text), z[candidates], text)
+    assert (start.argmax(dim=1) == cf_only.argmax(dim=1)).float().mean() > 0.97
