@@ -143,7 +143,7 @@ def evaluate_stack(config: Config, run_dir: str | Path | RunStorage) -> dict:
     records = _run_sharded(
         config, run, None, cfg.split, users, rows, True, "evaluate", llm_only_users
     )
-    cold_users = data.eval_users(COLD_USER_SPLIT)
+    cold_users = seeded_users(data.eval_users(COLD_USER_SPLIT), cfg.max_users, config.seed)
     cold_records = None
     if len(cold_users) and cfg.split == "test":
         log.info("evaluating the %d held-out cold users", len(cold_users))

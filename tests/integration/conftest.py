@@ -140,13 +140,13 @@ def tiny_llm(tmp_path_factory):
     return path
 
 
-# The session's Stage 2 (`stack_run`): the rank objective with the user_item readout, as the
-# demo trains it, on the tiny LLM, two workers under ZeRO-3 for two epochs, a worker failing
+# The session's Stage 2 (`stack_run`): the rank objective with the user_item_text readout, as
+# the demo trains it, on the tiny LLM, two workers under ZeRO-3 for two epochs, a worker failing
 # once at the start of the second, the best validation point kept. One Ray Train run is the
 # rank tests' subject and the stack Serve loads (each run costs most of a minute here).
 STACK_SETTINGS = (
     "stage2.objective=rank",
-    "stage2.readout=user_item",
+    "stage2.readout=user_item_text",
     "stage2.readout_layer=1",  # of the tiny LLM's 2 blocks
     "stage2.keep=best",
     "stage2.max_train_users=8",

@@ -54,9 +54,26 @@ def test_movielens_100k_counts_and_splits(ml100k_prepared):
     items = pq.read_table(run_dir / "data" / "items.parquet")
     assert items.num_rows == 1349
     assert items.column("text")[0].as_py() == "Toy Story (1995), Animation Children's Comedy"
-    train_counts = np.bincount(df.loc[df["split"] == "train", "item_idx"], minlength=1350)[1:]
+    # The paper's scenarios: a seeded 10% of the users held out of every training stage (role
+    # "cold"), the others trained on; items count the interactions of the trained users only
+    # and fall into the bottom / top 35% by that count (cold / warm).
+    users = pq.read_table(run_dir / "data" / "users.parquet").to_pandas()
+    assert (users["role"] == "cold").sum() == 94 and (users["role"] == "train").sum() == 849
+    assert counts["users_by_role"] == {"cold": 94, "train": 849}
+    trained = set(users.loc[users["role"] == "train", "user_idx"])
+    rows = df[(df["split"] == "train") & df["user_idx"].isin(trained)]
+    train_counts = np.bincount(rows["item_idx"], minlength=1350)[1:]
     assert np.array_equal(items.column("num_train").to_numpy(), train_counts)
-    assert int(pc.sum(items.column("is_cold")).as_py()) == counts["cold_items"]
+    ranked = np.sort(train_counts)
+    cold_max, warm_min = ranked[int(np.ceil(0.35 * 1349)) - 1], ranked[1349 - 473]
+    assert manifest["item_sections"]["cold_max_interactions"] == cold_max
+    assert manifest["item_sections"]["warm_min_interactions"] == warm_min
+    is_cold = items.column("is_cold").to_numpy(zero_copy_only=False)
+    is_warm = items.column("is_warm").to_numpy(zero_copy_only=False)
+    assert np.array_equal(is_cold, train_counts <= cold_max)
+    assert np.array_equal(is_warm, (train_counts >= warm_min) & ~is_cold)
+    assert 0.35 <= is_cold.mean() < 0.40 and 0.35 <= is_warm.mean() < 0.40
+    assert int(is_cold.sum()) == counts["cold_items"] and int(is_warm.sum()) == counts["warm_items"]
 
     emb = pq.read_table(run_dir / "data" / "item_text_emb.parquet")
     assert emb.num_rows == 1349 and manifest["text_encoder"]["dim"] == 384

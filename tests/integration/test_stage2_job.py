@@ -169,7 +169,6 @@ def test_evaluate_writes_the_table_on_shared_candidates(two_worker_run):
             "evaluate.max_users=8",
             "evaluate.llm_only_max_users=null",
             "evaluate.generation=true",
-            "evaluate.cold_user_max_train=40",
             "evaluate.generation_batch_size=4",
             "evaluate.max_new_tokens=8",
         ],
@@ -181,6 +180,7 @@ def test_evaluate_writes_the_table_on_shared_candidates(two_worker_run):
         "A-LLMRec (generation)",
         "A-LLMRec (likelihood)",
         "CF backbone (sasrec)",
+        "Text (MiniLM)",
         "LLM-only (generation)",
         "LLM-only (likelihood)",
         "Popularity",
@@ -199,15 +199,22 @@ def test_evaluate_writes_the_table_on_shared_candidates(two_worker_run):
     for record in results["records"]:
         assert len(record["candidates"]) == 20 and record["candidates"][0] == record["true_item"]
         assert isinstance(record["generated"]["A-LLMRec (generation)"], str)
-    # Scenarios split the users by the labels.
+    # Sections: the test users by their held-out item's label (cold, warm, or the middle in
+    # neither), and the held-out cold users, a seeded 8 of them, on their third interaction.
     tables = results["tables"]
-    assert (
-        tables["warm items"]["Random"]["users"]
-        + tables["cold items"].get("Random", {}).get("users", 0)
-        == 8
-    )
+    for section, label in (("warm items", "warm_item"), ("cold items", "cold_item")):
+        labelled = sum(r[label] for r in results["records"])
+        assert tables[section].get("Random", {}).get("users", 0) == labelled
+        assert all(data.roles[r["user"]] == "train" for r in results["records"])
+    cold_users = results["cold_user_records"]
+    assert len(cold_users) == 8 and tables["cold users"]["Random"]["users"] == 8
+    for record in cold_users:
+        assert data.roles[record["user"]] == "cold"
+        assert record["true_item"] == data.sequence(record["user"])[2]
     markdown = (run_dir / "eval" / "results.md").read_text()
     assert "## all users (8 users)" in markdown and "| A-LLMRec (likelihood) |" in markdown
+    assert "## cold users (8 users)" in markdown and "their third interaction" in markdown
+    assert "at most " in markdown and "bottom 35% of items by count" in markdown
     assert (run_dir / "eval" / "results.png").stat().st_size > 1000
     assert manifest["users"] == 8
 
@@ -230,7 +237,7 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(stack_run,
     run_dir = stack_run
     manifest = json.loads((run_dir / "stage2" / "manifest.json").read_text())
     config = Config.model_validate(manifest["config"])  # what the run was trained with
-    assert manifest["objective"] == "rank" and manifest["readout"]["kind"] == "user_item"
+    assert manifest["objective"] == "rank" and manifest["readout"]["kind"] == "user_item_text"
     assert manifest["metrics"]["llm_local_param_share"] == pytest.approx(0.5, abs=0.02)
     assert manifest["resumed_from"] == [[1, 0]] and manifest["epochs_run"] == 2
     # 8 users x 2 examples x 2 epochs; validation before training, within and after epochs.
@@ -288,20 +295,27 @@ def test_evaluate_a_rank_stack_rows_catalogue_and_paired_intervals(stack_run):
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     table = results["tables"]["all users"]
     assert list(table) == [
+        "A-LLMRec (SBERT)",
         "A-LLMRec (rank)",
         "A-LLMRec (rank, LLM bypassed)",
         "CF backbone (sasrec)",
+        "Text (MiniLM)",
         "LLM-only (likelihood)",
         "Popularity",
         "Random",
     ]
     assert table["LLM-only (likelihood)"]["users"] == 4 and table["Random"]["users"] == 8
-    for row in ("A-LLMRec (rank)", "A-LLMRec (rank, LLM bypassed)", "CF backbone (sasrec)"):
+    scored = ("A-LLMRec (rank)", "A-LLMRec (rank, LLM bypassed)", "A-LLMRec (SBERT)")
+    for row in (*scored, "CF backbone (sasrec)", "Text (MiniLM)"):
         assert 0 <= table[row]["full_hit@10"] <= 1 and "full_ndcg@10" in table[row]
     assert "full_hit@10" not in table["Random"]
+    # the SBERT row is the same stack over z_i = enc_T(q_i): other scores than the item path's
+    records = results["records"]
+    assert any(r["ranks"]["A-LLMRec (SBERT)"] != r["ranks"]["A-LLMRec (rank)"] for r in records)
     pairs = results["differences"]["all users"]
     assert [(d["row"], d["baseline"]) for d in pairs] == [
         ("A-LLMRec (rank)", "CF backbone (sasrec)"),
+        ("A-LLMRec (rank)", "Text (MiniLM)"),
         ("A-LLMRec (rank)", "A-LLMRec (rank, LLM bypassed)"),
     ]
     assert all(d["low"] <= d["difference"] <= d["high"] and d["users"] == 8 for d in pairs)
@@ -313,42 +327,79 @@ def test_evaluate_a_rank_stack_rows_catalogue_and_paired_intervals(stack_run):
     assert "seeded subset of 4 of the users" in markdown
 
 
-@pytest.mark.slow
-def test_evaluate_few_shot_and_cross_domain_sections(two_worker_run, stack_run, other_stage1_run):
-    """Few-shot: another run's Stage 2 (here the generate run's) on this run's users;
-    cross-domain: this run's Stage 2 (the session's rank stack) on another run's CF and
-    Stage 1 outputs (here the session's other Stage 1: two workers, a fine-tuned encoder).
-    Both other runs really differ, so ignoring either one fails. (The rank stack is the one
-    evaluated cross-domain because its readout reads the item vectors directly: the tiny
-    random LLM's likelihood of the titles ranked 8 users the same over either Stage 1.)"""
-    from allmrec.distributed.evaluate import evaluate_stack
+@pytest.fixture(scope="module")
+def every_item_data(ray_local, tmp_path_factory):
+    """MovieLens-100K prepared again with every item kept (no 5-core on items): another
+    catalogue (333 items the session's stack never saw, other ids for the rest) and the same
+    users under other roles: the cross-domain section's target."""
+    from allmrec.distributed.data_pipeline import prepare_data
 
-    run_dir = stack_run
-    few_shot, _ = two_worker_run
-    other = other_stage1_run
+    run_dir = tmp_path_factory.mktemp("every-item") / "run"
+    config = load_config(["configs/ml-100k-cpu.yaml"], ["data.min_item_interactions=1", "seed=7"])
+    prepare_data(config, run_dir)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_cross_domain_recommends_for_another_catalogue_with_no_training_there(
+    stack_run, every_item_data
+):
+    """The session's stack recommends for the users of another prepared data set: items
+    matched by title take the stack's CF and joint embeddings, the others enter by their text
+    alone (z = enc_T(q)); x_u is the stack's CF model over the matched history."""
+    import torch
+
+    from allmrec.data.prepared import load_prepared
+    from allmrec.distributed.evaluate import evaluate_stack
+    from allmrec.training.stage2 import load_trained_stage2
+    from allmrec.transfer import match_items, transferred_inputs
+
+    mapping = match_items(stack_run, every_item_data)
+    matched = mapping > 0
+    # ML-100K's 1,682 items: the stack's 1,349 by title (and a few duplicated titles), the
+    # rest new to it
+    assert matched[1:].sum() >= 1349 and (~matched[1:]).sum() >= 300
+    _, source = load_trained_stage2(stack_run)
+    inputs = transferred_inputs(stack_run, source, every_item_data, "{title}")
+    rows = torch.as_tensor(mapping)
+    assert torch.equal(inputs.z[matched], source.z[rows[matched]])
+    assert torch.equal(inputs.counts[matched], source.counts[rows[matched]])
+    unmatched = np.flatnonzero(~matched[1:]) + 1
+    assert (inputs.counts[unmatched] == 0).all() and set(inputs.z_source[unmatched]) == {"text"}
+    assert torch.allclose(inputs.z[unmatched], inputs.z_text[unmatched])
+    assert not torch.allclose(inputs.z[unmatched], torch.zeros_like(inputs.z[unmatched]))
+    target = load_prepared(every_item_data)
+    user = int(target.eval_users("test")[0])
+    history = target.history(user, "test")
+    in_source = torch.as_tensor(mapping[history][mapping[history] > 0])
+    max_len = source.cf_model.config.max_len
+    with torch.no_grad():
+        direct = source.cf_model.user_representation(
+            torch.tensor([user]),
+            torch.nn.functional.pad(in_source, (max_len - len(in_source), 0))[None],
+        )
+        mapped = inputs.cf_model.user_representation(
+            torch.tensor([user]),
+            torch.nn.functional.pad(torch.as_tensor(history), (max_len - len(history), 0))[None],
+        )
+    assert torch.allclose(direct, mapped)
+
     overrides = [
         "evaluate.max_users=8",
         "evaluate.generation=false",
         "evaluate.llm_only=false",
+        f"evaluate.cross_domain=[{every_item_data}]",
     ]
-    sections = [f"evaluate.few_shot=[{few_shot}]", f"evaluate.cross_domain=[{other}]"]
-    evaluate_stack(load_config(["configs/ml-100k-cpu.yaml"], overrides + sections), run_dir)
-    results = json.loads((run_dir / "eval" / "results.json").read_text())
-    few = next(v for k, v in results["sections"].items() if k.startswith("few-shot"))
-    cross = next(v for k, v in results["sections"].items() if k.startswith("cross-domain"))
-    own = results["records"]
-    assert [r["user"] for r in few] == [r["user"] for r in own] == [r["user"] for r in cross]
-
-    # Few-shot: the generate run's projectors, exactly as that run ranks these users itself.
-    evaluate_stack(load_config(["configs/ml-100k-cpu.yaml"], overrides), few_shot)
-    its_own = json.loads((few_shot / "eval" / "results.json").read_text())["records"]
-    rows = list(few[0]["ranks"])
-    assert rows == ["A-LLMRec (likelihood)"]
-    assert [r["ranks"] for r in few] == [{k: r["ranks"][k] for k in rows} for r in its_own]
-
-    # Cross-domain: this run's readout over the other Stage 1's item embeddings ranks
-    # differently; the rows that do not read Stage 1 (the CF model, popularity) do not change.
-    row = "A-LLMRec (rank)"
-    assert [r["ranks"][row] for r in cross] != [r["ranks"][row] for r in own]
-    for baseline in ("CF backbone (sasrec)", "Popularity"):
-        assert [r["ranks"][baseline] for r in cross] == [r["ranks"][baseline] for r in own]
+    evaluate_stack(load_config(["configs/ml-100k-cpu.yaml"], overrides), stack_run)
+    results = json.loads((stack_run / "eval" / "results.json").read_text())
+    [(name, cross)] = results["sections"].items()
+    assert name.startswith("cross-domain") and len(cross) == 8
+    assert all(target.roles[r["user"]] == "train" for r in cross)
+    assert {"A-LLMRec (rank)", "A-LLMRec (SBERT)", "CF backbone (sasrec)", "Text (MiniLM)"} <= set(
+        results["tables"][name]
+    )
+    assert "with no training on them" in results["definitions"][name]
+    # the rows rank the target's own candidates: its items, its users' held-out ones
+    for record in cross:
+        assert record["true_item"] == target.test[record["user"]]
+        assert max(record["candidates"]) <= target.num_items
