@@ -393,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     verbose = getattr(args, "verbose", False)
     if verbose:
         os.environ.setdefault("ALLMREC_RAY_TRAIN_LOG_LEVEL", "INFO")
-    with quiet_console(verbose):
+    # `allmrec demo` serves for one request: Serve's access lines belong in its log file
+    with quiet_console(verbose, access_log=args.func is not _cmd_demo):
         setup_logging(verbose)
         try:
             with command_lifetime():

@@ -30,7 +30,9 @@ _FORWARDED = re.compile(
     r"|monitor)(?:, ip=[\w.:-]+)?\)(?:\x1b\[0m)? ?"
 )
 _ANSI = re.compile(r"\x1b\[[\d;]*m")
-_OURS_FROM_WORKERS = re.compile(r"^\[(?:cf|stage1|stage2|data|evaluate)[\] ]|^[\d\- :,.]+allmrec\.")
+_OURS_FROM_WORKERS = re.compile(
+    r"^\[(?:cf|stage1|stage2|data|evaluate|tune)[\] ]|^[\d\- :,.]+(?:[A-Z]+ )?allmrec\."
+)
 # Serve's access log of a request to allmrec's app: what an operator of `allmrec serve` watches
 _ACCESS = re.compile(r" allmrec_\w+ .* -- (?:GET|POST|PUT|PATCH|DELETE) /\S* \d{3} ")
 # A log record in the driver's format (allmrec.cli.setup_logging): "12:00:01 INFO name: ..."
@@ -53,14 +55,17 @@ _DEEPSPEED_RECORD = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\] \[(?P<l
 _PROGRESS_BAR = re.compile(r"\d+%\|.*\| *\d+/\d+ \[")
 
 
-def shown_on_terminal(line: str) -> str | None:
+def shown_on_terminal(line: str, access_log: bool = True) -> str | None:
     """The line as the terminal shows it by default (a worker's line without Ray's prefix),
-    or None for a line that only goes to the log file."""
+    or None for a line that only goes to the log file. `access_log`: Serve's access lines of
+    allmrec's app are shown (`allmrec serve`, as uvicorn does), else only logged (`demo`)."""
     forwarded = _FORWARDED.match(line)
     if forwarded:
         payload = line[forwarded.end() :]
         plain = _ANSI.sub("", payload)
-        return payload if _OURS_FROM_WORKERS.search(plain) or _ACCESS.search(plain) else None
+        if _ACCESS.search(plain):
+            return payload if access_log else None
+        return payload if _OURS_FROM_WORKERS.search(plain) else None
     cpp = _CPP_RECORD.match(line)
     if cpp:
         return line if cpp["level"] == "F" else None
@@ -76,7 +81,7 @@ def shown_on_terminal(line: str) -> str | None:
     ray_record = _RAY_RECORD.match(line)
     if ray_record:
         level = ray_record["level"] or ray_record["serve_level"]
-        return line if level in _LOUD or _ACCESS.search(line) else None
+        return line if level in _LOUD or (access_log and _ACCESS.search(line)) else None
     return line
 
 
@@ -117,8 +122,9 @@ class _Log:
 class _FilteredStream(io.TextIOBase):
     """A text stream that writes whole lines to the log and the chosen ones to `target`."""
 
-    def __init__(self, target, log: _Log, verbose: bool) -> None:
+    def __init__(self, target, log: _Log, verbose: bool, access_log: bool = True) -> None:
         self.target, self.log, self.verbose = target, log, verbose
+        self.access_log = access_log
         self.pending = ""
         self.passthrough = False  # after the command: straight to `target`
         self.lock = threading.Lock()
@@ -138,7 +144,7 @@ class _FilteredStream(io.TextIOBase):
 
     def _emit(self, line: str) -> None:
         self.log.write(line)
-        shown = line if self.verbose else shown_on_terminal(line)
+        shown = line if self.verbose else shown_on_terminal(line, self.access_log)
         if shown is not None:
             self.target.write(shown)
 
@@ -208,16 +214,17 @@ def _on_descriptor_2(stream) -> bool:
 
 
 @contextmanager
-def quiet_console(verbose: bool = False) -> Iterator[None]:
-    """Filter this process's stdout and stderr for the block (see the module docstring)."""
+def quiet_console(verbose: bool = False, access_log: bool = True) -> Iterator[None]:
+    """Filter this process's stdout and stderr for the block (see the module docstring);
+    `access_log` False keeps Serve's access lines off the terminal (`shown_on_terminal`)."""
     try:
         descriptor = _Descriptor2()
     except OSError:  # no descriptor 2 (a detached process): Python's stream alone
         descriptor = None
-    out = _FilteredStream(sys.stdout, _log, verbose)
+    out = _FilteredStream(sys.stdout, _log, verbose, access_log)
     # sys.stderr itself, unless it writes to descriptor 2 (the pipe now): then the copy
     terminal = descriptor.terminal if descriptor and _on_descriptor_2(sys.stderr) else sys.stderr
-    err = _FilteredStream(terminal, _log, verbose)
+    err = _FilteredStream(terminal, _log, verbose, access_log)
     saved = sys.stdout, sys.stderr
     sys.stderr.flush()
     if descriptor is not None:

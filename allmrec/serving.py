@@ -204,15 +204,18 @@ class StackRecommender:
             shown = history[-max_history:] if max_history else []
             needed = sorted(set(shown) | set(candidates))
             seed = user or int(hashlib.sha256(str(history).encode()).hexdigest()[:8], 16)
+            rows = torch.as_tensor(needed, dtype=torch.long)
             return {
                 "history": shown,
                 "candidates": candidates,
                 "titles": {i: self.titles[i] for i in needed},
                 "item_ids": {i: self.item_ids[i] for i in candidates},
-                "z": {i: self.z[i].tolist() for i in needed},
-                "q": {i: self.q[i].tolist() for i in needed},
+                # arrays, not lists of floats: Ray moves them as buffers, not element by element
+                "items": needed,
+                "z": self.z[rows].numpy(),
+                "q": self.q[rows].numpy(),
                 "counts": {i: self.counts[i] for i in candidates},
-                "x_u": x_u.tolist(),
+                "x_u": x_u.numpy(),
                 "history_all": history,
                 "k": request.k,
                 "mode": request.mode,
@@ -351,21 +354,24 @@ def model_version(run_dir: Path, stage2_manifest: dict) -> str:
 class StackLLM:
     """The frozen LLM with `run_dir`'s trained projectors."""
 
-    def __init__(self, run_dir: str | Path, device: str = "cpu") -> None:
+    def __init__(self, run_dir: str | Path, device: str = "cpu", dtype: str | None = None) -> None:
         from allmrec.training.stage2 import load_projected_llm
 
-        self.model, self.config = load_projected_llm(Path(run_dir), device)
+        self.model, self.config = load_projected_llm(Path(run_dir), device, dtype)
 
     def _example(self, req: dict) -> Stage2Example:
         titles = {int(k): v for k, v in req["titles"].items()}
-        z = {int(k): torch.tensor(v) for k, v in req["z"].items()}
-        q = {int(k): torch.tensor(v) for k, v in req["q"].items()}
+        z_rows, q_rows = torch.as_tensor(req["z"]), torch.as_tensor(req["q"])
+        z = {int(i): z_rows[n] for n, i in enumerate(req["items"])}
+        q = {int(i): q_rows[n] for n, i in enumerate(req["items"])}
         counts = {int(k): int(v) for k, v in req["counts"].items()}
         order = shuffle_candidates(req["candidates"], int(req["shuffle_seed"]))
         prompt = build_prompt(
             req["history"], order, titles, self.config.data.domain, self.config.stage2.max_history
         )
-        return Stage2Example(prompt, torch.tensor(req["x_u"]), z, item_text=q, item_counts=counts)
+        return Stage2Example(
+            prompt, torch.as_tensor(req["x_u"]), z, item_text=q, item_counts=counts
+        )
 
     def answer(self, requests: list[dict], max_new_tokens: int = 24) -> list[dict]:
         """Ranked items (and generated text, and the readout's user vector) for each request;

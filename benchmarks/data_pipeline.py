@@ -162,6 +162,9 @@ def _items_table(
     records = meta.to_dict("records")
     texts = [prepare.item_text(r, cfg.text_template) for r in records]
     extras = [c for c in meta.columns if c not in ("title", "description")]
+    cold, warm, _ = prepare.popularity_sections(
+        train_counts[1:], cfg.cold_item_share, cfg.cold_item_threshold
+    )
     table = pa.table(
         {
             "item_idx": np.arange(1, len(item_order) + 1, dtype=np.int32),
@@ -170,7 +173,8 @@ def _items_table(
             "description": [r["description"] or "No Description" for r in records],
             "text": texts,
             "num_train": train_counts[1:].astype(np.int32),
-            "is_cold": train_counts[1:] < cfg.cold_item_threshold,
+            "is_cold": cold,
+            "is_warm": warm,
         },
         schema=ITEMS_SCHEMA,
     )
@@ -226,7 +230,12 @@ def prepare_with_pandas(config: Config, out_dir: Path) -> PandasResult:
     )
     laps("transform")
 
-    train = inter["item_idx"].to_numpy()[inter["split"].to_numpy() == "train"]
+    # the users every stage trains on (a seeded share held out as cold users, the few-shot K)
+    per_user = np.bincount(inter["user_idx"].to_numpy())
+    roles = prepare.user_roles(per_user, cfg.cold_user_share, cfg.few_shot_users, config.seed)
+    is_train = inter["split"].to_numpy() == "train"
+    trained = roles[inter["user_idx"].to_numpy()] == prepare.ROLE_TRAIN
+    train = inter["item_idx"].to_numpy()[is_train & trained]
     items_table = _items_table(
         source, cfg, item_order, np.bincount(train, minlength=len(item_order) + 1)
     )

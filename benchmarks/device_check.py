@@ -450,6 +450,10 @@ def run(args: argparse.Namespace) -> dict:
         zero3_step(llm, tok, device, dtype, 1) if args.zero3 else {"skipped": "--no-zero3"}
     )
     report["tiny_llama"]["speed"] = speed(llm, tok, device, dtype, 1, 4, 2, peak)
+    if cpu:  # the bf16 path on CPU too: a bf16 LLM under fp32 projectors and readout
+        report["tiny_llama_bf16"] = {
+            "correctness": correctness(llm.to(torch.bfloat16), tok, device, torch.bfloat16, 1)
+        }
     if not cpu:
         big, tok = opt_6_7b_shaped(copy.deepcopy(tokenizer), device, dtype, args.layers)
         add_special_tokens(big, tok)
@@ -464,9 +468,11 @@ def run(args: argparse.Namespace) -> dict:
                 big, tok, device, dtype, args.readout_layer
             )
     report["seconds"] = time.perf_counter() - started
-    checks = [report["tiny_llama"]["correctness"]["passed"]]
-    if "opt_6_7b_shaped" in report:
-        checks.append(report["opt_6_7b_shaped"]["correctness"]["passed"])
+    checks = [
+        report[model]["correctness"]["passed"]
+        for model in ("tiny_llama", "tiny_llama_bf16", "opt_6_7b_shaped")
+        if model in report
+    ]
     for model in ("tiny_llama", "opt_6_7b_shaped"):
         zero = report.get(model, {}).get("zero3", {})
         if "equal_to_plain" in zero:
@@ -486,7 +492,7 @@ def table(report: dict) -> str:
     rows = [("device", report["device"]), ("dtype", report["dtype"])]
     for kind, tflops in report["matmul_peak_tflops"].items():
         rows.append((f"matmul peak {kind}", f"{tflops:.2f} TFLOP/s"))
-    for model in ("tiny_llama", "opt_6_7b_shaped"):
+    for model in ("tiny_llama", "tiny_llama_bf16", "opt_6_7b_shaped"):
         if model not in report:
             continue
         part = report[model]

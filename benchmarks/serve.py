@@ -1,16 +1,19 @@
-"""Ray Serve on loopback: batching against batch size 1, and Serve's overhead against calling
-the same model in-process, measured in one run.
+"""Ray Serve's rank path on loopback against this machine's compute floor, in one run.
 
-1. In process: `StackRecommender.llm_request` + `StackLLM.answer` for the same requests, one at
-   a time (the floor: no HTTP, no handles, no batching).
-2. Serve with the LLM deployment's `@serve.batch` at max batch size 1, then at `--batch`
-   (one replica each, so only batching differs): `--clients` concurrent HTTP clients send
-   `--requests` requests; p50 / p99 latency and requests/s.
-3. Serve, one client at a time (batch `--batch`): its p50 against the in-process time is
-   Serve's overhead (HTTP, proxy, ingress, two handle calls).
+1. The machine: the fp32 matmul peak on `--threads` threads (and bf16's, for reference),
+   measured here, now.
+2. The floor: a rank request is one forward pass of its prompt through the blocks the readout
+   reads (`stage2.readout_layer`); 2 x their parameters x the prompt's tokens FLOPs at the
+   measured peak is the least time a request can take on this machine, and its inverse the
+   most requests/s. The same request in-process (no HTTP, no Ray) is timed beside it.
+3. Serve with `serve_app/config.yaml`'s deployments and arguments, one replica each (so only
+   the code differs between runs, never the scale): POST /recommend `{"user_id", "k": 10}`
+   (the default path: the whole catalogue ranked by the readout) from 1 client, then from
+   `--clients` concurrent clients; p50 / p99 latency, requests/s, errors.
+4. The generate mode (the paper's protocol) from `--clients` clients, for reference.
 
-Printed ratios: requests/s batched over unbatched; Serve p50 (one client) over in-process.
-The mode is `generate` (the paper's protocol), where requests share one batched generation.
+Printed: one table and the ratio of the `--clients`-client requests/s to the floor's, with
+the goals of issue 27 (>= 6 requests/s and p99 <= 2 s at 8 clients, p50 <= 0.2 s alone).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/serve.py --run-dir runs/ml-100k-cpu
 """
@@ -30,96 +33,163 @@ PORT = 18555
 
 
 def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def _run_load(bodies: list[dict], clients: int) -> tuple[list[float], float]:
+def _load(bodies: list[dict], clients: int) -> dict:
     url = f"http://127.0.0.1:{PORT}/recommend"
 
-    def one(body: dict) -> float:
+    def one(body: dict) -> float | None:
         started = time.perf_counter()
-        response = requests.post(url, json=body, timeout=600)
-        response.raise_for_status()
-        return time.perf_counter() - started
+        try:
+            response = requests.post(url, json=body, timeout=600)
+        except requests.RequestException:
+            return None
+        return time.perf_counter() - started if response.status_code == 200 else None
 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        latencies = list(pool.map(one, bodies))
-    return latencies, len(bodies) / (time.perf_counter() - started)
+        results = list(pool.map(one, bodies))
+    seconds = time.perf_counter() - started
+    latencies = [r for r in results if r is not None]
+    return {
+        "clients": clients,
+        "requests": len(bodies),
+        "p50_s": _percentile(latencies, 50),
+        "p99_s": _percentile(latencies, 99),
+        "requests_per_s": len(latencies) / seconds,
+        "errors": len(results) - len(latencies),
+    }
 
 
-def _serve(run_dir: Path, batch: int) -> None:
+def matmul_peak(threads: int, dtype, n: int = 2048, repeats: int = 10) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - started)
+
+
+def floor(run_dir: Path, body: dict, threads: int, peak: float) -> dict:
+    """FLOPs of one rank request, its time at the peak, and the same request in-process."""
+    import torch
+
+    from allmrec.api import RecommendRequest
+    from allmrec.llm import decoder_layers
+    from allmrec.serving import StackLLM, StackRecommender
+
+    torch.set_num_threads(threads)
+    recommender, llm = StackRecommender(run_dir), StackLLM(run_dir)
+    prepared = recommender.llm_request(RecommendRequest(**body))
+    batch = llm.model.collate([llm._example(prepared)])
+    tokens = int(batch.attention_mask.sum())
+    _, _, blocks = decoder_layers(llm.model.llm)
+    layer = llm.model.readout_layer or len(blocks)
+    params = sum(p.numel() for block in list(blocks)[:layer] for p in block.parameters())
+    flops = 2 * params * tokens
+    times = []
+    with torch.no_grad():
+        for _ in range(6):
+            started = time.perf_counter()
+            llm.answer([recommender.llm_request(RecommendRequest(**body))])
+            times.append(time.perf_counter() - started)
+    return {
+        "tokens": tokens,
+        "blocks": layer,
+        "gflop_per_request": flops / 1e9,
+        "floor_s": flops / peak,
+        "floor_requests_per_s": peak / flops,
+        "in_process_p50_s": statistics.median(times[1:]),
+    }
+
+
+def serve_up(run_dir: Path, overrides: list[str]) -> None:
+    import yaml
+
     from allmrec.distributed.serve_launch import load_serve_config, start
 
     config = load_serve_config(run_dir=run_dir, port=PORT)
     app = config["applications"][0]
-    app["args"]["max_batch_size"] = batch
     app["args"]["token_env"] = "ALLMREC_BENCHMARK_NO_TOKEN"
-    app["deployments"] = [
-        {"name": "Ingress", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}},
-        {"name": "Recommender", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}},
-        {
-            "name": "LLM",
-            "num_replicas": 1,
-            "max_ongoing_requests": 64,
-            "ray_actor_options": {"num_cpus": 1},
-        },
-    ]
+    for text in overrides:  # e.g. llm_dtype=bfloat16: what one change buys, measured
+        key, value = text.split("=", 1)
+        app["args"][key] = yaml.safe_load(value)
+    app["logging_config"] = {"enable_access_log": False}
+    for deployment in app["deployments"]:  # one replica each: the code is measured, not scale
+        deployment.pop("autoscaling_config", None)
+        deployment["num_replicas"] = 1
     start(config, timeout_s=600)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run-dir", type=Path, required=True)
-    parser.add_argument("--requests", type=int, default=24)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=48, help="sent by the clients")
+    parser.add_argument("--single", type=int, default=10, help="sent by one client")
+    parser.add_argument("--threads", type=int, default=2, help="for the peak and the floor")
+    parser.add_argument("--no-generate", dest="generate", action="store_false")
+    parser.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an argument of the Serve config's app (llm_threads=1, llm_dtype=bfloat16)",
+    )
     args = parser.parse_args()
 
     import torch
     from ray import serve
 
-    from allmrec.api import RecommendRequest
     from allmrec.config import RayConfig
     from allmrec.distributed.runtime import init_ray
-    from allmrec.serving import StackLLM, StackRecommender
 
-    users = [str(u) for u in range(1, args.requests + 1)]
-    bodies = [{"user_id": u, "mode": "generate", "k": 5} for u in users]
-
-    torch.set_num_threads(args.threads)
-    recommender, llm = StackRecommender(args.run_dir), StackLLM(args.run_dir)
-    in_process = []
-    for body in bodies[: max(4, args.requests // 3)]:
-        started = time.perf_counter()
-        llm.answer([recommender.llm_request(RecommendRequest(**body))])
-        in_process.append(time.perf_counter() - started)
-    del recommender, llm
-    base = statistics.median(in_process)
-    print(f"in process: p50 {base * 1000:.0f} ms a request ({len(in_process)} requests)")
+    peak = matmul_peak(args.threads, torch.float32)
+    peak_bf16 = matmul_peak(args.threads, torch.bfloat16)
+    rank = [{"user_id": str(u), "k": 10} for u in range(1, args.requests + args.single + 2)]
+    base = floor(args.run_dir, rank[0], args.threads, peak)
+    print(
+        f"machine: fp32 matmul peak {peak / 1e9:.0f} GFLOP/s on {args.threads} threads "
+        f"(bf16 {peak_bf16 / 1e9:.0f}); a rank request: {base['tokens']} tokens through "
+        f"{base['blocks']} blocks, {base['gflop_per_request']:.1f} GFLOP: floor "
+        f"{base['floor_s'] * 1000:.0f} ms, {base['floor_requests_per_s']:.1f} requests/s; "
+        f"in process {base['in_process_p50_s'] * 1000:.0f} ms"
+    )
 
     init_ray(RayConfig(object_store_gb=2.0))
-    results = {}
-    for batch in (1, args.batch):
-        _serve(args.run_dir, batch)
-        _run_load(bodies[:2], 2)  # warm-up
-        latencies, rate = _run_load(bodies, args.clients)
-        results[batch] = (latencies, rate)
-        print(
-            f"serve, max batch {batch}, {args.clients} clients: p50 "
-            f"{_percentile(latencies, 50) * 1000:.0f} ms, p99 "
-            f"{_percentile(latencies, 99) * 1000:.0f} ms, {rate:.2f} requests/s"
-        )
-        if batch == args.batch:
-            single, _ = _run_load(bodies[: max(4, args.requests // 3)], 1)
-            serve_p50 = _percentile(single, 50)
-            print(f"serve, one client: p50 {serve_p50 * 1000:.0f} ms")
-        serve.shutdown()
-    print(
-        f"ratio: requests/s with batching / without = {results[args.batch][1] / results[1][1]:.2f}"
+    serve_up(args.run_dir, args.arg)
+    _load(rank[-2:], 2)  # warm-up
+    rows = {"rank, 1 client": _load(rank[: args.single], 1)}
+    rows[f"rank, {args.clients} clients"] = _load(
+        rank[args.single : args.single + args.requests], args.clients
     )
-    print(f"ratio: Serve p50 (one client) / in-process p50 = {serve_p50 / base:.2f}")
+    if args.generate:
+        bodies = [{"user_id": str(u), "mode": "generate", "k": 5} for u in range(1, 25)]
+        rows[f"generate, {args.clients} clients"] = _load(bodies, args.clients)
+    serve.shutdown()
+
+    print("| load | p50 | p99 | requests/s | errors |")
+    print("|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(
+            f"| {name}, {r['requests']} requests | {r['p50_s']:.2f} s | {r['p99_s']:.2f} s | "
+            f"{r['requests_per_s']:.2f} | {r['errors']} |"
+        )
+    many = rows[f"rank, {args.clients} clients"]
+    one = rows["rank, 1 client"]
+    share = many["requests_per_s"] / base["floor_requests_per_s"]
+    print(
+        f"ratio: {args.clients}-client requests/s / the floor's = {share:.2f}; goals: "
+        f">= 6 requests/s {'met' if many['requests_per_s'] >= 6 else 'NOT met'}, p99 <= 2 s "
+        f"{'met' if many['p99_s'] <= 2 else 'NOT met'}, one client p50 <= 0.2 s "
+        f"{'met' if one['p50_s'] <= 0.2 else 'NOT met'}, no errors "
+        f"{'met' if not (many['errors'] or one['errors']) else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

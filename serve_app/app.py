@@ -21,6 +21,7 @@ import os
 import threading
 import time
 import uuid
+from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -134,18 +135,38 @@ class Recommender:
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
 class LLM:
-    def __init__(self, run_dir: str, max_new_tokens: int, max_batch_size: int) -> None:
+    def __init__(
+        self,
+        run_dir: str,
+        max_new_tokens: int,
+        max_batch_size: int,
+        batch_wait_s: float,
+        threads: int | None,
+        dtype: str,
+    ) -> None:
         import torch
 
+        if threads:
+            # Ray gives an actor of under one CPU a single OpenMP thread; the LLM's forward
+            # pass is the service's cost, and one pass of a batch uses the threads it is given.
+            torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.core = StackLLM(RunStorage.open(run_dir).pull(*STACK), device)
+        stack = RunStorage.open(run_dir).pull(*STACK)
+        self.core = StackLLM(stack, device, None if dtype == "trained" else dtype)
         self.max_new_tokens = max_new_tokens
         self.answer.set_max_batch_size(max_batch_size)
+        self.answer.set_batch_wait_timeout_s(batch_wait_s)
+        self.largest_batch = 0  # since this replica began: for an operator, or a test
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def answer(self, requests: list[dict]) -> list[dict]:
-        # The forward passes run in a thread: the replica keeps accepting requests meanwhile.
+        # The forward passes run in a thread: the replica keeps accepting requests meanwhile,
+        # and the requests that arrive during one pass make the next batch.
+        self.largest_batch = max(self.largest_batch, len(requests))
         return await asyncio.to_thread(self.core.answer, requests, self.max_new_tokens)
+
+    def batches(self) -> dict:
+        return {"largest_batch": self.largest_batch}
 
     def ready(self) -> bool:
         return True
@@ -217,6 +238,7 @@ class Ingress:
     ) -> None:
         self.recommender, self.llm = recommender, llm
         self.retried_calls = 0  # calls whose replica died under them, since this replica began
+        self.model_version: str | None = None  # the stack's: fixed for the app's lifetime
         api.state.max_body_bytes = max_body_bytes
         api.state.token = os.environ.get(token_env, "")
 
@@ -269,11 +291,13 @@ class Ingress:
                 )
                 for i, score in answer["items"][: request.k]
             ]
+        if self.model_version is None:  # asked once: one handle call fewer a request
+            self.model_version = await self._call(self.recommender, "version")
         return RecommendResponse(
             items=items,
             generated=answer.get("generated"),
             candidates_from=source,
-            model_version=await self._call(self.recommender, "version"),
+            model_version=self.model_version,
             seconds=round(time.perf_counter() - started, 4),
         )
 
@@ -335,6 +359,18 @@ class AppArgs(BaseModel):
     shortlist: int = Field(Limits.shortlist, ge=1, description="retrieved when none are given")
     max_new_tokens: int = Field(24, ge=1, description="generate mode's answer length")
     max_batch_size: int = Field(8, ge=1, description="@serve.batch of the LLM deployment")
+    batch_wait_s: float = Field(
+        0.01, ge=0, description="@serve.batch: how long a batch waits for more requests"
+    )
+    llm_threads: int | None = Field(
+        None, ge=1, description="torch threads of an LLM replica (None: Ray's, 1 below a CPU)"
+    )
+    llm_dtype: Literal["trained", "float32", "bfloat16"] = Field(
+        "trained",
+        description="the LLM's dtype in an LLM replica: the one Stage 2 trained in, or another "
+        "(bf16 runs several times faster on CPUs with bf16 instructions; scores move in the "
+        "third digit)",
+    )
     max_body_bytes: int = Field(65536, ge=1)
     token_env: str = Field(TOKEN_ENV, description="if set where the ingress runs, the bearer token")
     # `serve run` applies the config's `deployments` itself; `allmrec serve` passes them here.
@@ -354,5 +390,12 @@ def build_app(args: AppArgs) -> serve.Application:
         return deployment.options(**opts) if opts else deployment
 
     recommender = configured(Recommender).bind(run_dir, limits)
-    llm = configured(LLM).bind(run_dir, args.max_new_tokens, args.max_batch_size)
+    llm = configured(LLM).bind(
+        run_dir,
+        args.max_new_tokens,
+        args.max_batch_size,
+        args.batch_wait_s,
+        args.llm_threads,
+        args.llm_dtype,
+    )
     return configured(Ingress).bind(recommender, llm, args.max_body_bytes, args.token_env)

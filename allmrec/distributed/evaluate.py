@@ -73,7 +73,11 @@ def _evaluate_shard(
         target = RunStorage.open(target_dir).pull("data")
         inputs = transferred_inputs(stack, inputs, target, config.stage2.title_template)
     cases = eval_cases(np.asarray(users), inputs, split, config.stage2.num_negatives, config.seed)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(  # the driver's format (allmrec.cli.setup_logging)
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     subset = None if llm_only_users is None else set(llm_only_users)
     records = evaluate_cases(
         model, inputs, cases, config, rows, baselines, Progress(tag), llm_only_users=subset

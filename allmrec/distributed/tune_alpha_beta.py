@@ -159,6 +159,37 @@ def _space(config: Config) -> dict:
     return {"alpha": draw(*cfg.alpha_range), "beta": draw(*cfg.beta_range)}
 
 
+class TrialLines(tune.Callback):
+    """The search's progress as allmrec's lines: each trial's alpha, beta and metric at every
+    epoch it reports, and the best so far. (Tune's own status lines print a trial's whole
+    parameter space, here the whole config, some 3,000 characters every half minute: the
+    search runs with Tune's output off.)"""
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+        self.best: tuple[float, str] | None = None
+
+    def _name(self, trial) -> str:
+        config = trial.config
+        return f"{trial.trial_id} (alpha={config['alpha']:.4g}, beta={config['beta']:.4g})"
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        value = result.get(self.metric)
+        if value is None:
+            return
+        if self.best is None or value > self.best[0]:
+            self.best = (float(value), self._name(trial))
+        print(
+            f"[tune] {self._name(trial)} epoch {result.get('epoch')}: {self.metric}="
+            f"{value:.4f}; best so far {self.best[0]:.4f}, {self.best[1]}",
+            flush=True,
+        )
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        print(f"[tune] {self._name(trial)} ended; {done} of {len(trials)} trials done", flush=True)
+
+
 def _tracking_callbacks(config: Config, run_home: str) -> list:
     """Ray Tune's MLflow callback, one MLflow run per trial under `<experiment>/tune`, when
     `tracking.mlflow_uri` is set."""
@@ -271,7 +302,8 @@ def _new_tuner(
             name=cfg.name,
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-            callbacks=_tracking_callbacks(config, run.home),
+            callbacks=[TrialLines(cfg.metric), *_tracking_callbacks(config, run.home)],
+            verbose=0,  # Tune's status lines: TrialLines says what a user needs
         ),
     )
 

@@ -135,13 +135,20 @@ class RankReadout(nn.Module):
     def user_query(self, h_user: Tensor, x_u: Tensor, text: TextInputs | None = None) -> Tensor:
         """The user's query, [B, d_cf] (`user_item`: u = x_u + A(h_user)), with the text
         query t [B, d_text] after it for `user_item_text`."""
-        u = x_u.to(h_user.dtype) + self.user_head(h_user)
+        h_user = h_user.to(self.dtype)
+        u = x_u.to(self.dtype) + self.user_head(h_user)
         if not self.reads_text:
             return u
         if text is None:
             raise ValueError("the user_item_text readout needs the items' text (TextInputs)")
-        t = F.normalize(text.history.to(h_user.dtype) + self.text_head(h_user), dim=-1)
+        t = F.normalize(text.history.to(self.dtype) + self.text_head(h_user), dim=-1)
         return torch.cat([u, t], dim=-1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The head's own dtype: the LLM's hidden states are cast to it, so a bf16 LLM with
+        fp32 projectors and head (evaluation, serving) scores in fp32."""
+        return self.user_head[1].weight.dtype
 
     def item_keys(self, z: Tensor) -> Tensor:
         """`user_item`: g(z_i) for any items, [..., d_cf]."""
@@ -200,8 +207,8 @@ class RankReadout(nn.Module):
         tokens), x_u [B, d_cf], z_cand [B, C, d_joint] and, for `user_item_text`, the
         candidates' text."""
         if self.kind == "candidate":
-            u = F.normalize(self.user_head(h_user), dim=-1)
-            v = F.normalize(self.item_head(h_cand), dim=-1)
+            u = F.normalize(self.user_head(h_user.to(self.dtype)), dim=-1)
+            v = F.normalize(self.item_head(h_cand.to(self.dtype)), dim=-1)
             return self.log_scale.exp() * torch.einsum("bd,bcd->bc", u, v)
         return self.item_scores(self.user_query(h_user, x_u, text), z_cand, text)
 

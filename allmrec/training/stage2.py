@@ -490,13 +490,19 @@ def _trained_config(manifest: dict, device: str) -> Config:
     return trained
 
 
-def load_projected_llm(run_dir: Path, device: str = "cpu") -> tuple[ALLMRecLM, Config]:
+def load_projected_llm(
+    run_dir: Path, device: str = "cpu", dtype: str | None = None
+) -> tuple[ALLMRecLM, Config]:
     """The frozen LLM of `run_dir/stage2` with its trained projectors, and the config Stage 2
-    was trained with; sized from the projector weights, without loading the data."""
+    was trained with; sized from the projector weights, without loading the data. `dtype`
+    ("float32", "bfloat16") runs the LLM in another dtype than it was trained in (the
+    projectors and the readout stay fp32)."""
     from safetensors.torch import load_file
 
     stage2_dir = Path(run_dir) / "stage2"
     trained = _trained_config(read_manifest(stage2_dir, "stage2"), device)
+    if dtype is not None:
+        trained.stage2.dtype = dtype
     weights = load_file(str(stage2_dir / PROJECTORS_FILE))
     d_cf = weights["user_projector.net.0.weight"].shape[1]
     d_joint = weights["item_projector.net.0.weight"].shape[1]

@@ -182,6 +182,28 @@ def test_rank_mode_answers_with_the_readout(served):
     assert ids == [recommender.item_ids[i] for i, _ in top]
 
 
+@pytest.mark.slow
+def test_batched_rank_requests_answer_as_one_at_a_time(served):
+    """Concurrent rank requests share one padded forward pass of the LLM (@serve.batch); each
+    answer equals the same request's answered alone: the same items, the same scores."""
+    from ray import serve
+
+    bodies = [{"user_id": str(u), "k": 10} for u in range(11, 19)]
+    bodies += [
+        {"history": ["1", str(n)], "candidates": ["50", "100", "7", str(n + 1)]} for n in (3, 9)
+    ]
+    alone = [_post("/recommend", body).json() for body in bodies]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda body: _post("/recommend", body).json(), bodies))
+    handle = serve.get_deployment_handle("LLM", app_name="allmrec")
+    assert handle.batches.remote().result()["largest_batch"] > 1  # they were batched
+    for one, many in zip(alone, together, strict=True):
+        assert [i["item_id"] for i in many["items"]] == [i["item_id"] for i in one["items"]]
+        assert [i["score"] for i in many["items"]] == pytest.approx(
+            [i["score"] for i in one["items"]], rel=1e-4, abs=1e-4
+        )
+
+
 BAD_INPUTS = [
     ({"user_id": "no-such-user"}, 404, "user_id"),
     ({"history": ["1", "no-such-item"]}, 404, "history[1]"),

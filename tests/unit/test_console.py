@@ -39,10 +39,12 @@ HIDDEN = [
 ]
 CF_LINE = "[cf] epoch=1 loss=1.3944 epoch_seconds=0.6383"
 VALIDATION_LINE = "[stage2 validation] prompts=1000 valid_rank_hit@1=0.51"
-EVAL_LINE = "2026-12-02 00:17:56,995 allmrec.llm_evaluation: evaluate [1/1]: 100/100 prompts"
+EVAL_LINE = "00:17:56 INFO allmrec.llm_evaluation: evaluate [1/1]: 100/100 prompts (2.51/s)"
+TUNE_LINE = "[tune] 8c1d2_00001 (alpha=0.5, beta=0.2) epoch 2: valid_coldtext_hit@1=0.3900"
 SHOWN = {  # line -> what the terminal shows (None: the line as it is)
     RAY + CF_LINE: CF_LINE,
     RAY + VALIDATION_LINE: VALIDATION_LINE,
+    TUNE_LINE: None,
     "\x1b[36m(_evaluate_shard pid=29301)\x1b[0m " + EVAL_LINE: EVAL_LINE,
     "00:10:34 INFO allmrec.distributed.pipeline: data: running": None,
     "2026-12-02 00:10:34,300\tERROR worker.py:1 -- a Ray error stays visible": None,
@@ -62,6 +64,17 @@ def test_ray_and_library_chatter_is_hidden_and_our_lines_are_shown():
         assert shown_on_terminal(line) is None, line
     for line, shown in SHOWN.items():
         assert shown_on_terminal(line) == (shown or line), line
+
+
+def test_access_lines_stay_off_the_demo_terminal():
+    """`allmrec serve` shows Serve's access lines (as uvicorn does); `allmrec demo` only logs
+    them: its terminal is the chain's."""
+    access = [line for line in SHOWN if " allmrec_Ingress " in line]
+    assert len(access) == 2
+    for line in access:
+        assert shown_on_terminal(line) is not None
+        assert shown_on_terminal(line, access_log=False) is None
+    assert shown_on_terminal(RAY + CF_LINE, access_log=False) == CF_LINE
 
 
 def _run_command(tmp_path, verbose: bool) -> tuple[str, str]:

@@ -30,4 +30,7 @@ def test_device_check_cpu_mode_passes_every_check(tmp_path):
         assert tiny["speed"][name]["prompts_per_s"] > 0
     assert 0 < tiny["speed"]["eval_rank_readout"]["share_of_matmul_peak"] < 1
     assert report["matmul_peak_tflops"]["float32"] > 0
+    # a bf16 LLM under fp32 projectors and readout (a GPU-trained stack evaluated or served):
+    # the readout once failed there with a dtype mismatch
+    assert report["tiny_llama_bf16"]["correctness"]["passed"]
     assert "| all checks | pass |" in done.stdout  # the table it prints
