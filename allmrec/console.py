@@ -50,6 +50,17 @@ _LOUD = {"ERROR", "CRITICAL", "FATAL"}
 _CPP_RECORD = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (?P<level>[DIWEF]) \d+ \d+\] ")
 # DeepSpeed's own logger: "[2026-12-02 08:15:54,882] [WARNING] [real_accelerator.py:213:...] "
 _DEEPSPEED_RECORD = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\] \[(?P<level>[A-Z]+)\] \[")
+# Ray Data's driver-side record of an operator whose task raised ("An exception was raised
+# from a task of operator ... Dataset execution will now abort"), its traceback below it
+_RAY_DATA_FAILURE = re.compile(
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\tERROR (?:streaming_executor\w*\.py:\d+ -- "
+    r"|exceptions\.py:\d+ -- (?:Exception occurred in Ray Data|Full stack trace))"
+)
+# What ends that traceback: a new record of anyone, or one of allmrec's own lines
+_NEXT_RECORD = re.compile(
+    r"^(?:\d\d:\d\d:\d\d [A-Z]+ [\w.]+: |\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\t[A-Z]+ |allmrec: "
+    r"|log \(every line|\[\w+[\] ])"
+)
 # A library's tqdm bar ("Loading weights: 100%|####| 103/103 [00:00<00:00, ...]"), redrawn
 # with carriage returns on one line: the driver's own (a worker's is hidden with its prefix).
 _PROGRESS_BAR = re.compile(r"\d+%\|.*\| *\d+/\d+ \[")
@@ -125,6 +136,7 @@ class _FilteredStream(io.TextIOBase):
     def __init__(self, target, log: _Log, verbose: bool, access_log: bool = True) -> None:
         self.target, self.log, self.verbose = target, log, verbose
         self.access_log = access_log
+        self.in_ray_data_failure = False
         self.pending = ""
         self.passthrough = False  # after the command: straight to `target`
         self.lock = threading.Lock()
@@ -144,7 +156,19 @@ class _FilteredStream(io.TextIOBase):
 
     def _emit(self, line: str) -> None:
         self.log.write(line)
-        shown = line if self.verbose else shown_on_terminal(line, self.access_log)
+        if self.verbose:
+            self.target.write(line)
+            return
+        # Ray Data's record of a failed operator and the traceback under it: the log's; the
+        # command ends with its own line about the same error (`allmrec: error: ...`)
+        if _RAY_DATA_FAILURE.match(line):
+            self.in_ray_data_failure = True
+            return
+        if self.in_ray_data_failure:
+            if not _NEXT_RECORD.match(line):
+                return
+            self.in_ray_data_failure = False
+        shown = shown_on_terminal(line, self.access_log)
         if shown is not None:
             self.target.write(shown)
 

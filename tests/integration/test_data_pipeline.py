@@ -235,4 +235,7 @@ def test_broken_data_through_ray_data_ends_in_one_line_of_ours(ray_local, tmp_pa
     err = [line for line in capsys.readouterr().err.splitlines() if shown_on_terminal(line)]
     assert err[-1].startswith("allmrec: error: ") and bad_file in err[-1], err[-5:]
     assert "retried_io_errors" not in err[-1] and "Ray" not in err[-1]
+    # and Ray Data's record of the failed operator, with its traceback, only in the log
+    assert not [line for line in err if line.startswith(("Traceback", "  File "))], err[:8]
+    assert not [line for line in err if "streaming_executor" in line or "Full stack" in line]
     assert not (tmp_path / "run" / "data" / "manifest.json").exists()

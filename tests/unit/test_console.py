@@ -77,6 +77,50 @@ def test_access_lines_stay_off_the_demo_terminal():
     assert shown_on_terminal(RAY + CF_LINE, access_log=False) == CF_LINE
 
 
+RAY_DATA_FAILURE = [
+    "2026-12-04 04:21:15,786\tERROR streaming_executor_state.py:747 -- An exception was raised "
+    'from a task of operator "ReadInteractionLog->SplitBlocks(4)". Dataset execution will now '
+    "abort.",
+    "Traceback (most recent call last):",
+    '  File "/x/ray/data/_internal/execution/interfaces/physical_operator.py", line 337, in f',
+    "StopIteration",
+    "2026-12-04 04:21:15,786\tERROR exceptions.py:111 -- Full stack trace:",
+    "Traceback (most recent call last):",
+    "allmrec.data.readers.DataFormatError: x.json.gz line 17: expected valid gzip data",
+    "Failed to apply UDF transform after 1/1 attempts (total backoff 0.0s).",
+    "",
+]
+
+
+def test_ray_data_s_failure_and_its_traceback_stay_in_the_log(tmp_path):
+    """A data error raised inside a Ray Data operator ends with allmrec's one line: Ray Data's
+    record and traceback above it go to the log only (all of it on the terminal with -v)."""
+    for verbose in (False, True):
+        terminal = io.StringIO()
+        saved = sys.stderr
+        sys.stderr = terminal
+        try:
+            with quiet_console(verbose=verbose):
+                write_log_to(tmp_path / f"v{verbose}" / "data.log")
+                print("04:21:13 INFO allmrec.distributed.pipeline: data: running", file=sys.stderr)
+                print("\n".join(RAY_DATA_FAILURE), file=sys.stderr)
+                print(
+                    "allmrec: error: x.json.gz line 17: expected valid gzip data", file=sys.stderr
+                )
+        finally:
+            sys.stderr = saved
+        shown = terminal.getvalue().splitlines()
+        logged = (tmp_path / f"v{verbose}" / "data.log").read_text()
+        assert all(line in logged for line in RAY_DATA_FAILURE if line)
+        if verbose:
+            assert "Traceback (most recent call last):" in shown
+        else:
+            assert shown == [
+                "04:21:13 INFO allmrec.distributed.pipeline: data: running",
+                "allmrec: error: x.json.gz line 17: expected valid gzip data",
+            ]
+
+
 def _run_command(tmp_path, verbose: bool) -> tuple[str, str]:
     terminal = io.StringIO()
     saved = sys.stdout
