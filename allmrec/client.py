@@ -1,4 +1,4 @@
-"""A Python client for the Serve app's HTTP API (README, "Serving"); `allmrec recommend` uses it.
+"""A Python client for the Serve app's HTTP API (docs/serving.md); `allmrec recommend` uses it.
 
     from allmrec.client import Client
     client = Client("http://127.0.0.1:8000")        # token: $ALLMREC_SERVE_TOKEN if set

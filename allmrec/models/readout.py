@@ -1,8 +1,8 @@
 """The `rank` objective of Stage 2: a small head that scores candidates from one forward pass.
 
 The paper's objective (`generate`) trains F_U and F_I through the LM loss on the true title;
-with a 135M LLM and the few thousand prompts a CPU affords, that does not learn (README,
-"Stage 2"). Here the same prompt (F_U(x_u) at [UserRep], F_I(z_i) at every [HistoryEmb] and
+with a 135M LLM and the few thousand prompts a CPU affords, that does not learn (docs/results.md,
+history). Here the same prompt (F_U(x_u) at [UserRep], F_I(z_i) at every [HistoryEmb] and
 [CandidateEmb]) runs once through the frozen LLM, a head reads its hidden states, and the loss
 is the cross-entropy over the prompt's candidates (listwise, as LlamaRec; the hidden-state
 readout of LLM-SRec, KDD 2025). Only F_U, F_I and the head train.
