@@ -53,9 +53,10 @@ _DEEPSPEED_RECORD = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\] \[(?P<l
 # Ray Data's driver-side record of an operator whose task raised ("An exception was raised
 # from a task of operator ... Dataset execution will now abort"), its traceback below it
 _RAY_DATA_FAILURE = re.compile(
-    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\tERROR (?:streaming_executor\w*\.py:\d+ -- "
-    r"|exceptions\.py:\d+ -- (?:Exception occurred in Ray Data|Full stack trace))"
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\tERROR (?:streaming_executor\w*\.py:\d+ -- .*"
+    r"will now abort|exceptions\.py:\d+ -- (?:Exception occurred in Ray Data|Full stack trace))"
 )
+_FAILURE_LINES = 1000  # a traceback longer than this is not one
 # What ends that traceback: a new record of anyone, or one of allmrec's own lines
 _NEXT_RECORD = re.compile(
     r"^(?:\d\d:\d\d:\d\d [A-Z]+ [\w.]+: |\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\t[A-Z]+ |allmrec: "
@@ -136,7 +137,7 @@ class _FilteredStream(io.TextIOBase):
     def __init__(self, target, log: _Log, verbose: bool, access_log: bool = True) -> None:
         self.target, self.log, self.verbose = target, log, verbose
         self.access_log = access_log
-        self.in_ray_data_failure = False
+        self.failure_lines = 0  # > 0: inside Ray Data's failure record, lines left to hide
         self.pending = ""
         self.passthrough = False  # after the command: straight to `target`
         self.lock = threading.Lock()
@@ -147,11 +148,11 @@ class _FilteredStream(io.TextIOBase):
     def write(self, text: str) -> int:
         if self.passthrough:
             return self.target.write(text)
-        with self.lock:
+        with self.lock:  # whole lines, in order, from the main thread and descriptor 2's pump
             self.pending += text
             *lines, self.pending = self.pending.split("\n")
-        for line in lines:
-            self._emit(line + "\n")
+            for line in lines:
+                self._emit(line + "\n")
         return len(text)
 
     def _emit(self, line: str) -> None:
@@ -159,15 +160,18 @@ class _FilteredStream(io.TextIOBase):
         if self.verbose:
             self.target.write(line)
             return
-        # Ray Data's record of a failed operator and the traceback under it: the log's; the
-        # command ends with its own line about the same error (`allmrec: error: ...`)
+        # Ray Data's record of an aborted dataset and the traceback under it: the log's; the
+        # command ends with its own line about the same error (`allmrec: error: ...`). What
+        # ends the traceback: any record, a worker's line, allmrec's own lines.
         if _RAY_DATA_FAILURE.match(line):
-            self.in_ray_data_failure = True
+            self.failure_lines = _FAILURE_LINES
             return
-        if self.in_ray_data_failure:
-            if not _NEXT_RECORD.match(line):
+        if self.failure_lines:
+            ends = _NEXT_RECORD.match(line) or _FORWARDED.match(line) or _CPP_RECORD.match(line)
+            if not ends:
+                self.failure_lines -= 1
                 return
-            self.in_ray_data_failure = False
+            self.failure_lines = 0
         shown = shown_on_terminal(line, self.access_log)
         if shown is not None:
             self.target.write(shown)

@@ -97,15 +97,22 @@ def text_scores(inputs: Stage2Inputs, histories, candidates: np.ndarray) -> torc
     return torch.einsum("ud,ucd->uc", profile, q[torch.as_tensor(candidates)])
 
 
-def catalogue_rank(scores: np.ndarray, case: EvalCase) -> int:
+def catalogue_rank(scores: np.ndarray, case: EvalCase, seed: int = 0) -> int:
     """0-based rank of the held-out item among every item of `scores` [num_items + 1] that the
-    user has not interacted with before it (padding 0 and the history left out)."""
+    user has not interacted with before it (padding 0 and the history left out); ties broken
+    at a random place, seeded by (seed, user), as `ranks_of_true` does among the candidates
+    (popularity and items of identical text tie often)."""
     keep = np.ones(len(scores), dtype=bool)
     keep[0] = False
     keep[np.asarray(case.history, dtype=np.int64)] = False
     true = int(case.candidates[0])
-    keep[true] = True
-    return int((scores[keep] > scores[true]).sum())
+    keep[true] = False
+    rest = scores[keep]
+    greater = int((rest > scores[true]).sum())
+    equal = int((rest == scores[true]).sum())
+    if not equal:
+        return greater
+    return greater + int(np.random.default_rng([seed, case.user]).integers(0, equal + 1))
 
 
 def _catalogue_baselines(inputs: Stage2Inputs, cases: Sequence[EvalCase], chunk: int = 64):
@@ -438,17 +445,26 @@ def scenario_differences(
 def section_definitions(data_manifest: dict, split: str, few_shot: bool) -> dict[str, str]:
     """What each section holds (docs/method.md, section 4), with its thresholds."""
     sections = data_manifest.get("item_sections", {})
-    users = "the users outside the few-shot K (never trained on)" if few_shot else "every user"
+    data_config = data_manifest.get("config", {}).get("data", {})
+    users = (
+        "the users outside the few-shot K (never trained on)"
+        if few_shot
+        else "every user trained on"
+    )
     held = f"{users}, on their {split} item"
     cold_max = sections.get("cold_max_interactions")
     warm_min = sections.get("warm_min_interactions")
     if cold_max is not None:
-        cold = f"at most {cold_max} training interactions: the bottom 35% of items by count"
-        warm = f"at least {warm_min} training interactions: the top 35%"
+        item_share = data_config.get("cold_item_share", 0.35)
+        cold = (
+            f"at most {cold_max} training interactions: the bottom {item_share:.0%} of items "
+            "by count"
+        )
+        warm = f"at least {warm_min} training interactions: the top {item_share:.0%}"
     else:
         cold = sections.get("rule", "the data's cold label")
         warm = "the other items"
-    share = data_manifest.get("config", {}).get("data", {}).get("cold_user_share")
+    share = data_config.get("cold_user_share")
     return {
         "all users": held,
         "warm items": f"{held}, where that item is warm ({warm})",

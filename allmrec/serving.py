@@ -217,11 +217,18 @@ class StackRecommender:
                 "counts": {i: self.counts[i] for i in candidates},
                 "x_u": x_u.numpy(),
                 "history_all": history,
+                # by id: another replica may number its added items otherwise
+                "history_ids": [self.item_ids[i] for i in history],
                 "k": request.k,
                 "mode": request.mode,
                 "candidates_from": source,
                 "shuffle_seed": seed,
             }
+
+    def indices_of(self, item_ids: list[str]) -> list[int]:
+        """This process's indices of `item_ids` (ids it does not know are left out)."""
+        with self.lock:
+            return [self.item_index[i] for i in item_ids if i in self.item_index]
 
     def catalogue_items(self, indices: list[int]) -> list[tuple[str, str]]:
         """(item id, title) of catalogue indices."""
@@ -265,8 +272,12 @@ class StackRecommender:
     def encode_item(self, item: NewItem) -> tuple[torch.Tensor, torch.Tensor]:
         """(q, z = enc_T(q)) of a new item from its text alone, q from the stack's
         Sentence-BERT: the slow part of adding, done outside the lock."""
-        q = self.text_encoder.encode([self.item_text(item)], convert_to_tensor=True)
-        q = q.float().cpu()
+        from allmrec.training.stage1 import encode_texts
+
+        # as Stage 1 encoded the catalogue: its token limit, its pooling
+        q = encode_texts(
+            self.text_encoder, [self.item_text(item)], "cpu", max_tokens=self.max_tokens
+        )
         return q, self.text_ae.encode(q)
 
     @torch.no_grad()
@@ -276,7 +287,7 @@ class StackRecommender:
         this id was added before with the same title and description (a retried add).
         Another item under the id is a 409. `encoded`: `encode_item`'s (q, z), if known."""
         item_id = item.item_id or f"new-{uuid.uuid4().hex[:10]}"
-        content = (" ".join(item.title.split()), item.description.strip())
+        content = item_content(item)
         with self.lock:
             if item_id in self.item_index:
                 return self._existing(item_id, content), False
@@ -301,6 +312,12 @@ class StackRecommender:
         if self.added.get(idx) != content:
             raise BadRequest("item_id", f"item id {item_id!r} exists already", 409)
         return self._info(idx)
+
+
+def item_content(item: NewItem) -> tuple[str, str]:
+    """What makes two adds of one id the same item: the title with its whitespace collapsed
+    and the description stripped (a retried add equals its first try)."""
+    return " ".join(item.title.split()), item.description.strip()
 
 
 def _check_length(field: str, ids: list[str], limit: int, wanted: str) -> None:

@@ -19,6 +19,7 @@ the users it trained on.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from allmrec.data.prepared import load_prepared
 from allmrec.models.base import SequentialBackbone
 from allmrec.models.projection import normalize_title
 from allmrec.sequences import left_pad
+
+log = logging.getLogger(__name__)
 
 
 def title_keys(run_dir: Path) -> list[str]:
@@ -51,12 +54,35 @@ def title_keys(run_dir: Path) -> list[str]:
 
 
 def match_items(source_run: Path, target_run: Path) -> np.ndarray:
-    """By target item id: the source item with the same key, or 0 (none; index 0 is 0)."""
-    by_key = {}
-    for idx, key in enumerate(title_keys(source_run)):
-        if idx:
-            by_key.setdefault(key, idx)
-    return np.array([by_key.get(k, 0) if i else 0 for i, k in enumerate(title_keys(target_run))])
+    """By target item id: the source item with the same key, or 0 (none; index 0 is 0).
+
+    A key that names no title ("No Title", the preparation's placeholder, or empty) matches
+    nothing, and neither does one that two source items share: an item is matched only to the
+    one item it certainly is. Few matches are reported (another title format, say)."""
+    keys = title_keys(source_run)
+    seen: dict[str, int] = {}
+    for idx, key in enumerate(keys[1:], 1):
+        seen[key] = 0 if key in seen else idx  # 0: ambiguous
+    placeholder = {f"{normalize_title('No Title')}|", "|"}
+    target = title_keys(target_run)
+    matched = np.array(
+        [
+            0
+            if not i or key in placeholder or key.startswith(f"{normalize_title('No Title')}|")
+            else seen.get(key, 0)
+            for i, key in enumerate(target)
+        ]
+    )
+    if len(target) > 1 and (matched[1:] > 0).mean() < 0.1:
+        log.warning(
+            "cross-domain: %d of %d items of %s match an item of %s by title and year: the "
+            "others enter by their text alone",
+            int((matched[1:] > 0).sum()),
+            len(target) - 1,
+            target_run,
+            source_run,
+        )
+    return matched
 
 
 class MappedCF(nn.Module):
@@ -96,12 +122,14 @@ class MappedCF(nn.Module):
 
 
 @torch.no_grad()
-def transferred_inputs(stack_dir: Path, source, target_dir: Path, title_template: str):
+def transferred_inputs(
+    stack_dir: Path, source, target_dir: Path, title_template: str, max_text_tokens: int = 128
+):
     """`Stage2Inputs` for the users and items of `target_dir`'s prepared data, through the
     stack of `stack_dir` (its `source` inputs) with no training on the target."""
     from allmrec.serving import _autoencoder
     from allmrec.text_encoder import load_sentence_encoder
-    from allmrec.training.stage1 import item_texts
+    from allmrec.training.stage1 import encode_texts, item_texts
     from allmrec.training.stage2 import item_sections, item_titles
 
     stack_dir, target_dir = Path(stack_dir), Path(target_dir)
@@ -111,7 +139,8 @@ def transferred_inputs(stack_dir: Path, source, target_dir: Path, title_template
     texts, _, _ = item_texts(data)
     encoder = load_sentence_encoder(str(stack_dir / "stage1" / "text_encoder"))
     q = torch.zeros(data.num_items + 1, source.q.shape[1])
-    q[1:] = encoder.encode(texts[1:], convert_to_tensor=True, batch_size=64).float().cpu()
+    # as Stage 1 encoded the stack's own catalogue (its token limit)
+    q[1:] = encode_texts(encoder, texts[1:], "cpu", max_tokens=max_text_tokens)
     text_ae = _autoencoder(stack_dir / "stage1" / "text_autoencoder.safetensors")
     rows = torch.as_tensor(mapping)
     z_text = torch.where(matched[:, None], source.z_text[rows], text_ae.encode(q))

@@ -40,7 +40,7 @@ from allmrec.api import (
     RecommendRequest,
     RecommendResponse,
 )
-from allmrec.serving import Limits, StackLLM, StackRecommender
+from allmrec.serving import Limits, StackLLM, StackRecommender, item_content
 from allmrec.storage import RecordLog, RunStorage
 from allmrec.training.stage2 import STACK
 
@@ -87,7 +87,10 @@ class Recommender:
                 else:
                     there = self.added.claim(new.item_id, new.model_dump())
                     record = new if there is None else NewItem(**there)
-                    if record != new:  # another replica added another item under this id
+                    if item_content(record) != item_content(new):
+                        # another replica added another item under this id: this replica
+                        # holds that one too (the log counts it as seen), then refuses
+                        self.core.add_item(record)
                         raise BadRequest("item_id", f"item id {new.item_id!r} exists already", 409)
                     info, created = self.core.add_item(new, encoded)
                     created = created and there is None
@@ -119,10 +122,11 @@ class Recommender:
         replica = serve.get_replica_context().replica_id.unique_id
         return {"replica": replica, "items": self.core.added_items()}
 
-    def catalogue(self, query: list[float], history: list[int], k: int) -> list[dict]:
-        """The top `k` of the whole catalogue by the readout's user vector `query`."""
+    def catalogue(self, query: list[float], history_ids: list[str], k: int) -> list[dict]:
+        """The top `k` of the whole catalogue by the readout's user vector `query`, the
+        history (item ids: this replica may number added items otherwise) left out."""
         self._replay()
-        top = self.core.catalogue_top(query, history, k)
+        top = self.core.catalogue_top(query, self.core.indices_of(history_ids), k)
         named = self.core.catalogue_items([i for i, _ in top])
         return [
             {"item_id": item_id, "title": title, "score": score}
@@ -278,7 +282,7 @@ class Ingress:
         if source == "catalogue" and "query" in answer:
             # The readout scores any item: rank the whole catalogue with its user vector.
             found = await self._call(
-                self.recommender, "catalogue", answer["query"], prepared["history_all"], request.k
+                self.recommender, "catalogue", answer["query"], prepared["history_ids"], request.k
             )
             items = [RankedItem(**item) for item in found]
         else:

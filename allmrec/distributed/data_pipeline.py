@@ -414,10 +414,11 @@ def _counts_of(
     items_without_meta: int,
     bad_item_lines: list[BadLine],
 ) -> dict:
+    """The manifest's counts: raw, after filtering, per split, cold / warm items, users by
+    role, bad lines."""
     roles, role_counts = np.unique(
         users.column("role").to_numpy(zero_copy_only=False), return_counts=True
     )
-    """The manifest's counts: raw, after filtering, per split, cold, bad lines."""
     splits, counts = np.unique(
         interactions.column("split").to_numpy(zero_copy_only=False), return_counts=True
     )

@@ -71,7 +71,9 @@ def _evaluate_shard(
         from allmrec.transfer import transferred_inputs
 
         target = RunStorage.open(target_dir).pull("data")
-        inputs = transferred_inputs(stack, inputs, target, config.stage2.title_template)
+        inputs = transferred_inputs(
+            stack, inputs, target, config.stage2.title_template, config.stage1.max_text_tokens
+        )
     cases = eval_cases(np.asarray(users), inputs, split, config.stage2.num_negatives, config.seed)
     logging.basicConfig(  # the driver's format (allmrec.cli.setup_logging)
         level=logging.INFO,

@@ -142,9 +142,9 @@ def _item_counts(table: Mapping[int, int] | Tensor, items: Sequence[int]) -> Ten
 
 
 def _text_inputs(examples: Sequence[Stage2Example], width: int) -> TextInputs | None:
-    """The candidates' q_i and counts (padded like the candidates) and the mean of each
-    prompt's history q_j (unit vectors; zeros for an empty history); None when the examples
-    carry no text."""
+    """The candidates' q_i and counts (padded like the candidates; a training target's count
+    without its own interaction) and the mean of each prompt's history q_j (unit vectors;
+    zeros for an empty history); None when the examples carry no text."""
     if all(e.item_text is None for e in examples):
         return None
     if any(e.item_text is None or e.item_counts is None for e in examples):
@@ -158,6 +158,12 @@ def _text_inputs(examples: Sequence[Stage2Example], width: int) -> TextInputs | 
         items.append(padded)
         n = torch.zeros(width, dtype=torch.long)
         n[: len(cands)] = _item_counts(e.item_counts, cands)
+        if e.target_item is not None:
+            # a training target's count holds this very interaction: counted without it, the
+            # target looks as it will at test time (an item seen once is then an item never
+            # seen, the bucket of items added at serving time)
+            at = cands.index(e.target_item)
+            n[at] = (n[at] - 1).clamp_min(0)
         counts.append(n)
         hist = e.prompt.history_items
         if hist:

@@ -379,7 +379,9 @@ def gate_examples(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(CF scores <x_u, g(z_c)>, text cosines, counts), [E, 20] each with the true item in
     column 0: each user's last training item after the items before it (the target nearest
-    in time to the held-out ones), with 19 seeded negatives the user never interacted with."""
+    in time to the held-out ones), with 19 seeded negatives the user never interacted with.
+    The target's count leaves its own interaction out, as a held-out item's does: so the
+    bucket of items never seen (n = 0) learns from the items seen once."""
     data, cfg = inputs.data, config.stage2
     users = np.asarray(users, dtype=np.int64)
     rng = np.random.default_rng([config.seed, 11])
@@ -405,7 +407,9 @@ def gate_examples(
         [q[torch.as_tensor(h)].mean(0) if len(h) else torch.zeros(q.shape[1]) for h in shown]
     )
     cand = torch.as_tensor(candidates)
-    text = TextInputs(history_text, inputs.q[cand], inputs.counts[cand])
+    counts = inputs.counts[cand].clone()
+    counts[:, 0] = (counts[:, 0] - 1).clamp_min(0)  # the target's, without this interaction
+    text = TextInputs(history_text, inputs.q[cand], counts)
     query = readout.start_query(x_u, text)
     cf_scores, text_scores = readout.path_scores(query, inputs.z[cand], text)
     return cf_scores, text_scores, text.counts

@@ -179,6 +179,7 @@ def test_rank_mode_answers_with_the_readout(served):
     with torch.no_grad():
         (expected,) = llm.answer([prepared])
     top = recommender.catalogue_top(expected["query"], prepared["history_all"], 20)
+    assert prepared["history_ids"] == ["1", "2", "3"]
     assert ids == [recommender.item_ids[i] for i, _ in top]
 
 

@@ -115,6 +115,11 @@ def test_zero3_one_and_two_workers_fine_tuned_encoder_resumed(stage1_run, other_
     assert set(joint.column("source").to_pylist()) <= {"item", "text"}
     z = np.stack(joint.column("z").to_numpy(zero_copy_only=False))
     assert ((z > 0) & (z < 1)).all()  # sigmoid outputs
+    # beside z_i: every item's enc_T(q_i) (the SBERT row) and q_i (the text-aware readout)
+    z_text = np.stack(joint.column("z_text").to_numpy(zero_copy_only=False))
+    q = np.stack(joint.column("q").to_numpy(zero_copy_only=False))
+    assert z_text.shape == (1349, 128) and ((z_text > 0) & (z_text < 1)).all()
+    assert q.shape == (1349, 384) and not np.allclose(z_text[:, :1], z[:, :1])
     # The fine-tuned encoder's last layer was trained (and gathered from its shards).
     from sentence_transformers import SentenceTransformer
 

@@ -141,3 +141,28 @@ def test_the_text_aware_readout_recovers_cold_items_the_cf_model_cannot_rank():
     with torch.no_grad():
         start = fresh.item_scores(fresh.start_query(x_u, text), z[candidates], text)
     assert (start.argmax(dim=1) == cf_only.argmax(dim=1)).float().mean() > 0.97
+
+
+def test_a_training_target_is_counted_without_its_own_interaction():
+    """The text-aware readout weighs an item by its training interactions; a training
+    target's count holds that very interaction, a held-out item's never does. Counted without
+    it, an item seen once is a never-seen item (n = 0, the bucket of items added at serving
+    time), so that bucket learns from positives too."""
+    from allmrec.llm import add_special_tokens, build_small_llm
+    from allmrec.models.projection import Stage2Example, collate_stage2
+    from allmrec.prompts import build_prompt
+
+    llm, tokenizer = build_small_llm()
+    add_special_tokens(llm, tokenizer)
+    titles = [f"Film {i}" for i in range(30)]
+    counts = torch.arange(30) % 5  # item 5, 10, ... seen 0 times, item 6 once, ...
+    q = torch.randn(30, 8)
+    prompt = build_prompt([1, 2], [6, 7, 10], titles)
+    trained = Stage2Example(
+        prompt, torch.zeros(4), torch.zeros(30, 4), target_item=6, item_text=q, item_counts=counts
+    )
+    held_out = Stage2Example(
+        prompt, torch.zeros(4), torch.zeros(30, 4), item_text=q, item_counts=counts
+    )
+    assert collate_stage2([trained], tokenizer).text.counts[0].tolist() == [0, 2, 0]
+    assert collate_stage2([held_out], tokenizer).text.counts[0].tolist() == [1, 2, 0]
