@@ -208,8 +208,19 @@ def _other_runs(
         other_users = seeded_users(
             load_prepared(other.pull("data")).eval_users(cfg.split), cfg.max_users, config.seed
         )
+        llm_only_users = None  # the LLM alone on a seeded subset, as in the run's own section
+        if cfg.llm_only and cfg.llm_only_max_users is not None:
+            llm_only_users = seeded_users(other_users, cfg.llm_only_max_users, config.seed)
         part = _run_sharded(
-            config, run, other, cfg.split, other_users, rows, True, f"cross-domain {other.home}"
+            config,
+            run,
+            other,
+            cfg.split,
+            other_users,
+            rows,
+            True,
+            f"cross-domain {other.home}",
+            llm_only_users,
         )
         name = f"cross-domain: {run.name} -> {other.name}"
         tables[name] = summarize(part)
