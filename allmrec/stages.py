@@ -36,10 +36,30 @@ class Stage:
 
 def _data_summary(manifest: dict, stage_dir: Path) -> str:
     counts = manifest["counts"]
-    return (
+    line = (
         f"{manifest['source']['name']}: {counts['users']} users, {counts['items']} items, "
         f"{counts['interactions']} interactions {counts['splits']}"
     )
+    roles = counts.get("users_by_role", {})
+    sections = manifest.get("item_sections", {})
+    if roles:
+        line += "\nusers: " + ", ".join(
+            f"{n} {ROLE_NAMES.get(role, role)}" for role, n in sorted(roles.items())
+        )
+    if "cold_max_interactions" in sections:
+        line += (
+            f"\nitems: {counts.get('cold_items')} cold (at most "
+            f"{sections['cold_max_interactions']} training interactions), "
+            f"{counts.get('warm_items')} warm (at least {sections['warm_min_interactions']})"
+        )
+    return line
+
+
+ROLE_NAMES = {
+    "train": "trained on",
+    "cold": "held out of every stage (cold users)",
+    "unseen": "outside the few-shot K (tested only)",
+}
 
 
 def _cf_summary(manifest: dict, stage_dir: Path) -> str:
