@@ -196,6 +196,13 @@ class Stage2Config(_Section):
         "item's Sentence-BERT encodings), each path weighted by how many training "
         "interactions the item has (allmrec.models.readout)",
     )
+    gate_fit: Literal["valid", "last"] = Field(
+        "valid",
+        description="user_item_text: the examples that fit how far to trust the item path "
+        "against the text path, before any LLM step: 'valid', the validation items of the "
+        "users outside the validation curve (held out from the CF model, so its scores are "
+        "as reliable as at test time); 'last', each user's last training item",
+    )
     readout_layer: int | None = Field(
         None,
         ge=1,

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from allmrec.config import Config
-from allmrec.data.prepared import seeded_users
 from allmrec.evaluation import metrics_from_ranks, random_scorer
 from allmrec.models.projection import ALLMRecLM, hit_contains, hit_exact
 from allmrec.models.readout import TextInputs
@@ -303,11 +302,9 @@ VALIDATION_KEYS = {
 def validation_cases(inputs: Stage2Inputs, config: Config) -> list[EvalCase]:
     """A seeded sample of `stage2.validation_users` valid-split users with the evaluator's
     seeded candidates."""
-    from allmrec.training.stage2 import eval_cases
+    from allmrec.training.stage2 import eval_cases, validation_users
 
-    users = seeded_users(
-        inputs.data.eval_users("valid"), config.stage2.validation_users, config.seed
-    )
+    users = validation_users(inputs, config)
     return eval_cases(users, inputs, "valid", config.stage2.num_negatives, config.seed)
 
 

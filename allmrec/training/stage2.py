@@ -354,10 +354,10 @@ def start_readouts(
 ) -> dict[str, float]:
     """The `user_item` readouts at their starting point: the item map g fitted to the CF item
     embeddings (`RankReadout.fit_item_map`; the relative fit error of each) and, for
-    `user_item_text`, the weights of the item and the text path by interaction count fitted
-    on one example per training user (`RankReadout.fit_gate`, before any LLM step: the LLM's
-    corrections are zero there, so the readout's scores need no forward pass). The bypass
-    starts from the same weights."""
+    `user_item_text`, the weights of the item and the text path by interaction count
+    (`RankReadout.fit_gate`, before any LLM step: the LLM's corrections are zero there, so
+    the readout's scores need no forward pass) fitted on one example per user
+    (`stage2.gate_fit`, `gate_fit_users`). The bypass starts from the same weights."""
     out = {}
     item_embeddings = inputs.cf_model.item_embeddings().detach().float().cpu()
     readouts = {"rank": model.readout, "bypass": getattr(model.bypass, "readout", None)}
@@ -365,12 +365,35 @@ def start_readouts(
         if readout is not None and readout.scores_any_item:
             out[f"{name}_item_map_error"] = readout.fit_item_map(inputs.z, item_embeddings)
     if model.readout is not None and model.readout.reads_text:
-        users = inputs.data.training_users() if users is None else users
+        users = gate_fit_users(inputs, config) if users is None else users
         out |= model.readout.fit_gate(*gate_examples(model.readout, inputs, config, users))
+        out["gate_fit_users"] = len(users)
         if model.bypass is not None:
             for name in ("cf_weight", "text_weight", "bucket_bias"):
                 getattr(model.bypass.readout, name).data.copy_(getattr(model.readout, name))
     return out
+
+
+def gate_fit_users(inputs: Stage2Inputs, config: Config) -> np.ndarray:
+    """The users whose examples fit the text-aware readout's weights: with `stage2.gate_fit:
+    valid`, the users trained on whose validation items are not in Stage 2's validation curve
+    (so the curve stays out of sample), all of them if fewer than 50 would be left; with
+    `last`, every user trained on."""
+    data = inputs.data
+    if config.stage2.gate_fit == "last":
+        return data.training_users()
+    curve = set(validation_users(inputs, config).tolist())
+    users = np.array([u for u in data.eval_users("valid") if u not in curve], dtype=np.int64)
+    return users if len(users) >= 50 else data.eval_users("valid")
+
+
+def validation_users(inputs: Stage2Inputs, config: Config) -> np.ndarray:
+    """The seeded `stage2.validation_users` valid-split users of Stage 2's learning curve."""
+    from allmrec.data.prepared import seeded_users
+
+    return seeded_users(
+        inputs.data.eval_users("valid"), config.stage2.validation_users, config.seed
+    )
 
 
 @torch.no_grad()
@@ -378,26 +401,35 @@ def gate_examples(
     readout, inputs: Stage2Inputs, config: Config, users: np.ndarray
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(CF scores <x_u, g(z_c)>, text cosines, counts), [E, 20] each with the true item in
-    column 0: each user's last training item after the items before it (the target nearest
-    in time to the held-out ones), with 19 seeded negatives the user never interacted with.
-    The target's count leaves its own interaction out, as a held-out item's does: so the
-    bucket of items never seen (n = 0) learns from the items seen once."""
+    column 0, one per user, with 19 seeded negatives the user never interacted with. The
+    target, by `stage2.gate_fit`: `valid`, the user's validation item after their training
+    items (the CF model never trained on it: its scores are as reliable as at test time;
+    in-sample targets, which it memorised, make it look surer than it is, most of all when it
+    trained on few users); `last`, the user's last training item after the items before it,
+    its count without its own interaction (so the bucket of items never seen learns from the
+    items seen once)."""
     data, cfg = inputs.data, config.stage2
     users = np.asarray(users, dtype=np.int64)
     rng = np.random.default_rng([config.seed, 11])
     all_items = np.arange(1, data.num_items + 1)
-    histories = [data.train[int(u)][:-1] for u in users]
+    held_out = cfg.gate_fit == "valid"
+    if held_out:
+        histories = [data.train[int(u)] for u in users]
+        targets = [int(data.valid[int(u)]) for u in users]
+    else:
+        histories = [data.train[int(u)][:-1] for u in users]
+        targets = [int(data.train[int(u)][-1]) for u in users]
     candidates = np.stack(
         [
             np.concatenate(
                 [
-                    [data.train[int(u)][-1]],
+                    [target],
                     rng.choice(
                         np.setdiff1d(all_items, data.interacted(int(u))), cfg.num_negatives, False
                     ),
                 ]
             )
-            for u in users
+            for u, target in zip(users, targets, strict=True)
         ]
     )
     x_u = user_vectors_of(inputs, users, histories)
@@ -408,7 +440,8 @@ def gate_examples(
     )
     cand = torch.as_tensor(candidates)
     counts = inputs.counts[cand].clone()
-    counts[:, 0] = (counts[:, 0] - 1).clamp_min(0)  # the target's, without this interaction
+    if not held_out:  # a training target's count holds this very interaction
+        counts[:, 0] = (counts[:, 0] - 1).clamp_min(0)
     text = TextInputs(history_text, inputs.q[cand], counts)
     query = readout.start_query(x_u, text)
     cf_scores, text_scores = readout.path_scores(query, inputs.z[cand], text)
