@@ -87,6 +87,27 @@ def _head(d_in: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, d_out))
 
 
+class CountGate(nn.Module):
+    """a_k * cf + tau * b_k * text + c_k, one weight of each per bucket k of an item's
+    training interactions (a 1, b and c 0 at the start: the CF path alone). A module of its
+    own, called through `forward`: under ZeRO-3 a module's parameters are gathered for its
+    forward pass only, and the readout calls it from methods other than its own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cf_weight = nn.Parameter(torch.ones(COUNT_BUCKETS))  # a
+        self.text_weight = nn.Parameter(torch.zeros(COUNT_BUCKETS))  # b
+        self.bucket_bias = nn.Parameter(torch.zeros(COUNT_BUCKETS))  # c
+
+    def forward(self, cf_scores: Tensor, text_scores: Tensor, counts: Tensor) -> Tensor:
+        k = count_bucket(counts)
+        return (
+            self.cf_weight[k] * cf_scores
+            + TEXT_SCALE * self.text_weight[k] * text_scores
+            + self.bucket_bias[k]
+        )
+
+
 class RankReadout(nn.Module):
     """s_c for every candidate c of a prompt (`kind` as in the module docstring)."""
 
@@ -118,9 +139,7 @@ class RankReadout(nn.Module):
             self.text_head = _head(d_llm, d_text)  # T, zero: t = the history's mean q
             nn.init.zeros_(self.text_head[1].weight)
             nn.init.zeros_(self.text_head[1].bias)
-            self.cf_weight = nn.Parameter(torch.ones(COUNT_BUCKETS))  # a
-            self.text_weight = nn.Parameter(torch.zeros(COUNT_BUCKETS))  # b
-            self.bucket_bias = nn.Parameter(torch.zeros(COUNT_BUCKETS))  # c
+            self.gate = CountGate()  # a, b, c
 
     @property
     def scores_any_item(self) -> bool:
@@ -156,12 +175,7 @@ class RankReadout(nn.Module):
 
     def gated(self, cf_scores: Tensor, text_scores: Tensor, counts: Tensor) -> Tensor:
         """`user_item_text`: a_k * cf + tau * b_k * text + c_k, k the count's bucket."""
-        k = count_bucket(counts)
-        return (
-            self.cf_weight[k] * cf_scores
-            + TEXT_SCALE * self.text_weight[k] * text_scores
-            + self.bucket_bias[k]
-        )
+        return self.gate(cf_scores, text_scores, counts)
 
     def path_scores(
         self, query: Tensor, z: Tensor, text: TextInputs | None = None
@@ -230,7 +244,7 @@ class RankReadout(nn.Module):
         if not self.reads_text:
             return {}
         cf_scores, text_scores = cf_scores.detach(), text_scores.detach()
-        params = [self.cf_weight, self.text_weight, self.bucket_bias]
+        params = list(self.gate.parameters())
         start = [p.detach().clone() for p in params]
         targets = torch.zeros(len(cf_scores), dtype=torch.long)
 

@@ -369,8 +369,7 @@ def start_readouts(
         out |= model.readout.fit_gate(*gate_examples(model.readout, inputs, config, users))
         out["gate_fit_users"] = len(users)
         if model.bypass is not None:
-            for name in ("cf_weight", "text_weight", "bucket_bias"):
-                getattr(model.bypass.readout, name).data.copy_(getattr(model.readout, name))
+            model.bypass.readout.gate.load_state_dict(model.readout.gate.state_dict())
     return out
 
 
