@@ -93,7 +93,9 @@ class StackRecommender:
         self.counts = [int(n) for n in inputs.counts]  # training interactions (added: 0)
         self.added: dict[int, tuple[str, str]] = {}  # index -> (title, description) as added
         stage1 = self.run_dir / "stage1"
-        self.text_encoder = load_sentence_encoder(str(stage1 / "text_encoder"))
+        # eval mode for good: `encode_texts` restores the mode it found, and a module loaded
+        # in training mode would turn dropout back on under another thread's concurrent add.
+        self.text_encoder = load_sentence_encoder(str(stage1 / "text_encoder")).eval()
         self.text_ae = _autoencoder(stage1 / "text_autoencoder.safetensors")
         self.item_ae = _autoencoder(stage1 / "item_autoencoder.safetensors")
         with torch.no_grad():

@@ -8,10 +8,10 @@ How the other data set's users and items enter the stack (docs/method.md, sectio
 - any other item enters by its text alone, as the paper's cold items do: q from the stack's
   Sentence-BERT over the item's own text, z = enc_T(q) through the stack's text encoder, no
   interactions;
-- a user is their history: x_u is the stack's CF model over the matched items of it (the CF
-  model has no embedding for the others); the CF backbone row scores the candidates with the
-  same x_u, an unmatched candidate as the mean item embedding of the catalogue (the CF
-  model's best guess for an item it never saw).
+- a user is their history: x_u is the stack's CF model over the matched items among its
+  last `max_len` (the window every CF model reads; it has no embedding for the others); the
+  CF backbone row scores the candidates with the same x_u, an unmatched candidate as the
+  mean item embedding of the catalogue (the CF model's best guess for an item it never saw).
 
 Only sequential CF models (SASRec, GRU4Rec, NextItNet) transfer: NCF's user embedding is of
 the users it trained on.

@@ -90,6 +90,18 @@ def _probe_in_process(config, run_dir) -> float:
     return float(losses.get("rank", losses["loss"]))
 
 
+def _llm_bytes(llm_dir) -> int:
+    return sum(p.stat().st_size for p in llm_dir.rglob("*.safetensors"))
+
+
+def _largest_checkpoint_bytes(run_dir) -> int:
+    """The largest of the run's kept Ray Train checkpoints, in bytes: a Train run keeps more
+    than one (the latest and the best), so each is bounded, not their sum."""
+    checkpoints = [p for p in (run_dir / "checkpoints").glob("*/checkpoint_*") if p.is_dir()]
+    assert checkpoints, f"no Ray Train checkpoint under {run_dir / 'checkpoints'}"
+    return max(sum(f.stat().st_size for f in c.rglob("*") if f.is_file()) for c in checkpoints)
+
+
 @pytest.mark.slow
 def test_zero3_partitions_the_llm_and_matches_one_process(two_worker_run, tiny_llm):
     run_dir, two = two_worker_run
@@ -123,11 +135,8 @@ def test_resume_after_a_worker_failure_and_no_llm_in_checkpoints(two_worker_run,
     # resumed in epoch 2 from the checkpoint after its step 1
     assert manifest["resumed_from"] == [[1, 1]]
     assert manifest["epochs_run"] == 2
-    llm_bytes = sum(p.stat().st_size for p in tiny_llm.rglob("*.safetensors"))
-    checkpoint_bytes = sum(
-        p.stat().st_size for p in (run_dir / "checkpoints").rglob("*") if p.is_file()
-    )
-    assert checkpoint_bytes < 0.2 * llm_bytes  # projectors and their Adam state only
+    # projectors and their Adam state only: even one ZeRO-3 rank's half of the LLM is 0.5
+    assert _largest_checkpoint_bytes(run_dir) < 0.2 * _llm_bytes(tiny_llm)
 
 
 @pytest.mark.slow
@@ -257,11 +266,7 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(stack_run,
         "bypass",
     }
     assert weights["readout.item_map.weight"].shape == (50, 128)  # z_i (128) -> CF space (50)
-    llm_bytes = sum(p.stat().st_size for p in tiny_llm.rglob("*.safetensors"))
-    checkpoint_bytes = sum(
-        p.stat().st_size for p in (run_dir / "checkpoints").rglob("*") if p.is_file()
-    )
-    assert checkpoint_bytes < 0.2 * llm_bytes
+    assert _largest_checkpoint_bytes(run_dir) < 0.2 * _llm_bytes(tiny_llm)
     history = json.loads((run_dir / "stage2" / "history.json").read_text())
     assert history["curve"] == curve
 
@@ -347,18 +352,26 @@ def test_cross_domain_recommends_for_another_catalogue_with_no_training_there(
     """The session's stack recommends for the users of another prepared data set: items
     matched by title take the stack's CF and joint embeddings, the others enter by their text
     alone (z = enc_T(q)); x_u is the stack's CF model over the matched history."""
+    from collections import Counter
+
     import torch
 
     from allmrec.data.prepared import load_prepared
     from allmrec.distributed.evaluate import evaluate_stack
     from allmrec.training.stage2 import load_trained_stage2
-    from allmrec.transfer import match_items, transferred_inputs
+    from allmrec.transfer import match_items, title_keys, transferred_inputs
 
     mapping = match_items(stack_run, every_item_data)
     matched = mapping > 0
-    # ML-100K's 1,682 items: the stack's 1,349 by title (and a few duplicated titles), the
-    # rest new to it
-    assert matched[1:].sum() >= 1349 and (~matched[1:]).sum() >= 300
+    # ML-100K's 1,682 items: the stack's 1,349 by title and year, but for the few titles that
+    # name two of its items (those match nothing: an item is matched only to the one it
+    # certainly is); the rest new to it
+    source_keys, target_keys = title_keys(stack_run), title_keys(every_item_data)
+    once = {k for k, n in Counter(source_keys[1:]).items() if n == 1}
+    once -= {"|", "no title|"}  # placeholders name no title
+    expected = [source_keys.index(k) if k in once else 0 for k in target_keys[1:]]
+    assert mapping[1:].tolist() == expected
+    assert matched[1:].sum() >= 1300 and (~matched[1:]).sum() >= 300
     _, source = load_trained_stage2(stack_run)
     inputs = transferred_inputs(stack_run, source, every_item_data, "{title}")
     rows = torch.as_tensor(mapping)
@@ -370,9 +383,9 @@ def test_cross_domain_recommends_for_another_catalogue_with_no_training_there(
     assert not torch.allclose(inputs.z[unmatched], torch.zeros_like(inputs.z[unmatched]))
     target = load_prepared(every_item_data)
     user = int(target.eval_users("test")[0])
-    history = target.history(user, "test")
-    in_source = torch.as_tensor(mapping[history][mapping[history] > 0])
     max_len = source.cf_model.config.max_len
+    history = target.history(user, "test")[-max_len:]  # the window the CF model reads
+    in_source = torch.as_tensor(mapping[history][mapping[history] > 0])
     with torch.no_grad():
         direct = source.cf_model.user_representation(
             torch.tensor([user]),
