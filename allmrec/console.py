@@ -4,8 +4,8 @@ A command's terminal would otherwise be Ray's: every worker's output comes back 
 prefixed "(ActorName pid=N)" (Ray Data's progress tables, weight-loading bars, DeepSpeed's
 build lines, Ray Train's internals), and Ray's own driver logs sit between. `quiet_console`
 puts a line filter in front of stdout and stderr: by default the terminal gets allmrec's lines
-(its log records, what it prints, the per-epoch lines its workers print, tagged "[cf]",
-"[stage1]", "[stage2 ...]", and its workers' log records) plus any error of another library;
+(its log records, what it prints, its workers' progress lines and log records, all in one
+format: "12:00:01 INFO allmrec.stage2: ...") plus any error of another library;
 with `verbose`, every line. Every line, shown or not, goes to the log file that
 `write_log_to` names once the run directory is known (lines before that are kept for it).
 C and C++ code (Ray's core worker) writes to file descriptor 2 itself, past `sys.stderr`: the
@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,9 +31,9 @@ _FORWARDED = re.compile(
     r"|monitor)(?:, ip=[\w.:-]+)?\)(?:\x1b\[0m)? ?"
 )
 _ANSI = re.compile(r"\x1b\[[\d;]*m")
-_OURS_FROM_WORKERS = re.compile(
-    r"^\[(?:cf|stage1|stage2|data|evaluate|tune)[\] ]|^[\d\- :,.]+(?:[A-Z]+ )?allmrec\."
-)
+# A worker's line of allmrec's: a record or a progress line in the driver's format
+# (`progress_line`: "12:00:01 INFO allmrec.stage2: epoch 1 step 10/150 ...")
+_OURS_FROM_WORKERS = re.compile(r"^[\d\- :,.]+(?:[A-Z]+ )?allmrec\.")
 # Serve's access log of a request to allmrec's app: what an operator of `allmrec serve` watches
 _ACCESS = re.compile(r" allmrec_\w+ .* -- (?:GET|POST|PUT|PATCH|DELETE) /\S* \d{3} ")
 # A log record in the driver's format (allmrec.cli.setup_logging): "12:00:01 INFO name: ..."
@@ -60,11 +61,25 @@ _FAILURE_LINES = 1000  # a traceback longer than this is not one
 # What ends that traceback: a new record of anyone, or one of allmrec's own lines
 _NEXT_RECORD = re.compile(
     r"^(?:\d\d:\d\d:\d\d [A-Z]+ [\w.]+: |\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\t[A-Z]+ |allmrec: "
-    r"|log \(every line|\[\w+[\] ])"
+    r"|log \(every line)"
 )
 # A library's tqdm bar ("Loading weights: 100%|####| 103/103 [00:00<00:00, ...]"), redrawn
 # with carriage returns on one line: the driver's own (a worker's is hidden with its prefix).
 _PROGRESS_BAR = re.compile(r"\d+%\|.*\| *\d+/\d+ \[")
+
+
+def progress_line(stage: str, text: str) -> str:
+    """A progress line of a stage ("cf", "stage1", "stage2", "tune", ...) in the format of
+    every other line allmrec prints (`allmrec.cli.setup_logging`'s records):
+    "12:00:01 INFO allmrec.stage2: epoch 1 step 10/150 loss 1.2209". Workers print it (Ray
+    forwards their stdout, not their log records); the driver shows it as it came."""
+    return f"{time.strftime('%H:%M:%S')} INFO allmrec.{stage}: {text}"
+
+
+def say(stage: str, text: str) -> None:
+    """Print `progress_line(stage, text)` now (flushed: a worker's line reaches the driver
+    while the step is still running)."""
+    print(progress_line(stage, text), flush=True)
 
 
 def shown_on_terminal(line: str, access_log: bool = True) -> str | None:

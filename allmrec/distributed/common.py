@@ -29,6 +29,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from safetensors.torch import load_file, save_file
 
 from allmrec.config import Config, TrainScaling
+from allmrec.console import say
 from allmrec.stages import run_name, stage_inputs
 from allmrec.tracking import fail_live_run, log_report, open_live_run, tracking_uri
 from allmrec.training.zero import import_deepspeed, skip_cpu_shm_op
@@ -305,9 +306,10 @@ def fit_and_load(
     return state, weights, kept
 
 
-def print_epoch(tag: str, metrics: dict) -> None:
-    """One progress line per epoch from rank 0 (Ray forwards worker stdout to the driver)."""
+def print_epoch(stage: str, metrics: dict, prefix: str = "") -> None:
+    """One progress line per epoch from rank 0 (Ray forwards worker stdout to the driver),
+    in the format of every line allmrec prints (`allmrec.console.progress_line`)."""
     line = " ".join(
         f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
     )
-    print(f"[{tag}] {line}", flush=True)
+    say(stage, prefix + line)

@@ -28,6 +28,7 @@ from ray.train import Checkpoint
 from safetensors.torch import load_file
 
 from allmrec.config import CFConfig, Config, config_to_dict
+from allmrec.console import say
 from allmrec.data.prepared import PreparedData, load_prepared, seeded_users, worker_users
 from allmrec.distributed.common import (
     all_reduce_sum,
@@ -176,7 +177,7 @@ def _set_up(loop_config: dict) -> _Worker:
             optimizer_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
             state = json.loads((ckpt / "state.json").read_text())
         state.setdefault("resumed_from", []).append(state["epoch"])
-        print(f"[cf] rank {rank}: resumed from epoch {state['epoch']}", flush=True)
+        say("cf", f"rank {rank}: resumed from epoch {state['epoch']}")
     model = ray.train.torch.prepare_model(model)  # DDP when several workers; to the device
     if optimizer_state is not None:  # after the move, so Adam's moments follow the params
         optimizer.load_state_dict(optimizer_state)

@@ -23,6 +23,7 @@ import ray.train.torch
 import torch
 
 from allmrec.config import Config, Stage1Config, config_to_dict
+from allmrec.console import say
 from allmrec.data.prepared import PreparedData, load_prepared, seeded_users, worker_users
 from allmrec.distributed.common import (
     all_reduce_sum,
@@ -240,17 +241,17 @@ def _set_up(loop_config: dict) -> _Worker:
     aligner = engine.module
     share = local_share(list(aligner.parameters()))
     if rank == 0:
-        print(
-            f"[stage1] set up in {time.perf_counter() - started:.1f} s; this worker holds "
+        say(
+            "stage1",
+            f"set up in {time.perf_counter() - started:.1f} s; this worker holds "
             f"{share:.1%} of the trained parameters' elements",
-            flush=True,
         )
     state = restore_deepspeed(engine)
     if state is None:
         state = {"epoch": 0, "history": [], "best_hit1": -1.0, "best_epoch": 0}
     else:
         state.setdefault("resumed_from", []).append(state["epoch"])
-        print(f"[stage1] rank {rank}: resumed from epoch {state['epoch']}", flush=True)
+        say("stage1", f"rank {rank}: resumed from epoch {state['epoch']}")
     return _Worker(
         config,
         engine,

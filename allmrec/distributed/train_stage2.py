@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from allmrec.config import Config, config_to_dict
+from allmrec.console import say
 from allmrec.data.prepared import worker_users
 from allmrec.distributed.common import (
     all_reduce_sum,
@@ -139,7 +140,7 @@ class _Worker:
         if cfg.validate_every_steps and steps_done % cfg.validate_every_steps == 0:
             point = self.validate()
             if self.rank == 0:
-                print_epoch("stage2 validation", point)
+                print_epoch("stage2", point, "validation ")
         every = cfg.checkpoint_every_steps
         if (every and steps_done % every == 0) or (point is not None and cfg.keep == "best"):
             latest = self.state["curve"][-1] if self.state["curve"] else {}  # maybe an earlier one
@@ -161,10 +162,10 @@ class _Worker:
             take = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             sums += self.train_step(epoch, step, [pairs[i] for i in take])
             if rank == 0 and (step + 1) % 10 == 0:
-                print(
-                    f"[stage2] epoch {epoch} step {step + 1}/{steps} loss {sums[0] / sums[2]:.4f} "
+                say(
+                    "stage2",
+                    f"epoch {epoch} step {step + 1}/{steps} loss {sums[0] / sums[2]:.4f} "
                     f"({sums[3] / (time.perf_counter() - started):.2f} prompts/s on this worker)",
-                    flush=True,
                 )
             if step + 1 < steps:  # the epoch's end validates and saves anyway
                 self.between_steps(epoch, step + 1, sums[0] / sums[2])
@@ -203,7 +204,7 @@ def _set_up(loop_config: dict) -> _Worker:
     torch.manual_seed(config.seed)  # the same initial weights on every worker
     model = build_stage2_model(config, inputs.d_cf, inputs.d_joint, d_text=inputs.d_text)
     fit_errors = start_readouts(model, inputs, config)
-    trained = [p for name in TRAINED_MODULES for p in _parameters(model, name)]
+    trained = [p for name in TRAINED_MODULES for p in _parameters(model, name) if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=torch.optim.Adam(trained, lr=cfg.lr),
@@ -218,13 +219,13 @@ def _set_up(loop_config: dict) -> _Worker:
     llm_share = local_share(list(model.llm.parameters()))
     if rank == 0:
         layers = f", read at block {cfg.readout_layer}" if cfg.readout_layer else ""
-        print(
-            f"[stage2] set up in {time.perf_counter() - started:.1f} s: {cfg.objective} "
+        say(
+            "stage2",
+            f"set up in {time.perf_counter() - started:.1f} s: {cfg.objective} "
             f"objective{layers}, {type(model.llm).__name__}, "
             f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.llm.parameters()) / 1e6:.1f}M "
             f"frozen parameters, ZeRO-{cfg.zero_stage}, this worker holds {llm_share:.1%} of "
             f"them; {memory_stats(device)['rss_gib']:.2f} GiB resident",
-            flush=True,
         )
     state = restore_deepspeed(engine)
     if state is None:
@@ -232,10 +233,7 @@ def _set_up(loop_config: dict) -> _Worker:
         state["readout_start"] = fit_errors
     else:
         state.setdefault("resumed_from", []).append([state["epoch"], state["step"]])
-        print(
-            f"[stage2] rank {rank}: resumed after epoch {state['epoch']}, step {state['step']}",
-            flush=True,
-        )
+        say("stage2", f"rank {rank}: resumed after epoch {state['epoch']}, step {state['step']}")
     worker = _Worker(config, engine, model, inputs, rank, world, device, state, llm_share)
     cases = validation_cases(inputs, config)
     share = math.ceil(len(cases) / world)

@@ -23,6 +23,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from allmrec.config import Config, config_to_dict
+from allmrec.console import say
 from allmrec.storage import RunStorage, join, open_run
 from allmrec.tuning import RESULT_FILES, check_search, write_results
 
@@ -179,15 +180,15 @@ class TrialLines(tune.Callback):
             return
         if self.best is None or value > self.best[0]:
             self.best = (float(value), self._name(trial))
-        print(
-            f"[tune] {self._name(trial)} epoch {result.get('epoch')}: {self.metric}="
+        say(
+            "tune",
+            f"{self._name(trial)} epoch {result.get('epoch')}: {self.metric}="
             f"{value:.4f}; best so far {self.best[0]:.4f}, {self.best[1]}",
-            flush=True,
         )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-        print(f"[tune] {self._name(trial)} ended; {done} of {len(trials)} trials done", flush=True)
+        say("tune", f"{self._name(trial)} ended; {done} of {len(trials)} trials done")
 
 
 def _tracking_callbacks(config: Config, run_home: str) -> list:

@@ -232,25 +232,29 @@ class RankReadout(nn.Module):
         cf_scores: Tensor,
         text_scores: Tensor,
         counts: Tensor,
+        weights: Tensor | None = None,
         steps: int = 300,
         lr: float = 0.05,
         ridge: float = 1e-3,
     ) -> dict[str, float]:
         """`user_item_text`: a, b, c fitted by the listwise loss over examples whose true item
         is column 0: their CF scores <x_u, g(z_c)>, text cosines and counts, [E, C] each
-        (the readout's own scores while its LLM corrections are zero). A small ridge holds
-        each weight near its start where a bucket has few items. Returns the loss before and
-        after. A no-op for the other readouts."""
+        (the readout's own scores while its LLM corrections are zero), each example weighted
+        by `weights` [E] (None: alike). A small ridge holds each weight near its start where
+        a bucket has few items. Returns the loss before and after. A no-op for the other
+        readouts."""
         if not self.reads_text:
             return {}
         cf_scores, text_scores = cf_scores.detach(), text_scores.detach()
         params = list(self.gate.parameters())
         start = [p.detach().clone() for p in params]
         targets = torch.zeros(len(cf_scores), dtype=torch.long)
+        weights = torch.ones(len(cf_scores)) if weights is None else weights.float()
+        weights = weights / weights.mean()
 
         def loss() -> Tensor:
             scores = self.gated(cf_scores, text_scores, counts)
-            fit = F.cross_entropy(scores, targets)
+            fit = (F.cross_entropy(scores, targets, reduction="none") * weights).mean()
             return fit + ridge * sum(
                 ((p - s) ** 2).sum() for p, s in zip(params, start, strict=True)
             )

@@ -357,7 +357,9 @@ def start_readouts(
     `user_item_text`, the weights of the item and the text path by interaction count
     (`RankReadout.fit_gate`, before any LLM step: the LLM's corrections are zero there, so
     the readout's scores need no forward pass) fitted on one example per user
-    (`stage2.gate_fit`, `gate_fit_users`). The bypass starts from the same weights."""
+    (`stage2.gate_fit`, `gate_fit_users`), an example whose true item is cold weighted by
+    `stage2.gate_cold_weight`. The bypass starts from the same weights; with
+    `stage2.gate_trainable` false neither gate trains after the fit."""
     out = {}
     item_embeddings = inputs.cf_model.item_embeddings().detach().float().cpu()
     readouts = {"rank": model.readout, "bypass": getattr(model.bypass, "readout", None)}
@@ -366,10 +368,20 @@ def start_readouts(
             out[f"{name}_item_map_error"] = readout.fit_item_map(inputs.z, item_embeddings)
     if model.readout is not None and model.readout.reads_text:
         users = gate_fit_users(inputs, config) if users is None else users
-        out |= model.readout.fit_gate(*gate_examples(model.readout, inputs, config, users))
+        cf_scores, text_scores, counts, targets = gate_examples(
+            model.readout, inputs, config, users
+        )
+        cold = torch.as_tensor(np.asarray(inputs.cold_items, dtype=bool))[targets]
+        weights = torch.where(cold, config.stage2.gate_cold_weight, 1.0)
+        out |= model.readout.fit_gate(cf_scores, text_scores, counts, weights)
         out["gate_fit_users"] = len(users)
+        out["gate_fit_cold_users"] = int(cold.sum())
+        gates = [model.readout.gate]
         if model.bypass is not None:
             model.bypass.readout.gate.load_state_dict(model.readout.gate.state_dict())
+            gates.append(model.bypass.readout.gate)
+        for gate in gates:
+            gate.requires_grad_(config.stage2.gate_trainable)
     return out
 
 
@@ -398,9 +410,10 @@ def validation_users(inputs: Stage2Inputs, config: Config) -> np.ndarray:
 @torch.no_grad()
 def gate_examples(
     readout, inputs: Stage2Inputs, config: Config, users: np.ndarray
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(CF scores <x_u, g(z_c)>, text cosines, counts), [E, 20] each with the true item in
-    column 0, one per user, with 19 seeded negatives the user never interacted with. The
+    column 0, one per user, with 19 seeded negatives the user never interacted with, and the
+    true items [E]. The
     target, by `stage2.gate_fit`: `valid`, the user's validation item after their training
     items (the CF model never trained on it: its scores are as reliable as at test time;
     in-sample targets, which it memorised, make it look surer than it is, most of all when it
@@ -444,7 +457,7 @@ def gate_examples(
     text = TextInputs(history_text, inputs.q[cand], counts)
     query = readout.start_query(x_u, text)
     cf_scores, text_scores = readout.path_scores(query, inputs.z[cand], text)
-    return cf_scores, text_scores, text.counts
+    return cf_scores, text_scores, text.counts, cand[:, 0]
 
 
 def llm_dtype(config: Config) -> torch.dtype:

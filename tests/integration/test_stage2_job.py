@@ -286,6 +286,26 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(stack_run,
     assert np.mean(hits["valid_bypass_hit@1"]) == pytest.approx(point["valid_bypass_hit@1"])
     assert (run_dir / "stage2" / "learning_curve.png").stat().st_size > 1000
 
+    # The gate (the readout's weights by interaction count) is fitted before any step on
+    # held-out items and, `stage2.gate_trainable` false, trains no further: the kept weights
+    # hold the fit itself (computed again here by the library), in the readout and the bypass
+    from allmrec.training.stage2 import build_stage2_model, load_stage2_inputs, start_readouts
+
+    assert not config.stage2.gate_trainable and manifest["readout_start"]["gate_fit_users"] > 0
+    inputs = load_stage2_inputs(run_dir, config)
+    torch.manual_seed(config.seed)
+    fresh = build_stage2_model(config, inputs.d_cf, inputs.d_joint, d_text=inputs.d_text)
+    start_readouts(fresh, inputs, config)
+    start = fresh.state_dict()
+    gate_keys = [k for k in weights if ".gate." in k]
+    assert len(gate_keys) == 6  # a, b, c of the readout and of the bypass
+    for key in gate_keys:
+        assert torch.allclose(weights[key], start[key].float(), atol=1e-6), key
+    if kept["prompts"] > 0:  # the rest of the readout did train
+        assert not torch.equal(
+            weights["readout.user_head.1.weight"], start["readout.user_head.1.weight"]
+        )
+
 
 @pytest.mark.slow
 def test_evaluate_a_rank_stack_rows_catalogue_and_paired_intervals(stack_run):

@@ -37,10 +37,13 @@ HIDDEN = [
     "[2026-12-02 02:52:35,209 E 27776 27776] core_worker.cc:2465: Actor with class name: "
     "'MapWorker(MapBatches(ItemTextEmbedder))' and ID: 'bd9bf6' has constructor arguments",
 ]
-CF_LINE = "[cf] epoch=1 loss=1.3944 epoch_seconds=0.6383"
-VALIDATION_LINE = "[stage2 validation] prompts=1000 valid_rank_hit@1=0.51"
+CF_LINE = "00:12:01 INFO allmrec.cf: epoch=1 loss=1.3944 epoch_seconds=0.6383"
+VALIDATION_LINE = "00:20:13 INFO allmrec.stage2: validation prompts=1000 valid_rank_hit@1=0.51"
 EVAL_LINE = "00:17:56 INFO allmrec.llm_evaluation: evaluate [1/1]: 100/100 prompts (2.51/s)"
-TUNE_LINE = "[tune] 8c1d2_00001 (alpha=0.5, beta=0.2) epoch 2: valid_coldtext_hit@1=0.3900"
+TUNE_LINE = (
+    "00:31:40 INFO allmrec.tune: 8c1d2_00001 (alpha=0.5, beta=0.2) epoch 2: "
+    "valid_coldtext_hit@1=0.3900"
+)
 SHOWN = {  # line -> what the terminal shows (None: the line as it is)
     RAY + CF_LINE: CF_LINE,
     RAY + VALIDATION_LINE: VALIDATION_LINE,
@@ -140,11 +143,8 @@ def _run_command(tmp_path, verbose: bool) -> tuple[str, str]:
 
 def test_the_terminal_gets_our_lines_and_the_log_file_every_line(tmp_path):
     terminal, logged = _run_command(tmp_path, verbose=False)
-    assert (
-        terminal
-        == "[cf] epoch=1 loss=1.3944 epoch_seconds=0.6383\n| a table | without its newline yet |\n"
-    )
-    assert "Reporting training result 1" in logged and "[cf] epoch=1" in logged
+    assert terminal == f"{CF_LINE}\n| a table | without its newline yet |\n"
+    assert "Reporting training result 1" in logged and CF_LINE in logged
     assert "\x1b[" not in logged  # colours stripped in the file
     assert log_path() is None  # the command is over
 
@@ -170,3 +170,26 @@ def test_what_cpp_writes_to_descriptor_2_passes_the_filter_too(tmp_path, capfd):
     assert terminal == cpp_fatal + "a C library's own line\n" + "after the block\n"
     logged = (tmp_path / "logs" / "x.log").read_text()
     assert cpp_error in logged and cpp_fatal in logged and "after the block" not in logged
+
+
+def test_progress_lines_have_the_format_of_every_other_line(capsys):
+    """A stage's progress line (what Train workers and the Tune driver print) is a record in
+    the driver's logging format, shown on the terminal whether it came forwarded or not."""
+    import logging
+    import re
+
+    from allmrec.console import say
+
+    say("stage2", "epoch 1 step 10/150 loss 1.2209")
+    line = capsys.readouterr().out.rstrip("\n")
+    formatter = logging.Formatter(  # allmrec.cli.setup_logging's
+        "%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    record = logging.LogRecord("allmrec.stage2", logging.INFO, "", 0, "x", None, None)
+    driver = formatter.format(record)
+    assert re.sub(r"^\d\d:\d\d:\d\d", "", line).startswith(
+        re.sub(r"^\d\d:\d\d:\d\d|x$", "", driver)
+    )
+    assert line.endswith(": epoch 1 step 10/150 loss 1.2209")
+    assert shown_on_terminal(line) == line
+    assert shown_on_terminal(RAY + line) == line

@@ -166,3 +166,38 @@ def test_a_training_target_is_counted_without_its_own_interaction():
     )
     assert collate_stage2([trained], tokenizer).text.counts[0].tolist() == [0, 2, 0]
     assert collate_stage2([held_out], tokenizer).text.counts[0].tolist() == [1, 2, 0]
+
+
+def test_weighting_cold_targets_in_the_gate_fit_lifts_cold_items():
+    """Cold items score low on the CF path (seen rarely, their embeddings are small), and
+    one target in ten is cold: fitted with every example alike, the gate keeps the CF path's
+    ranking; with the users of cold items weighted up (`stage2.gate_cold_weight`) it lifts
+    the cold bucket, and the cold targets are ranked first more often."""
+    from allmrec.models.readout import RankReadout, count_bucket
+
+    gen = torch.Generator().manual_seed(1)
+    n, c = 2000, 20
+    cold = torch.rand(n, c, generator=gen) < 0.35  # which candidates are cold items
+    true_cold = torch.rand(n, generator=gen) < 0.1
+    cold[:, 0] = true_cold  # column 0 is the true item
+    cf = torch.randn(n, c, generator=gen) - 1.5 * cold.float()  # the CF path's popularity bias
+    cf[:, 0] += 1.0  # it knows the true item somewhat
+    counts = torch.where(cold, torch.tensor(3), torch.tensor(300))
+    text = torch.zeros(n, c)
+
+    def fitted(weights):
+        readout = RankReadout("user_item_text", d_llm=4, d_cf=4, d_joint=4, d_text=4)
+        readout.fit_gate(cf, text, counts, weights)
+        with torch.no_grad():
+            hits = (readout.gated(cf, text, counts).argmax(dim=1) == 0).float()
+        bias = readout.gate.bucket_bias.detach()
+        bias = bias - bias[count_bucket(torch.tensor(300))]
+        return hits, float(bias[count_bucket(torch.tensor(3))])
+
+    alike, alike_bias = fitted(None)
+    weighted, weighted_bias = fitted(torch.where(true_cold, 5.0, 1.0))
+    assert weighted_bias > alike_bias + 0.3
+    assert weighted[true_cold].mean() > alike[true_cold].mean() + 0.1
+    # the same fit as None when every weight is equal
+    same, _ = fitted(torch.full((n,), 3.0))
+    assert torch.equal(same, alike)
