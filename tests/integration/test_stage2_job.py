@@ -276,6 +276,8 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(stack_run,
     assert kept["keep"] == "best" and kept["valid_hit@1"] == best
     [point] = [p for p in curve if p["prompts"] == kept["prompts"]]
     assert point["valid_hit@1"] == best
+    # equal Hit@1 goes to the point with the fewest trained prompts
+    assert kept["prompts"] == min(p["prompts"] for p in curve if p["valid_hit@1"] == best)
     # ... as scoring them again on the same validation cases shows, for both heads
     from allmrec.llm_evaluation import validation_cases, validation_hits
     from allmrec.training.stage2 import load_trained_stage2
