@@ -312,3 +312,46 @@ def build_small_llm(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model.eval(), tokenizer
+
+
+def matmul_flops(
+    dtype: torch.dtype = torch.float32, device: str = "cpu", n: int = 2048, repeats: int = 10
+) -> float:
+    """FLOP/s of an n x n x n matrix product in `dtype` on `device`, measured now after a
+    warm-up, on the threads torch has: the peak a benchmark compares with, measured in its own
+    run (CPUs of one kind differ: bf16 ran 3.5x slower than fp32 on one, 3.8x faster on
+    another)."""
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync()
+    return 2 * n**3 * repeats / (time.perf_counter() - started)
+
+
+# bf16 is taken only when this much faster than fp32: its scores differ from fp32's in the
+# third digit, which is not worth a few percent
+BF16_SPEEDUP_TO_SWITCH = 1.3
+
+
+def fastest_dtype(device: str = "cpu") -> tuple[str, float]:
+    """The LLM dtype an inference replica should run in on `device`, and bf16's measured
+    speed-up over fp32 there: on a GPU that supports it, bfloat16; on a CPU, bfloat16 when its
+    matmuls run at least `BF16_SPEEDUP_TO_SWITCH` times faster than fp32's on this machine,
+    measured now (about half a second), else float32."""
+    if device.startswith("cuda"):
+        ok = torch.cuda.is_bf16_supported()
+        return ("bfloat16" if ok else "float32"), float("nan")
+    fp32 = matmul_flops(torch.float32, device, n=768, repeats=8)
+    bf16 = matmul_flops(torch.bfloat16, device, n=768, repeats=8)
+    speedup = bf16 / fp32
+    return ("bfloat16" if speedup >= BF16_SPEEDUP_TO_SWITCH else "float32"), speedup

@@ -380,7 +380,8 @@ class StackLLM:
 
     def _example(self, req: dict) -> Stage2Example:
         titles = {int(k): v for k, v in req["titles"].items()}
-        z_rows, q_rows = torch.as_tensor(req["z"]), torch.as_tensor(req["q"])
+        # copies: arrays that come through Ray's object store are read-only
+        z_rows, q_rows = torch.as_tensor(np.array(req["z"])), torch.as_tensor(np.array(req["q"]))
         z = {int(i): z_rows[n] for n, i in enumerate(req["items"])}
         q = {int(i): q_rows[n] for n, i in enumerate(req["items"])}
         counts = {int(k): int(v) for k, v in req["counts"].items()}
@@ -389,7 +390,7 @@ class StackLLM:
             req["history"], order, titles, self.config.data.domain, self.config.stage2.max_history
         )
         return Stage2Example(
-            prompt, torch.as_tensor(req["x_u"]), z, item_text=q, item_counts=counts
+            prompt, torch.as_tensor(np.array(req["x_u"])), z, item_text=q, item_counts=counts
         )
 
     def answer(self, requests: list[dict], max_new_tokens: int = 24) -> list[dict]:

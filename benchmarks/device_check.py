@@ -46,7 +46,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allmrec.llm import add_special_tokens, build_small_llm, load_tokenizer  # noqa: E402
+from allmrec.llm import (  # noqa: E402
+    add_special_tokens,
+    build_small_llm,
+    load_tokenizer,
+    matmul_flops,
+)
 from allmrec.models.projection import ALLMRecLM, Stage2Example  # noqa: E402
 from allmrec.prompts import build_prompt, shuffle_candidates  # noqa: E402
 
@@ -305,20 +310,6 @@ def zero3_step(llm, tokenizer, device: str, dtype: torch.dtype, readout_layer: i
 # Speed
 
 
-def matmul_peak(device: str, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
-    """FLOP/s of an n x n x n matrix product in `dtype` on `device`, after warm-up."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * repeats / (time.perf_counter() - started)
-
-
 def _timed(step: Callable[[], None], device: str, repeats: int) -> float:
     step()  # warm-up: kernels chosen, memory allocated
     _sync(device)
@@ -437,8 +428,8 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     peak_n = 1024 if cpu else 8192
     report["matmul_peak_tflops"] = {
-        "float32": matmul_peak(device, torch.float32, peak_n) / 1e12,
-        "bfloat16": matmul_peak(device, torch.bfloat16, peak_n) / 1e12,
+        "float32": matmul_flops(torch.float32, device, peak_n) / 1e12,
+        "bfloat16": matmul_flops(torch.bfloat16, device, peak_n) / 1e12,
     }
     peak = report["matmul_peak_tflops"]["bfloat16" if dtype == torch.bfloat16 else "float32"] * 1e12
 

@@ -62,19 +62,6 @@ def _load(bodies: list[dict], clients: int) -> dict:
     }
 
 
-def matmul_peak(threads: int, dtype, n: int = 2048, repeats: int = 10) -> float:
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - started)
-
-
 def floor(run_dir: Path, body: dict, threads: int, peak: float) -> dict:
     """FLOPs of one rank request, its time at the peak, and the same request in-process."""
     import torch
@@ -148,9 +135,11 @@ def main() -> None:
 
     from allmrec.config import RayConfig
     from allmrec.distributed.runtime import init_ray
+    from allmrec.llm import matmul_flops
 
-    peak = matmul_peak(args.threads, torch.float32)
-    peak_bf16 = matmul_peak(args.threads, torch.bfloat16)
+    torch.set_num_threads(args.threads)
+    peak = matmul_flops(torch.float32)
+    peak_bf16 = matmul_flops(torch.bfloat16)
     rank = [{"user_id": str(u), "k": 10} for u in range(1, args.requests + args.single + 2)]
     base = floor(args.run_dir, rank[0], args.threads, peak)
     print(
@@ -171,8 +160,10 @@ def main() -> None:
     if args.generate:
         bodies = [{"user_id": str(u), "mode": "generate", "k": 5} for u in range(1, 25)]
         rows[f"generate, {args.clients} clients"] = _load(bodies, args.clients)
+    chosen = serve.get_deployment_handle("LLM", app_name="allmrec").batches.remote().result()
     serve.shutdown()
 
+    print(f"the LLM replica ran in {chosen['dtype']} (llm_dtype of the app's args)")
     print("| load | p50 | p99 | requests/s | errors |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():

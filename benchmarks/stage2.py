@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from allmrec.config import Config, load_config
 from allmrec.data.prepared import seeded_users
-from allmrec.llm import load_llm
+from allmrec.llm import load_llm, matmul_flops
 from allmrec.llm_evaluation import ALLMREC, LLM_ONLY, evaluate_cases
 from allmrec.training.stage2 import (
     build_stage2_model,
@@ -45,15 +45,6 @@ from allmrec.training.stage2 import (
     training_examples,
     training_targets,
 )
-
-
-def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)  # warm-up
-    started = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, b)
-    return 2 * n**3 * repeats / (time.perf_counter() - started)
 
 
 def train_speed(model, inputs, config: Config, steps: int, peak: float) -> float:
@@ -116,8 +107,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    peak = matmul_peak()
-    bf16 = matmul_peak(torch.bfloat16)
+    peak = matmul_flops()
+    bf16 = matmul_flops(torch.bfloat16)
     print(
         f"matmul peak on {args.threads} threads: fp32 {peak / 1e9:.1f} GFLOP/s, bf16 "
         f"{bf16 / 1e9:.1f} GFLOP/s (bf16 / fp32 = {bf16 / peak:.2f})"

@@ -72,6 +72,10 @@ def served(ray_local, stack_run):
     # Generations of the tiny LLM long enough (it rarely draws its EOS) that an LLM replica
     # under load always holds some in flight: the load test kills one mid-generation.
     config["applications"][0]["args"]["max_new_tokens"] = 128
+    # Stage 2's dtype (fp32), not the config's auto: the batched answers must equal the
+    # single ones to fp32's precision on any machine (a bf16 padded batch differs in the third
+    # digit where the CPU takes bf16)
+    config["applications"][0]["args"]["llm_dtype"] = "trained"
     start(config, timeout_s=240)
     yield stack_run
     serve.shutdown()
