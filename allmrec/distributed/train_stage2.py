@@ -266,7 +266,8 @@ def stage2_train_loop(loop_config: dict) -> None:
     if not state["curve"]:
         point = worker.validate()  # the untrained model: the curve's first point
         if cfg.keep == "best" and point:  # ... which may be the one to keep
-            worker.save({"epoch": 0, "step": 0, "prompts": 0} | worker.score(point))
+            valid = {k: v for k, v in point.items() if k.startswith("valid_")}
+            worker.save({"epoch": 0, "step": 0, "prompts": 0} | valid | worker.score(point))
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         maybe_fail(
             cfg.fail_at_epoch,
@@ -354,6 +355,9 @@ def _write_stage2(stage_dir: Path, config: Config, trained, num_users: int) -> d
     """stage2/: what was trained (never the LLM), the curves and the manifest."""
     cfg = config.stage2
     state, weights = trained.state, trained.weights
+    # the curve's point of the weights kept (their validation Hit@1: the one they were kept by)
+    kept_prompts = trained.kept.get("prompts", state["prompts"])
+    kept_point = next((p for p in state["curve"] if p["prompts"] == kept_prompts), {})
     with staged_output(stage_dir) as out:
         save_file(weights, str(out / WEIGHTS))
         plot_curves(state["history"], out / "curves.png", title=f"Stage 2 ({cfg.llm})")
@@ -378,8 +382,8 @@ def _write_stage2(stage_dir: Path, config: Config, trained, num_users: int) -> d
             train_prompts=state["prompts"],
             kept={
                 "keep": cfg.keep,
-                "prompts": trained.kept.get("prompts", state["prompts"]),
-                "valid_hit@1": trained.kept.get("valid_hit@1"),
+                "prompts": kept_prompts,
+                "valid_hit@1": kept_point.get("valid_hit@1"),
             },
             curve=state["curve"],
             projector_shapes={k: list(v.shape) for k, v in weights.items()},
