@@ -199,9 +199,10 @@ class Stage2Config(_Section):
     gate_fit: Literal["valid", "last"] = Field(
         "valid",
         description="user_item_text: the examples that fit how far to trust the item path "
-        "against the text path, before any LLM step: 'valid', the validation items of the "
-        "users outside the validation curve (held out from the CF model, so its scores are "
-        "as reliable as at test time); 'last', each user's last training item",
+        "against the text path, before any LLM step: 'valid', the users' validation items "
+        "(held out from the CF model, so its scores are as reliable as at test time; a "
+        "trainable gate leaves the validation curve's users out); 'last', each user's last "
+        "training item",
     )
     gate_cold_weight: float = Field(
         2.0,
