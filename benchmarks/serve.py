@@ -1,11 +1,12 @@
 """Ray Serve's rank path on loopback against this machine's compute floor, in one run.
 
-1. The machine: the fp32 matmul peak on `--threads` threads (and bf16's, for reference),
+1. The machine: the fp32 and bf16 matmul peaks on `--threads` threads,
    measured here, now.
 2. The floor: a rank request is one forward pass of its prompt through the blocks the readout
    reads (`stage2.readout_layer`); 2 x their parameters x the prompt's tokens FLOPs at the
-   measured peak is the least time a request can take on this machine, and its inverse the
-   most requests/s. The same request in-process (no HTTP, no Ray) is timed beside it.
+   measured peak of the dtype the LLM replica runs in (`llm_dtype`; `auto` picks bf16 where
+   it is the faster) is the least time a request can take on this machine, and its inverse
+   the most requests/s. The same request in-process (no HTTP, no Ray) is timed beside it.
 3. Serve with `serve_app/config.yaml`'s deployments and arguments, one replica each (so only
    the code differs between runs, never the scale): POST /recommend `{"user_id", "k": 10}`
    (the default path: the whole catalogue ranked by the readout) from 1 client, then from
@@ -62,8 +63,9 @@ def _load(bodies: list[dict], clients: int) -> dict:
     }
 
 
-def floor(run_dir: Path, body: dict, threads: int, peak: float) -> dict:
-    """FLOPs of one rank request, its time at the peak, and the same request in-process."""
+def floor(run_dir: Path, body: dict, threads: int, peak: float, dtype: str) -> dict:
+    """FLOPs of one rank request, its time at the peak of the LLM's `dtype`, and the same
+    request in-process in that dtype."""
     import torch
 
     from allmrec.api import RecommendRequest
@@ -71,7 +73,7 @@ def floor(run_dir: Path, body: dict, threads: int, peak: float) -> dict:
     from allmrec.serving import StackLLM, StackRecommender
 
     torch.set_num_threads(threads)
-    recommender, llm = StackRecommender(run_dir), StackLLM(run_dir)
+    recommender, llm = StackRecommender(run_dir), StackLLM(run_dir, dtype=dtype)
     prepared = recommender.llm_request(RecommendRequest(**body))
     batch = llm.model.collate([llm._example(prepared)])
     tokens = int(batch.attention_mask.sum())
@@ -93,6 +95,26 @@ def floor(run_dir: Path, body: dict, threads: int, peak: float) -> dict:
         "floor_requests_per_s": peak / flops,
         "in_process_p50_s": statistics.median(times[1:]),
     }
+
+
+def replica_dtype(run_dir: Path, overrides: list[str]) -> str:
+    """The dtype an LLM replica of the Serve config (with `overrides`) runs in here."""
+    import yaml
+
+    from allmrec.distributed.serve_launch import load_serve_config
+    from allmrec.llm import fastest_dtype
+    from allmrec.stages import read_manifest
+
+    args = load_serve_config(run_dir=run_dir, port=PORT)["applications"][0]["args"]
+    for text in overrides:
+        key, value = text.split("=", 1)
+        args[key] = yaml.safe_load(value)
+    dtype = args.get("llm_dtype", "trained")
+    if dtype == "auto":
+        return fastest_dtype("cpu")[0]
+    if dtype == "trained":
+        return read_manifest(run_dir / "stage2", "stage2")["llm"]["dtype"]
+    return dtype
 
 
 def serve_up(run_dir: Path, overrides: list[str]) -> None:
@@ -138,16 +160,18 @@ def main() -> None:
     from allmrec.llm import matmul_flops
 
     torch.set_num_threads(args.threads)
-    peak = matmul_flops(torch.float32)
-    peak_bf16 = matmul_flops(torch.bfloat16)
+    peaks = {"float32": matmul_flops(torch.float32), "bfloat16": matmul_flops(torch.bfloat16)}
+    dtype = replica_dtype(args.run_dir, args.arg)
+    peak = peaks[dtype]  # the floor is the dtype's the replica runs in
     rank = [{"user_id": str(u), "k": 10} for u in range(1, args.requests + args.single + 2)]
-    base = floor(args.run_dir, rank[0], args.threads, peak)
+    base = floor(args.run_dir, rank[0], args.threads, peak, dtype)
     print(
-        f"machine: fp32 matmul peak {peak / 1e9:.0f} GFLOP/s on {args.threads} threads "
-        f"(bf16 {peak_bf16 / 1e9:.0f}); a rank request: {base['tokens']} tokens through "
-        f"{base['blocks']} blocks, {base['gflop_per_request']:.1f} GFLOP: floor "
-        f"{base['floor_s'] * 1000:.0f} ms, {base['floor_requests_per_s']:.1f} requests/s; "
-        f"in process {base['in_process_p50_s'] * 1000:.0f} ms"
+        f"machine: matmul peak fp32 {peaks['float32'] / 1e9:.0f}, bf16 "
+        f"{peaks['bfloat16'] / 1e9:.0f} GFLOP/s on {args.threads} threads; the LLM replica "
+        f"runs in {dtype}; a rank request: {base['tokens']} tokens through "
+        f"{base['blocks']} blocks, {base['gflop_per_request']:.1f} GFLOP: floor at the "
+        f"{dtype} peak {base['floor_s'] * 1000:.0f} ms, {base['floor_requests_per_s']:.1f} "
+        f"requests/s; in process {base['in_process_p50_s'] * 1000:.0f} ms"
     )
 
     init_ray(RayConfig(object_store_gb=2.0))
@@ -164,6 +188,8 @@ def main() -> None:
     serve.shutdown()
 
     print(f"the LLM replica ran in {chosen['dtype']} (llm_dtype of the app's args)")
+    if chosen["dtype"] != dtype:
+        print(f"NOTE: the floor above is {dtype}'s, the replica chose {chosen['dtype']}")
     print("| load | p50 | p99 | requests/s | errors |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():
