@@ -265,6 +265,8 @@ def stage2_train_loop(loop_config: dict) -> None:
         state["probe"] = _probe_loss(worker, loop_config["probe_users"])
     if not state["curve"]:
         point = worker.validate()  # the untrained model: the curve's first point
+        if point and worker.rank == 0:
+            print_epoch("stage2", point, "validation ")
         if cfg.keep == "best" and point:  # ... which may be the one to keep
             valid = {k: v for k, v in point.items() if k.startswith("valid_")}
             worker.save({"epoch": 0, "step": 0, "prompts": 0} | valid | worker.score(point))
