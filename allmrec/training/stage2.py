@@ -390,11 +390,12 @@ def gate_fit_users(inputs: Stage2Inputs, config: Config) -> np.ndarray:
     valid`, every user trained on (their validation items); with `last`, likewise (their last
     training items). A gate that trains on with the LLM (`stage2.gate_trainable`) leaves out
     the users of Stage 2's validation curve (all of them fit it if fewer than 50 would be
-    left), so that the curve does not favour its start. A frozen gate may fit them too: every
-    point of the curve then holds the same gate, so the curve still compares the LLM's steps
-    fairly (its level is the fit's own, a little above a held-out one), and with few users
-    trained on every example counts (few-shot: a 256-user run's gate fitted on 128 of them
-    scored 0.4730 on the test users, on all 256 0.4817; docs/results.md)."""
+    left), so that the curve does not favour its start. A frozen gate fits them too, since
+    with few users trained on every example counts (few-shot: a 256-user run's gate fitted
+    on 128 of them scored 0.4730 on the test users, on all 256 0.4817; docs/results.md).
+    Every point of the curve then holds the same gate, fitted on those very items at the
+    start: a bias towards keeping the start, which a later point must overcome to be kept
+    (the start's level is the fit's own, a little above a held-out one)."""
     data = inputs.data
     if config.stage2.gate_fit == "last":
         return data.training_users()
