@@ -58,3 +58,24 @@ def test_negatives_are_seeded_unique_and_never_the_users_own_items():
     assert other[0, 1:].tolist() != out[0, 1:].tolist()
     with pytest.raises(ValueError, match="cannot sample 19"):
         sample_candidates(_data(45, seen, {1: 39}), np.array([1]), "test", 19, seed=0)
+
+
+def test_progress_rates_each_phase_from_its_own_start(caplog):
+    """The evaluation's one progress line per phase: the LLM-only rows' rate counts from
+    their own start, not from the A-LLMRec rows' (which printed 0.01/s for a phase at 3/s)."""
+    import logging
+    import re
+    import time
+
+    from allmrec.llm_evaluation import Progress
+
+    progress = Progress("evaluate", every=0.0)
+    with caplog.at_level(logging.INFO, logger="allmrec.llm_evaluation"):
+        progress(1, 2)
+        time.sleep(0.5)
+        progress(2, 2)  # the first phase: 2 prompts in about 0.5 s
+        progress(1, 4)
+        progress(4, 4)  # the second: 4 prompts at once
+    rates = [float(m) for m in re.findall(r"\(([\d.]+)/s\)", caplog.text)]
+    assert len(rates) == 4 and rates[1] < 5
+    assert rates[3] > 50
