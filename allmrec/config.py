@@ -206,7 +206,7 @@ class Stage2Config(_Section):
     )
     gate_cold_weight: float = Field(
         2.0,
-        ge=0,
+        gt=0,
         description="user_item_text: the weight in that fit of an example whose true item is "
         "cold (the bottom of `data.cold_item_share`) against the others' 1: how much the "
         "readout's trade between rarely and often seen items values the users of cold items "
@@ -215,7 +215,7 @@ class Stage2Config(_Section):
     gate_trainable: bool = Field(
         False,
         description="user_item_text: whether the weights fitted before any step (the gate) "
-        "go on training with the LLM; false keeps the fit on held-out items, since training "
+        "go on training with the LLM; false keeps them as fitted (`gate_fit`), since training "
         "targets are items the CF model trained on, where it looks surer than at test time",
     )
     readout_layer: int | None = Field(

@@ -347,11 +347,14 @@ def fastest_dtype(device: str = "cpu") -> tuple[str, float]:
     """The LLM dtype an inference replica should run in on `device`, and bf16's measured
     speed-up over fp32 there: on a GPU that supports it, bfloat16; on a CPU, bfloat16 when its
     matmuls run at least `BF16_SPEEDUP_TO_SWITCH` times faster than fp32's on this machine,
-    measured now (about half a second), else float32."""
+    measured now (about a second; the best of three timings of each, so that a replica starting
+    beside a busy neighbour decides as an idle one would: both dtypes slow down together, and
+    the CPUs measured differ by 0.3x or 3.5x, far either side of the threshold), else float32.
+    On a GPU the speed-up is not measured (nan)."""
     if device.startswith("cuda"):
         ok = torch.cuda.is_bf16_supported()
         return ("bfloat16" if ok else "float32"), float("nan")
-    fp32 = matmul_flops(torch.float32, device, n=768, repeats=8)
-    bf16 = matmul_flops(torch.bfloat16, device, n=768, repeats=8)
+    fp32 = max(matmul_flops(torch.float32, device, n=768, repeats=8) for _ in range(3))
+    bf16 = max(matmul_flops(torch.bfloat16, device, n=768, repeats=8) for _ in range(3))
     speedup = bf16 / fp32
     return ("bfloat16" if speedup >= BF16_SPEEDUP_TO_SWITCH else "float32"), speedup

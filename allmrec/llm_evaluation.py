@@ -557,18 +557,21 @@ def plot_hit1(tables: dict[str, dict], path, title: str) -> None:
 
 
 class Progress:
-    """Logs `done/total` at most every `every` seconds, with the rate. A new `total` is a new
-    phase (the LLM-only rows after the A-LLMRec ones): its rate counts from its own start."""
+    """Logs `done/total` at most every `every` seconds, with the rate. A new `total`, or a count
+    that starts again from below the last one, is a new phase (the LLM-only rows after the
+    A-LLMRec ones, which may have as many prompts): its rate counts from its own start."""
 
     def __init__(self, tag: str, every: float = 30.0) -> None:
         self.tag, self.every = tag, every
         self.started = self.last = time.perf_counter()
         self.total: int | None = None
+        self.done = 0
 
     def __call__(self, done: int, total: int) -> None:
         now = time.perf_counter()
-        if total != self.total:
+        if total != self.total or done < self.done:
             self.total, self.started = total, self.last
+        self.done = done
         if now - self.last >= self.every or done == total:
             self.last = now
             rate = done / max(now - self.started, 1e-9)

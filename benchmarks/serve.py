@@ -112,8 +112,10 @@ def replica_dtype(run_dir: Path, overrides: list[str]) -> str:
     dtype = args.get("llm_dtype", "trained")
     if dtype == "auto":
         return fastest_dtype("cpu")[0]
-    if dtype == "trained":
-        return read_manifest(run_dir / "stage2", "stage2")["llm"]["dtype"]
+    if dtype == "trained":  # as load_projected_llm takes it on this CPU
+        manifest = read_manifest(run_dir / "stage2", "stage2")
+        trained_on_gpus = manifest["config"]["stage2"]["scaling"]["use_gpu"]
+        return "float32" if trained_on_gpus else manifest["llm"]["dtype"]
     return dtype
 
 

@@ -159,7 +159,10 @@ class LLM:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype == "auto":
             dtype, speedup = fastest_dtype(device)
-            log.info("LLM replica: %s (bf16 matmuls %.2fx fp32's here)", dtype, speedup)
+            if device == "cpu":
+                log.info("LLM replica: %s (bf16 matmuls %.2fx fp32's here)", dtype, speedup)
+            else:
+                log.info("LLM replica: %s on the GPU", dtype)
         stack = RunStorage.open(run_dir).pull(*STACK)
         self.core = StackLLM(stack, device, None if dtype == "trained" else dtype)
         # the dtype it runs in, for an operator (`batches`)

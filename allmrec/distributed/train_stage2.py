@@ -63,6 +63,12 @@ log = logging.getLogger(__name__)
 KEEP_SCORE = "kept_valid_hit@1"
 
 
+def kept_metric(point: dict) -> float | None:
+    """The validation Hit@1 that `stage2.keep: best` compares: the readout's (rank objective)
+    or the likelihood ranking's (generate objective)."""
+    return point.get("valid_hit@1", point.get("valid_likelihood_hit@1"))
+
+
 @dataclass
 class _Worker:
     """One Ray Train worker of Stage 2: its engine, model, data and resumable state."""
@@ -99,7 +105,9 @@ class _Worker:
         prompts)."""
         if self.config.stage2.keep != "best":
             return {}
-        return {KEEP_SCORE: point["valid_hit@1"] - 1e-12 * point["prompts"] if point else -1.0}
+        if not point:
+            return {KEEP_SCORE: -1.0}
+        return {KEEP_SCORE: kept_metric(point) - 1e-12 * point["prompts"]}
 
     def validate(self) -> dict:
         """Validation Hit@1 over every worker's share of the cases: a point of the curve."""
@@ -385,7 +393,7 @@ def _write_stage2(stage_dir: Path, config: Config, trained, num_users: int) -> d
             kept={
                 "keep": cfg.keep,
                 "prompts": kept_prompts,
-                "valid_hit@1": kept_point.get("valid_hit@1"),
+                "valid_hit@1": kept_metric(kept_point),
             },
             curve=state["curve"],
             projector_shapes={k: list(v.shape) for k, v in weights.items()},

@@ -301,8 +301,20 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(stack_run,
     start = fresh.state_dict()
     gate_keys = [k for k in weights if ".gate." in k]
     assert len(gate_keys) == 6  # a, b, c of the readout and of the bypass
-    for key in gate_keys:
-        assert torch.allclose(weights[key], start[key].float(), atol=1e-6), key
+    # the kept weights and those of every Ray checkpoint kept (the latest, after the last
+    # step, among them: the kept point may be the start); a refit in this process may differ
+    # from the worker's in the last digits (other threads), a trained gate by far more
+    saved = {"kept": (weights, kept["prompts"])}
+    for checkpoint in (run_dir / "checkpoints").glob("stage2-*/checkpoint_*"):
+        state = json.loads((checkpoint / "state.json").read_text())
+        saved[checkpoint.name] = (load_file(str(checkpoint / "projectors.safetensors")), state)
+    assert max(state["prompts"] for name, (_, state) in saved.items() if name != "kept") > 0
+    for name, (tensors, _) in saved.items():
+        for key in gate_keys:
+            assert torch.allclose(tensors[key], start[key].float(), rtol=1e-4, atol=1e-5), (
+                name,
+                key,
+            )
     if kept["prompts"] > 0:  # the rest of the readout did train
         assert not torch.equal(
             weights["readout.user_head.1.weight"], start["readout.user_head.1.weight"]

@@ -76,6 +76,11 @@ def test_progress_rates_each_phase_from_its_own_start(caplog):
         progress(2, 2)  # the first phase: 2 prompts in about 0.5 s
         progress(1, 4)
         progress(4, 4)  # the second: 4 prompts at once
+        progress(1, 4)
+        time.sleep(0.5)
+        progress(4, 4)  # a third with as many prompts as the second, in about 0.5 s
+        progress(1, 4)
+        progress(4, 4)  # a fourth, as many again, at once: its count starts again
     rates = [float(m) for m in re.findall(r"\(([\d.]+)/s\)", caplog.text)]
-    assert len(rates) == 4 and rates[1] < 5
-    assert rates[3] > 50
+    assert len(rates) == 8 and rates[1] < 5 and rates[5] < 10
+    assert rates[3] > 50 and rates[7] > 50
