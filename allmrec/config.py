@@ -268,6 +268,15 @@ class Stage2Config(_Section):
         "those of the validation point with the highest valid Hit@1, the point before any "
         "step included (each point is then also a checkpoint)",
     )
+    keep_min_delta: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="keep: best: how much higher a point after steps must score than the "
+        "start (the point before any step) to be kept instead of it, as early stopping's "
+        "min_delta: a validation set of n users moves Hit@1 by 1/n a user, and two points "
+        "about sqrt(users they disagree on)/n apart are noise",
+    )
     scaling: TrainScaling = Field(default_factory=TrainScaling)
     fail_at_epoch: int | None = Field(
         None, description="test only: a worker raises once at the start of this epoch"

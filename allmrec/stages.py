@@ -116,7 +116,12 @@ def _stage2_summary(manifest: dict, stage_dir: Path) -> str:
     if kept.get("keep") == "best":
         lines.append(
             f"kept: the modules at {kept['prompts']} prompts, the best validation Hit@1 "
-            f"({kept['valid_hit@1']:.3f})"
+            f"({kept['valid_hit@1']:.3f}"
+            + (
+                f"; a point after steps needs {kept['min_delta']:.3f} more than the start)"
+                if kept.get("min_delta")
+                else ")"
+            )
             + (
                 " - before any step: training did not improve on the start"
                 if not kept["prompts"]

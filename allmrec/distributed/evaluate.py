@@ -251,7 +251,13 @@ def _table_notes(stage2: dict, cfg, llm_only_users) -> list[str]:
     if kept.get("keep") == "best":
         notes[0] += (
             f" Kept (stage2.keep: best): the modules at {kept['prompts']} prompts, the best "
-            f"validation Hit@1 ({kept['valid_hit@1']:.3f}), the bypass at the same point"
+            f"validation Hit@1 ({kept['valid_hit@1']:.3f}"
+            + (
+                f"; a point after steps needs {kept['min_delta']:.3f} more than the start"
+                if kept.get("min_delta")
+                else ""
+            )
+            + "), the bypass at the same point"
             + (": before any training step" if not kept["prompts"] else "")
             + "."
         )

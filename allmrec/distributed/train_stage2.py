@@ -49,6 +49,8 @@ from allmrec.training.stage2 import (
     EvalCase,
     Stage2Inputs,
     build_stage2_model,
+    keep_score,
+    kept_metric,
     llm_dtype,
     load_stage2_inputs,
     start_readouts,
@@ -61,12 +63,6 @@ log = logging.getLogger(__name__)
 
 # `stage2.keep: best`: what Ray Train scores Stage 2's checkpoints by (`_Worker.score`).
 KEEP_SCORE = "kept_valid_hit@1"
-
-
-def kept_metric(point: dict) -> float | None:
-    """The validation Hit@1 that `stage2.keep: best` compares: the readout's (rank objective)
-    or the likelihood ranking's (generate objective)."""
-    return point.get("valid_hit@1", point.get("valid_likelihood_hit@1"))
 
 
 @dataclass
@@ -102,12 +98,12 @@ class _Worker:
         between points (for resuming only) is never the one kept. Equal Hit@1 goes to the
         point with fewer trained prompts (the start included): a later point is kept only for
         more validation hits, never for as many (Hit@1 moves by 1 / users, far above 1e-12 x
-        prompts)."""
+        prompts). A point after steps also gives up `stage2.keep_min_delta` to the start."""
         if self.config.stage2.keep != "best":
             return {}
         if not point:
             return {KEEP_SCORE: -1.0}
-        return {KEEP_SCORE: kept_metric(point) - 1e-12 * point["prompts"]}
+        return {KEEP_SCORE: keep_score(point, self.config.stage2.keep_min_delta)}
 
     def validate(self) -> dict:
         """Validation Hit@1 over every worker's share of the cases: a point of the curve."""
@@ -394,6 +390,7 @@ def _write_stage2(stage_dir: Path, config: Config, trained, num_users: int) -> d
                 "keep": cfg.keep,
                 "prompts": kept_prompts,
                 "valid_hit@1": kept_metric(kept_point),
+                "min_delta": cfg.keep_min_delta,
             },
             curve=state["curve"],
             projector_shapes={k: list(v.shape) for k, v in weights.items()},

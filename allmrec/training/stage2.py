@@ -540,6 +540,19 @@ def load_trained_stage2(run_dir: Path, device: str = "cpu", inputs_dir: Path | N
     return model, inputs
 
 
+def keep_score(point: dict, min_delta: float = 0.0) -> float:
+    """What `stage2.keep: best` ranks a validation point by: its Hit@1, less `min_delta` for a
+    point after steps, less a hair per trained prompt (equal scores go to the earlier point)."""
+    trained = point["prompts"] > 0
+    return kept_metric(point) - min_delta * trained - 1e-12 * point["prompts"]
+
+
+def kept_metric(point: dict) -> float | None:
+    """The validation Hit@1 that `stage2.keep: best` compares: the readout's (rank objective)
+    or the likelihood ranking's (generate objective)."""
+    return point.get("valid_hit@1", point.get("valid_likelihood_hit@1"))
+
+
 def _trained_config(manifest: dict, device: str) -> Config:
     trained = Config.model_validate(manifest["config"])
     if trained.stage2.scaling.use_gpu and device == "cpu":

@@ -335,3 +335,26 @@ def test_an_inference_replica_takes_the_faster_dtype_of_its_cpu():
         assert dtype == "bfloat16", (speedup, bf16 / fp32)
     elif bf16 / fp32 < BF16_SPEEDUP_TO_SWITCH / 2:
         assert dtype == "float32", (speedup, bf16 / fp32)
+
+
+def test_keep_best_gives_a_trained_point_up_to_its_min_delta():
+    """`stage2.keep: best` ranks validation points by Hit@1; a point after steps must beat the
+    start by `keep_min_delta`, and of equal scores the earlier point is kept."""
+    from allmrec.training.stage2 import keep_score
+
+    curve = [
+        {"prompts": 0, "valid_hit@1": 0.48},
+        {"prompts": 300, "valid_hit@1": 0.49},
+        {"prompts": 600, "valid_hit@1": 0.49},
+        {"prompts": 900, "valid_hit@1": 0.47},
+    ]
+
+    def kept(min_delta: float) -> int:
+        return max(curve, key=lambda p: keep_score(p, min_delta))["prompts"]
+
+    assert kept(0.0) == 300  # the best, the earlier of two equal
+    assert kept(0.03) == 0  # one user of 100 above the start is not enough
+    curve.append({"prompts": 1200, "valid_hit@1": 0.52})
+    assert kept(0.03) == 1200
+    generate = {"prompts": 0, "valid_likelihood_hit@1": 0.3}  # the generate objective's
+    assert keep_score(generate) == 0.3
