@@ -272,10 +272,10 @@ class Stage2Config(_Section):
         0.0,
         ge=0,
         lt=1,
-        description="keep: best: how much higher a point after steps must score than the "
-        "start (the point before any step) to be kept instead of it, as early stopping's "
-        "min_delta: a validation set of n users moves Hit@1 by 1/n a user, and two points "
-        "about sqrt(users they disagree on)/n apart are noise",
+        description="keep: best: a point after steps is kept instead of the start (the point "
+        "before any step) only if its validation Hit@1 is higher by more than this, as early "
+        "stopping's min_delta: a validation set of n users moves Hit@1 by 1/n a user, and two "
+        "points about sqrt(users they disagree on)/n apart are noise",
     )
     scaling: TrainScaling = Field(default_factory=TrainScaling)
     fail_at_epoch: int | None = Field(
