@@ -312,6 +312,8 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(stack_run,
     # from the worker's in the last digits (other threads), a trained gate by far more
     saved = {"kept": (weights, kept["prompts"])}
     for checkpoint in (run_dir / "checkpoints").glob("stage2-*/checkpoint_*"):
+        if not checkpoint.is_dir():  # Ray's checkpoint_manager_snapshot.json
+            continue
         state = json.loads((checkpoint / "state.json").read_text())
         saved[checkpoint.name] = (load_file(str(checkpoint / "projectors.safetensors")), state)
     assert max(state["prompts"] for name, (_, state) in saved.items() if name != "kept") > 0
