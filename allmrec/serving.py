@@ -378,6 +378,11 @@ class StackLLM:
 
         self.model, self.config = load_projected_llm(Path(run_dir), device, dtype)
 
+    @property
+    def dtype(self) -> str:
+        """The dtype the LLM runs in ("float32", "bfloat16"), as loaded."""
+        return str(next(self.model.llm.parameters()).dtype).removeprefix("torch.")
+
     def _example(self, req: dict) -> Stage2Example:
         titles = {int(k): v for k, v in req["titles"].items()}
         # copies: arrays that come through Ray's object store are read-only

@@ -94,6 +94,18 @@ def _stage1_summary(manifest: dict, stage_dir: Path) -> str:
     return "\n".join(f"{k}: {m[k]:.4f}" for k in keys if k in m)
 
 
+def kept_point_text(kept: dict) -> str:
+    """Which validation point `stage2.keep: best` kept, for the summaries and the results
+    table: the manifest's `kept`."""
+    text = f"the modules at {kept['prompts']} prompts, "
+    if not kept.get("min_delta"):
+        return text + f"the best validation Hit@1 ({kept['valid_hit@1']:.3f})"
+    return text + (
+        f"validation Hit@1 {kept['valid_hit@1']:.3f}, the best once every point after steps "
+        f"gives up {kept['min_delta']:.3f} to the start"
+    )
+
+
 def _stage2_summary(manifest: dict, stage_dir: Path) -> str:
     m = manifest["metrics"]
     prompts = manifest.get("train_prompts")
@@ -115,13 +127,7 @@ def _stage2_summary(manifest: dict, stage_dir: Path) -> str:
     kept = manifest.get("kept") or {}
     if kept.get("keep") == "best":
         lines.append(
-            f"kept: the modules at {kept['prompts']} prompts, the best validation Hit@1 "
-            f"({kept['valid_hit@1']:.3f}"
-            + (
-                f"; a point after steps needs {kept['min_delta']:.3f} more than the start)"
-                if kept.get("min_delta")
-                else ")"
-            )
+            f"kept: {kept_point_text(kept)}"
             + (
                 " - before any step: training did not improve on the start"
                 if not kept["prompts"]

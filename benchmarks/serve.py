@@ -63,9 +63,9 @@ def _load(bodies: list[dict], clients: int) -> dict:
     }
 
 
-def floor(run_dir: Path, body: dict, threads: int, peak: float, dtype: str) -> dict:
-    """FLOPs of one rank request, its time at the peak of the LLM's `dtype`, and the same
-    request in-process in that dtype."""
+def floor(run_dir: Path, body: dict, threads: int, peaks: dict, dtype: str | None) -> dict:
+    """FLOPs of one rank request, its time at the peak (of `peaks`) of the dtype the LLM
+    loads in (`dtype`; None: as Stage 2 trained it), and the same request in-process."""
     import torch
 
     from allmrec.api import RecommendRequest
@@ -74,6 +74,7 @@ def floor(run_dir: Path, body: dict, threads: int, peak: float, dtype: str) -> d
 
     torch.set_num_threads(threads)
     recommender, llm = StackRecommender(run_dir), StackLLM(run_dir, dtype=dtype)
+    peak = peaks[llm.dtype]  # the floor is the dtype's the replica runs in
     prepared = recommender.llm_request(RecommendRequest(**body))
     batch = llm.model.collate([llm._example(prepared)])
     tokens = int(batch.attention_mask.sum())
@@ -88,6 +89,7 @@ def floor(run_dir: Path, body: dict, threads: int, peak: float, dtype: str) -> d
             llm.answer([recommender.llm_request(RecommendRequest(**body))])
             times.append(time.perf_counter() - started)
     return {
+        "dtype": llm.dtype,
         "tokens": tokens,
         "blocks": layer,
         "gflop_per_request": flops / 1e9,
@@ -97,13 +99,13 @@ def floor(run_dir: Path, body: dict, threads: int, peak: float, dtype: str) -> d
     }
 
 
-def replica_dtype(run_dir: Path, overrides: list[str]) -> str:
-    """The dtype an LLM replica of the Serve config (with `overrides`) runs in here."""
+def replica_dtype(run_dir: Path, overrides: list[str]) -> str | None:
+    """The dtype an LLM replica of the Serve config (with `overrides`) asks for here (None:
+    Stage 2's, which the loader resolves)."""
     import yaml
 
     from allmrec.distributed.serve_launch import load_serve_config
     from allmrec.llm import fastest_dtype
-    from allmrec.stages import read_manifest
 
     args = load_serve_config(run_dir=run_dir, port=PORT)["applications"][0]["args"]
     for text in overrides:
@@ -112,11 +114,7 @@ def replica_dtype(run_dir: Path, overrides: list[str]) -> str:
     dtype = args.get("llm_dtype", "trained")
     if dtype == "auto":
         return fastest_dtype("cpu")[0]
-    if dtype == "trained":  # as load_projected_llm takes it on this CPU
-        manifest = read_manifest(run_dir / "stage2", "stage2")
-        trained_on_gpus = manifest["config"]["stage2"]["scaling"]["use_gpu"]
-        return "float32" if trained_on_gpus else manifest["llm"]["dtype"]
-    return dtype
+    return None if dtype == "trained" else dtype
 
 
 def serve_up(run_dir: Path, overrides: list[str]) -> None:
@@ -163,10 +161,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     peaks = {"float32": matmul_flops(torch.float32), "bfloat16": matmul_flops(torch.bfloat16)}
-    dtype = replica_dtype(args.run_dir, args.arg)
-    peak = peaks[dtype]  # the floor is the dtype's the replica runs in
     rank = [{"user_id": str(u), "k": 10} for u in range(1, args.requests + args.single + 2)]
-    base = floor(args.run_dir, rank[0], args.threads, peak, dtype)
+    base = floor(args.run_dir, rank[0], args.threads, peaks, replica_dtype(args.run_dir, args.arg))
+    dtype = base["dtype"]
     print(
         f"machine: matmul peak fp32 {peaks['float32'] / 1e9:.0f}, bf16 "
         f"{peaks['bfloat16'] / 1e9:.0f} GFLOP/s on {args.threads} threads; the LLM replica "

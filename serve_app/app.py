@@ -166,7 +166,7 @@ class LLM:
         stack = RunStorage.open(run_dir).pull(*STACK)
         self.core = StackLLM(stack, device, None if dtype == "trained" else dtype)
         # the dtype it runs in, for an operator (`batches`)
-        self.dtype = str(next(self.core.model.llm.parameters()).dtype).removeprefix("torch.")
+        self.dtype = self.core.dtype
         self.max_new_tokens = max_new_tokens
         self.answer.set_max_batch_size(max_batch_size)
         self.answer.set_batch_wait_timeout_s(batch_wait_s)

@@ -36,7 +36,7 @@ from allmrec.llm_evaluation import (
     summarize,
 )
 from allmrec.manifest import staged_output, write_manifest
-from allmrec.stages import read_manifest, stage_inputs
+from allmrec.stages import kept_point_text, read_manifest, stage_inputs
 from allmrec.storage import RunStorage, open_run
 from allmrec.training.cf import write_json
 from allmrec.training.stage2 import STACK
@@ -250,14 +250,7 @@ def _table_notes(stage2: dict, cfg, llm_only_users) -> list[str]:
     kept = stage2.get("kept") or {}
     if kept.get("keep") == "best":
         notes[0] += (
-            f" Kept (stage2.keep: best): the modules at {kept['prompts']} prompts, the best "
-            f"validation Hit@1 ({kept['valid_hit@1']:.3f}"
-            + (
-                f"; a point after steps needs {kept['min_delta']:.3f} more than the start"
-                if kept.get("min_delta")
-                else ""
-            )
-            + "), the bypass at the same point"
+            f" Kept (stage2.keep: best): {kept_point_text(kept)}, the bypass at the same point"
             + (": before any training step" if not kept["prompts"] else "")
             + "."
         )

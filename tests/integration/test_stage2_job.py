@@ -94,12 +94,21 @@ def _llm_bytes(llm_dir) -> int:
     return sum(p.stat().st_size for p in llm_dir.rglob("*.safetensors"))
 
 
+def _checkpoints(run_dir, stage: str = "*") -> list:
+    """The run's kept Ray Train checkpoint folders (of runs named `stage`-...), never Ray's
+    checkpoint_manager_snapshot.json beside them."""
+    found = (run_dir / "checkpoints").glob(f"{stage}/checkpoint_*")
+    checkpoints = [p for p in found if p.is_dir()]
+    assert checkpoints, f"no Ray Train checkpoint under {run_dir / 'checkpoints'}"
+    return checkpoints
+
+
 def _largest_checkpoint_bytes(run_dir) -> int:
     """The largest of the run's kept Ray Train checkpoints, in bytes: a Train run keeps more
     than one (the latest and the best), so each is bounded, not their sum."""
-    checkpoints = [p for p in (run_dir / "checkpoints").glob("*/checkpoint_*") if p.is_dir()]
-    assert checkpoints, f"no Ray Train checkpoint under {run_dir / 'checkpoints'}"
-    return max(sum(f.stat().st_size for f in c.rglob("*") if f.is_file()) for c in checkpoints)
+    return max(
+        sum(f.stat().st_size for f in c.rglob("*") if f.is_file()) for c in _checkpoints(run_dir)
+    )
 
 
 @pytest.mark.slow
@@ -310,14 +319,12 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(stack_run,
     # the kept weights and those of every Ray checkpoint kept (the latest, after the last
     # step, among them: the kept point may be the start); a refit in this process may differ
     # from the worker's in the last digits (other threads), a trained gate by far more
-    saved = {"kept": (weights, kept["prompts"])}
-    for checkpoint in (run_dir / "checkpoints").glob("stage2-*/checkpoint_*"):
-        if not checkpoint.is_dir():  # Ray's checkpoint_manager_snapshot.json
-            continue
-        state = json.loads((checkpoint / "state.json").read_text())
-        saved[checkpoint.name] = (load_file(str(checkpoint / "projectors.safetensors")), state)
-    assert max(state["prompts"] for name, (_, state) in saved.items() if name != "kept") > 0
-    for name, (tensors, _) in saved.items():
+    checkpoints = _checkpoints(run_dir, "stage2-*")
+    assert max(json.loads((c / "state.json").read_text())["prompts"] for c in checkpoints) > 0
+    saved = {"kept": weights} | {
+        c.name: load_file(str(c / "projectors.safetensors")) for c in checkpoints
+    }
+    for name, tensors in saved.items():
         for key in gate_keys:
             assert torch.allclose(tensors[key], start[key].float(), rtol=1e-4, atol=1e-5), (
                 name,
