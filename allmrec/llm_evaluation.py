@@ -158,6 +158,14 @@ def _rank_rows(
     full-catalogue ranks (one forward pass gives both)."""
     size = config.evaluate.generation_batch_size
     catalogue = model.readout.scores_any_item
+    # At Stage 2's start (kept by `keep: best`) the LLM's corrections are zero: the same
+    # scores without the LLM pass, which is most of an evaluation's time
+    run_llm = not model.readout.ignores_states
+    if not run_llm:
+        log.info(
+            "the readout's LLM corrections are zero (Stage 2's start): its rows are scored "
+            "without the LLM pass, the same scores"
+        )
     device = model.device
     tables = {RANK_ROW: inputs.z}
     if sbert and inputs.z_text is not None:
@@ -172,7 +180,7 @@ def _rank_rows(
         for row, z in tables.items():
             examples = [eval_example(cases[i], inputs, config, z=z) for i in part]
             batch = model.collate(examples).to(device)
-            scores, query = model.rank_forward(batch)
+            scores, query = model.rank_forward(batch, run_llm=run_llm)
             rows = {row: scores}
             full = {}
             if catalogue:

@@ -457,14 +457,30 @@ class ALLMRecLM(nn.Module):
         h_cand = h_cand.index_put((b, slot[b, t]), hidden[b, t])
         return h_user, h_cand
 
-    def rank_forward(self, batch: Stage2Batch) -> tuple[Tensor, Tensor | None]:
+    def rank_forward(
+        self, batch: Stage2Batch, run_llm: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
         """`rank`, one forward pass: (scores [B, C] of each row's candidates in prompt order,
         -inf on padding; the `user_item` readouts' query (u [B, d_cf], and t after it for
         `user_item_text`), which scores any item by `readout.item_scores`, or None for the
-        `candidate` readout)."""
+        `candidate` readout). `run_llm=False` scores without the LLM pass, the same scores,
+        where `readout.ignores_states` (Stage 2's start); refused elsewhere."""
         if self.readout is None:
             raise ValueError("this model was not trained with stage2.objective=rank")
-        h_user, h_cand = self._readout_states(batch)
+        if run_llm:
+            h_user, h_cand = self._readout_states(batch)
+        elif not self.readout.ignores_states:
+            raise ValueError(
+                "rank_forward(run_llm=False): the readout's LLM corrections are not zero, "
+                "its scores need the LLM's hidden states"
+            )
+        else:
+            # A(h) = T(h) = 0 for every h: zeros of the LLM's width and dtype stand in for them
+            embeddings = self.llm.get_input_embeddings()
+            h_user = batch.user_vectors.new_zeros(
+                len(batch.user_vectors), embeddings.embedding_dim, dtype=embeddings.weight.dtype
+            )
+            h_cand = None
         x_u = batch.user_vectors.to(h_user.dtype)
         scores = self.readout(h_user, h_cand, x_u, batch.candidate_vectors, batch.text)
         scores = scores.float().masked_fill(~batch.candidate_mask, float("-inf"))

@@ -147,6 +147,20 @@ class RankReadout(nn.Module):
         return self.kind != "candidate"
 
     @property
+    def ignores_states(self) -> bool:
+        """True when no score can depend on the LLM's hidden states: a `user_item` readout
+        whose corrections A(h) (and T(h)) are exactly zero, as at Stage 2's start (a zero
+        Linear after the LayerNorm gives 0 for every h), so its scores need no LLM pass.
+        False where ZeRO-3 partitions the heads (their values are not all here)."""
+        if self.kind == "candidate":
+            return False
+        heads = [self.user_head[1]] + ([self.text_head[1]] if self.reads_text else [])
+        params = [p for head in heads for p in head.parameters()]
+        if any(hasattr(p, "ds_id") or p.numel() == 0 for p in params):
+            return False
+        return not any(bool(p.detach().any()) for p in params)
+
+    @property
     def reads_text(self) -> bool:
         """True when the readout needs `TextInputs`."""
         return self.kind == "user_item_text"
@@ -212,14 +226,14 @@ class RankReadout(nn.Module):
     def forward(
         self,
         h_user: Tensor,
-        h_cand: Tensor,
+        h_cand: Tensor | None,
         x_u: Tensor,
         z_cand: Tensor,
         text: TextInputs | None = None,
     ) -> Tensor:
         """Scores [B, C] from h_user [B, d], h_cand [B, C, d] (the states at the candidates'
-        tokens), x_u [B, d_cf], z_cand [B, C, d_joint] and, for `user_item_text`, the
-        candidates' text."""
+        tokens; read by the `candidate` readout only), x_u [B, d_cf], z_cand [B, C, d_joint]
+        and, for `user_item_text`, the candidates' text."""
         if self.kind == "candidate":
             u = F.normalize(self.user_head(h_user.to(self.dtype)), dim=-1)
             v = F.normalize(self.item_head(h_cand.to(self.dtype)), dim=-1)

@@ -260,3 +260,45 @@ def test_summary_rows_over_their_own_users_and_catalogue_ranks():
     scores = np.array([100.0, 0, 9, 8, 7, 6, 5, 4, 3, 2])  # by item id; 0 is padding
     # The true item 5 scores 6.0; 0 (padding), 2 and 3 (history) are left out: only 4 beats it.
     assert catalogue_rank(scores, case) == 1
+
+
+@pytest.mark.parametrize("readout", ["user_item", "user_item_text"])
+def test_a_readout_at_its_start_scores_the_same_without_the_llm_pass(tiny, readout):
+    """At Stage 2's start A(h) (and T(h)) are zero for every h: `run_llm=False` gives the
+    same scores and query with no LLM pass (what the evaluator does for a kept start); after
+    one optimizer step the states matter and scoring without them is refused."""
+    d_text = 6
+    lm = _rank_model(tiny, readout, d_text=d_text if readout == "user_item_text" else None)
+    generator = torch.Generator().manual_seed(2)
+    z, q = torch.randn(12, D_JOINT, generator=generator), torch.randn(12, d_text)
+    counts = torch.arange(12) * 7
+    titles = {i: f"Movie {i}" for i in range(12)}
+    text = {"item_text": q, "item_counts": counts} if readout == "user_item_text" else {}
+    examples = [
+        Stage2Example(
+            build_prompt([1, 2], [5, 3, 4], titles), torch.randn(D_CF), z, None, 3, **text
+        ),
+        Stage2Example(build_prompt([6], [8, 7], titles), torch.randn(D_CF), z, None, 8, **text),
+    ]
+    batch = lm.collate(examples)
+    passes = []
+    hook = lm.llm.base_model.register_forward_hook(lambda *_: passes.append(1))
+    lm.eval()
+    assert lm.readout.ignores_states
+    with torch.no_grad():
+        scores, query = lm.rank_forward(batch)
+        assert len(passes) == 1
+        idle_scores, idle_query = lm.rank_forward(batch, run_llm=False)
+    assert len(passes) == 1  # no second LLM pass
+    assert torch.equal(idle_scores, scores) and torch.equal(idle_query, query)
+
+    lm.train()
+    optimizer = torch.optim.Adam([p for p in lm.parameters() if p.requires_grad], lr=1e-2)
+    lm(batch)["loss"].backward()
+    optimizer.step()
+    hook.remove()
+    assert not lm.readout.ignores_states
+    with pytest.raises(ValueError, match="corrections are not zero"):
+        lm.rank_forward(batch, run_llm=False)
+    # the candidate readout always reads the states
+    assert not _rank_model(tiny, "candidate").readout.ignores_states
