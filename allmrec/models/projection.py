@@ -471,8 +471,9 @@ class ALLMRecLM(nn.Module):
             h_user, h_cand = self._readout_states(batch)
         elif not self.readout.ignores_states:
             raise ValueError(
-                "rank_forward(run_llm=False): the readout's LLM corrections are not zero, "
-                "its scores need the LLM's hidden states"
+                "rank_forward(run_llm=False): this readout's scores read the LLM's hidden "
+                "states (its corrections are not zero, it is the candidate readout, or ZeRO-3 "
+                "holds its heads partitioned)"
             )
         else:
             # A(h) = T(h) = 0 for every h: zeros of the LLM's width and dtype stand in for them

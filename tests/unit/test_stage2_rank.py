@@ -7,6 +7,7 @@ The LLM is a tiny random Llama with SmolLM2's real tokenizer (`build_small_llm`)
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from allmrec.llm import add_special_tokens, build_small_llm, first_layers
 from allmrec.llm_evaluation import (
     BYPASS_ROW,
     RANK_ROW,
+    _rank_rows,
     catalogue_rank,
     paired_difference,
     paired_differences,
@@ -265,8 +267,9 @@ def test_summary_rows_over_their_own_users_and_catalogue_ranks():
 @pytest.mark.parametrize("readout", ["user_item", "user_item_text"])
 def test_a_readout_at_its_start_scores_the_same_without_the_llm_pass(tiny, readout):
     """At Stage 2's start A(h) (and T(h)) are zero for every h: `run_llm=False` gives the
-    same scores and query with no LLM pass (what the evaluator does for a kept start); after
-    one optimizer step the states matter and scoring without them is refused."""
+    same scores and query with no LLM pass, and the evaluator's rows make none; after one
+    optimizer step the states matter and scoring without them is refused. (The tiny LLM is
+    shared by every model here: the hook counts the passes of each.)"""
     d_text = 6
     lm = _rank_model(tiny, readout, d_text=d_text if readout == "user_item_text" else None)
     generator = torch.Generator().manual_seed(2)
@@ -274,11 +277,10 @@ def test_a_readout_at_its_start_scores_the_same_without_the_llm_pass(tiny, reado
     counts = torch.arange(12) * 7
     titles = {i: f"Movie {i}" for i in range(12)}
     text = {"item_text": q, "item_counts": counts} if readout == "user_item_text" else {}
+    x_u = torch.randn(2, D_CF, generator=generator)
     examples = [
-        Stage2Example(
-            build_prompt([1, 2], [5, 3, 4], titles), torch.randn(D_CF), z, None, 3, **text
-        ),
-        Stage2Example(build_prompt([6], [8, 7], titles), torch.randn(D_CF), z, None, 8, **text),
+        Stage2Example(build_prompt([1, 2], [5, 3, 4], titles), x_u[0], z, None, 3, **text),
+        Stage2Example(build_prompt([6], [8, 7], titles), x_u[1], z, None, 8, **text),
     ]
     batch = lm.collate(examples)
     passes = []
@@ -296,9 +298,37 @@ def test_a_readout_at_its_start_scores_the_same_without_the_llm_pass(tiny, reado
     optimizer = torch.optim.Adam([p for p in lm.parameters() if p.requires_grad], lr=1e-2)
     lm(batch)["loss"].backward()
     optimizer.step()
-    hook.remove()
     assert not lm.readout.ignores_states
-    with pytest.raises(ValueError, match="corrections are not zero"):
+    with pytest.raises(ValueError, match="read the LLM's hidden states"):
         lm.rank_forward(batch, run_llm=False)
+    if readout == "user_item_text":  # T(h) alone away from zero still needs the states
+        text_only = _rank_model(tiny, readout, d_text=d_text)
+        torch.nn.init.constant_(text_only.readout.text_head[1].bias, 0.1)
+        assert not text_only.readout.ignores_states
+
+    # the evaluator's rows: no LLM pass at the start, one per batch once A(h), T(h) move
+    def evaluated(model) -> list[dict]:
+        inputs = SimpleNamespace(
+            z=z, z_text=None, q=text.get("item_text"), counts=counts, titles=titles
+        )
+        cases = [
+            EvalCase(u, np.array(c), np.array(h), x_u[u], list(c))
+            for u, (h, c) in enumerate([([1, 2], [3, 5, 4]), ([6], [8, 7, 9])])
+        ]
+        records = [
+            {"true_item": int(c.candidates[0]), "ranks": {}, "catalogue_ranks": {}} for c in cases
+        ]
+        model.eval()
+        _rank_rows(model, inputs, cases, records, load_config(), None, sbert=False)
+        return records
+
+    passes.clear()
+    moved = evaluated(lm)
+    assert len(passes) == 1 and {RANK_ROW, BYPASS_ROW} <= set(moved[0]["ranks"])
+    at_start = _rank_model(tiny, readout, d_text=d_text if readout == "user_item_text" else None)
+    passes.clear()
+    records = evaluated(at_start)
+    assert passes == [] and {RANK_ROW, BYPASS_ROW} <= set(records[0]["ranks"])
+    hook.remove()
     # the candidate readout always reads the states
     assert not _rank_model(tiny, "candidate").readout.ignores_states
