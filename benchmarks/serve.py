@@ -4,9 +4,10 @@
    measured here, now.
 2. The floor: a rank request is one forward pass of its prompt through the blocks the readout
    reads (`stage2.readout_layer`); 2 x their parameters x the prompt's tokens FLOPs at the
-   measured peak of the dtype the LLM replica runs in (`llm_dtype`; `auto` picks bf16 where
-   it is the faster) is the least time a request can take on this machine, and its inverse
-   the most requests/s. The same request in-process (no HTTP, no Ray) is timed beside it.
+   measured peak of the dtype the LLM replica ran in (`llm_dtype`; `auto` picks bf16 where
+   it is the faster; the replica is asked, after the load) is the least time a request can
+   take on this machine, and its inverse the most requests/s. The same request in-process
+   (no HTTP, no Ray) is timed beside it, once Serve is down.
 3. Serve with `serve_app/config.yaml`'s deployments and arguments, one replica each (so only
    the code differs between runs, never the scale): POST /recommend `{"user_id", "k": 10}`
    (the default path: the whole catalogue ranked by the readout) from 1 client, then from
@@ -63,9 +64,9 @@ def _load(bodies: list[dict], clients: int) -> dict:
     }
 
 
-def floor(run_dir: Path, body: dict, threads: int, peaks: dict, dtype: str | None) -> dict:
-    """FLOPs of one rank request, its time at the peak (of `peaks`) of the dtype the LLM
-    loads in (`dtype`; None: as Stage 2 trained it), and the same request in-process."""
+def floor(run_dir: Path, body: dict, threads: int, peaks: dict, dtype: str) -> dict:
+    """FLOPs of one rank request, its time at the peak (of `peaks`) of `dtype`, the one the
+    LLM replica ran in, and the same request in-process in it."""
     import torch
 
     from allmrec.api import RecommendRequest
@@ -74,7 +75,7 @@ def floor(run_dir: Path, body: dict, threads: int, peaks: dict, dtype: str | Non
 
     torch.set_num_threads(threads)
     recommender, llm = StackRecommender(run_dir), StackLLM(run_dir, dtype=dtype)
-    peak = peaks[llm.dtype]  # the floor is the dtype's the replica runs in
+    peak = peaks[llm.dtype]
     prepared = recommender.llm_request(RecommendRequest(**body))
     batch = llm.model.collate([llm._example(prepared)])
     tokens = int(batch.attention_mask.sum())
@@ -89,7 +90,6 @@ def floor(run_dir: Path, body: dict, threads: int, peaks: dict, dtype: str | Non
             llm.answer([recommender.llm_request(RecommendRequest(**body))])
             times.append(time.perf_counter() - started)
     return {
-        "dtype": llm.dtype,
         "tokens": tokens,
         "blocks": layer,
         "gflop_per_request": flops / 1e9,
@@ -97,24 +97,6 @@ def floor(run_dir: Path, body: dict, threads: int, peaks: dict, dtype: str | Non
         "floor_requests_per_s": peak / flops,
         "in_process_p50_s": statistics.median(times[1:]),
     }
-
-
-def replica_dtype(run_dir: Path, overrides: list[str]) -> str | None:
-    """The dtype an LLM replica of the Serve config (with `overrides`) asks for here (None:
-    Stage 2's, which the loader resolves)."""
-    import yaml
-
-    from allmrec.distributed.serve_launch import load_serve_config
-    from allmrec.llm import fastest_dtype
-
-    args = load_serve_config(run_dir=run_dir, port=PORT)["applications"][0]["args"]
-    for text in overrides:
-        key, value = text.split("=", 1)
-        args[key] = yaml.safe_load(value)
-    dtype = args.get("llm_dtype", "trained")
-    if dtype == "auto":
-        return fastest_dtype("cpu")[0]
-    return None if dtype == "trained" else dtype
 
 
 def serve_up(run_dir: Path, overrides: list[str]) -> None:
@@ -162,16 +144,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     peaks = {"float32": matmul_flops(torch.float32), "bfloat16": matmul_flops(torch.bfloat16)}
     rank = [{"user_id": str(u), "k": 10} for u in range(1, args.requests + args.single + 2)]
-    base = floor(args.run_dir, rank[0], args.threads, peaks, replica_dtype(args.run_dir, args.arg))
-    dtype = base["dtype"]
-    print(
-        f"machine: matmul peak fp32 {peaks['float32'] / 1e9:.0f}, bf16 "
-        f"{peaks['bfloat16'] / 1e9:.0f} GFLOP/s on {args.threads} threads; the LLM replica "
-        f"runs in {dtype}; a rank request: {base['tokens']} tokens through "
-        f"{base['blocks']} blocks, {base['gflop_per_request']:.1f} GFLOP: floor at the "
-        f"{dtype} peak {base['floor_s'] * 1000:.0f} ms, {base['floor_requests_per_s']:.1f} "
-        f"requests/s; in process {base['in_process_p50_s'] * 1000:.0f} ms"
-    )
 
     init_ray(RayConfig(object_store_gb=2.0))
     serve_up(args.run_dir, args.arg)
@@ -183,12 +155,22 @@ def main() -> None:
     if args.generate:
         bodies = [{"user_id": str(u), "mode": "generate", "k": 5} for u in range(1, 25)]
         rows[f"generate, {args.clients} clients"] = _load(bodies, args.clients)
-    chosen = serve.get_deployment_handle("LLM", app_name="allmrec").batches.remote().result()
+    # the dtype the replica chose (`llm_dtype: auto` decides as it starts): the floor is that
+    # dtype's, measured in process once Serve is down
+    dtype = serve.get_deployment_handle("LLM", app_name="allmrec").batches.remote().result()
+    dtype = dtype["dtype"]
     serve.shutdown()
 
-    print(f"the LLM replica ran in {chosen['dtype']} (llm_dtype of the app's args)")
-    if chosen["dtype"] != dtype:
-        print(f"NOTE: the floor above is {dtype}'s, the replica chose {chosen['dtype']}")
+    base = floor(args.run_dir, rank[0], args.threads, peaks, dtype)
+    print(
+        f"machine: matmul peak fp32 {peaks['float32'] / 1e9:.0f}, bf16 "
+        f"{peaks['bfloat16'] / 1e9:.0f} GFLOP/s on {args.threads} threads; the LLM replica "
+        f"ran in {dtype} (llm_dtype of the app's args); a rank request: {base['tokens']} "
+        f"tokens through {base['blocks']} blocks, {base['gflop_per_request']:.1f} GFLOP: floor "
+        f"at the {dtype} peak {base['floor_s'] * 1000:.0f} ms, "
+        f"{base['floor_requests_per_s']:.1f} requests/s; in process "
+        f"{base['in_process_p50_s'] * 1000:.0f} ms"
+    )
     print("| load | p50 | p99 | requests/s | errors |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():
