@@ -485,9 +485,12 @@ def _field_names_at(loc: tuple) -> list[str]:
 
 
 def load_config(
-    paths: list[str | Path] | None = None, overrides: list[str] | None = None
+    paths: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None
 ) -> Config:
-    """Defaults, then each YAML file in order, then each `section.field=value` override."""
+    """Defaults, then each YAML file in order (one path or a list), then each
+    `section.field=value` override."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]  # a bare string would otherwise be read as one file per character
     tree: dict = {}
     origins: dict[str, str] = {}
     name_from_file: str | None = None

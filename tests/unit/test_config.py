@@ -25,6 +25,14 @@ def test_name_defaults_to_file_stem(tmp_path: Path):
     assert load_config([path]).name == "my-run"
 
 
+def test_one_path_is_read_as_one_file(tmp_path: Path):
+    path = tmp_path / "alone.yaml"
+    path.write_text("seed: 5\n")
+    for given in (path, str(path)):  # not one file per character of the string
+        config = load_config(given)
+        assert (config.name, config.seed) == ("alone", 5)
+
+
 def test_unknown_key_names_key_and_file(tmp_path: Path):
     path = tmp_path / "typo.yaml"
     path.write_text("data:\n  min_user_interactons: 3\n")
