@@ -25,7 +25,6 @@ An experiment over a kept run, no Ray; the library's readout does not have this 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -33,13 +32,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from gate_frontier import fit, gated, section_line, top1, top1_as_shown
+from gate_frontier import (
+    load_run,
+    section_line,
+    sweep_row,
+    test_examples,
+    top1_as_shown,
+    validation_examples,
+)
 from torch import nn
 
-from allmrec.config import Config
-from allmrec.llm_evaluation import cf_row, paired_difference, text_profile
-from allmrec.models.readout import TextInputs
-from allmrec.training.stage2 import eval_cases, gate_examples, gate_fit_users, load_trained_stage2
+from allmrec.llm_evaluation import cf_row
 
 HISTORY = 10
 YEAR_BINS = np.array([0, 1940, 1950, 1960, 1970, 1980, 1985, 1990, 1993, 1995, 1996, 1997, 1998])
@@ -149,85 +152,33 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    manifests = {
-        stage: json.loads((args.run_dir / stage / "manifest.json").read_text())
-        for stage in ("stage2", "eval")
-    }
-    config = Config.model_validate(manifests["stage2"]["config"])
-    evaluated = Config.model_validate(manifests["eval"]["config"])
-    model, inputs = load_trained_stage2(args.run_dir)
+    model, inputs, config, evaluated = load_run(args.run_dir)
     readout, data = model.readout, inputs.data
-    if readout is None or not readout.reads_text or not readout.ignores_states:
-        raise SystemExit(f"{args.run_dir}: needs a kept start of the user_item_text readout")
-    is_cold = torch.as_tensor(np.asarray(inputs.cold_items, dtype=bool))
 
     content = ContentModel(item_features(args.run_dir, inputs.q, not args.text_only))
     train_content(content, data, args.epochs, args.seed)
 
-    # validation: the gate's examples; their candidates drawn again as gate_examples draws them
-    users = gate_fit_users(inputs, config)
-    v_cf, v_cosine, v_counts, v_true = gate_examples(readout, inputs, config, users)
-    rng = np.random.default_rng([config.seed, 11])
-    every = np.arange(1, data.num_items + 1)
-    v_candidates = torch.as_tensor(
-        np.stack(
-            [
-                np.concatenate(
-                    [
-                        [int(data.valid[int(u)])],
-                        rng.choice(
-                            np.setdiff1d(every, data.interacted(int(u))),
-                            config.stage2.num_negatives,
-                            False,
-                        ),
-                    ]
-                )
-                for u in users
-            ]
-        )
-    )
-    if not (inputs.counts[v_candidates] == v_counts).all():
-        raise SystemExit("the gate's validation candidates are not reproduced")
-    v_content = content_scores(content, [data.train[int(u)] for u in users], v_candidates)
-    v_cold = is_cold[v_true].numpy()
-    v_warm = np.asarray(inputs.warm_items, dtype=bool)[v_true.numpy()]
-
-    # test: the evaluator's users and candidates
-    records = json.loads((args.run_dir / "eval" / "results.json").read_text())["records"]
-    cases = eval_cases(
-        np.array([r["user"] for r in records]),
-        inputs,
-        "test",
-        evaluated.stage2.num_negatives,
-        evaluated.seed,
-    )
-    if any(c.candidates.tolist() != r["candidates"] for c, r in zip(cases, records, strict=True)):
-        raise SystemExit("the evaluator's candidates are not reproduced")
-    candidates = torch.as_tensor(np.stack([c.candidates for c in cases]))
-    length = evaluated.stage2.max_history
-    shown = [c.history[-length:] if length else c.history[:0] for c in cases]
-    text = TextInputs(
-        text_profile(inputs, shown, max(length, 1)),
-        inputs.q[candidates],
-        inputs.counts[candidates],
-    )
-    with torch.no_grad():
-        query = readout.start_query(torch.stack([c.x_u for c in cases]), text)
-        t_cf, t_cosine = readout.path_scores(query, inputs.z[candidates], text)
-    t_content = content_scores(content, [c.history for c in cases], candidates)
-    t_cold = np.array([r["cold_item"] for r in records])
-    t_warm = np.array([r["warm_item"] for r in records])
+    validation = validation_examples(readout, inputs, config)
+    histories = [data.train[int(u)] for u in validation.users]
+    v_content = content_scores(content, histories, validation.candidates)
+    cases, records, test = test_examples(args.run_dir, readout, inputs, evaluated)
+    t_content = content_scores(content, [c.history for c in cases], test.candidates)
     cf_hits = np.array([r["ranks"][cf_row(inputs)] == 0 for r in records])
-    print(f"test, {cf_row(inputs)} (all / cold / warm): {section_line(cf_hits, t_cold, t_warm)}")
-    for name, scores in (("cosine", t_cosine), ("content model", t_content)):
-        print(
-            f"test, the {name} alone: {section_line(top1_as_shown(scores, cases), t_cold, t_warm)}"
-        )
+    print(
+        f"test, {cf_row(inputs)} (all / cold / warm): {section_line(cf_hits, test.cold, test.warm)}"
+    )
+    for name, scores in (("cosine", test.cosine), ("content model", t_content)):
+        alone = section_line(top1_as_shown(scores, cases), test.cold, test.warm)
+        print(f"test, the {name} alone: {alone}")
 
     # on the cosine's scale, so the gate's start and ridge mean the same for both paths
-    scale = float(v_content.std() / v_cosine.std())
-    paths = {"cosine": (v_cosine, t_cosine), "content": (v_content / scale, t_content / scale)}
-    halves = np.random.default_rng(args.seed).permutation(len(users)) < len(users) // 2
+    scale = float(v_content.std() / validation.cosine.std())
+    paths = {
+        "cosine": (validation.cosine, test.cosine),
+        "content": (v_content / scale, t_content / scale),
+    }
+    halves = np.random.default_rng(args.seed).permutation(len(validation.users))
+    halves = halves < len(validation.users) // 2
     print(
         "\n| text path | cold weight | validation all / cold / warm | test all / cold / warm "
         "| all - CF | cold - CF | warm - CF | cold / CF |"
@@ -235,35 +186,19 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for name, (v_text, t_text) in paths.items():
         for weight in [float(w) for w in args.weights.split(",")]:
-            v_hits = np.zeros(len(users), dtype=bool)
-            for half in (halves, ~halves):
-                on, scored = torch.as_tensor(~half), torch.as_tensor(half)
-                state = fit(
-                    readout, v_cf[on], v_text[on], v_counts[on], is_cold[v_true[on]], weight
-                )
-                v_hits[half] = top1(
-                    gated(readout, state, v_cf[scored], v_text[scored], v_counts[scored])
-                )
-            state = fit(readout, v_cf, v_text, v_counts, is_cold[v_true], weight)
-            t_hits = top1_as_shown(gated(readout, state, t_cf, t_text, text.counts), cases)
-            cells = []
-            for mask in (slice(None), t_cold, t_warm):
-                pairs = [
-                    {"ranks": {"row": 0 if a else 1, "cf": 0 if b else 1}}
-                    for a, b in zip(t_hits[mask], cf_hits[mask], strict=True)
-                ]
-                d = paired_difference(pairs, "row", "cf", seed=evaluated.seed)
-                cells.append(
-                    "no users"
-                    if d is None
-                    else f"{d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
-                )
-            ratio = t_hits[t_cold].mean() / max(cf_hits[t_cold].mean(), 1e-12)
-            print(
-                f"| {name} | {weight:g} | {section_line(v_hits, v_cold, v_warm)} | "
-                f"{section_line(t_hits, t_cold, t_warm)} | {' | '.join(cells)} | {ratio:.2f} |",
-                flush=True,
+            cells = sweep_row(
+                readout,
+                weight,
+                validation,
+                v_text,
+                test,
+                t_text,
+                cases,
+                cf_hits,
+                halves,
+                evaluated.seed,
             )
+            print(f"| {name} | {weight:g} | {cells} |", flush=True)
 
 
 if __name__ == "__main__":

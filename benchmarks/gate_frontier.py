@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -76,36 +77,63 @@ def section_line(hits: np.ndarray, cold: np.ndarray, warm: np.ndarray) -> str:
     return f"{hits.mean():.4f} / {hits[cold].mean():.4f} / {hits[warm].mean():.4f}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run-dir", type=Path, required=True, help="a run evaluated")
-    parser.add_argument("--weights", default="1,1.5,2,3,4,6,8")
-    parser.add_argument("--seed", type=int, default=7, help="the validation halves")
-    args = parser.parse_args()
-    weights = [float(w) for w in args.weights.split(",")]
+class Examples(NamedTuple):
+    """One split's examples at the readout's start, [E, C] with the true item in column 0."""
+
+    users: np.ndarray  # [E]
+    candidates: torch.Tensor
+    cf: torch.Tensor  # <x_u, g(z_c)>
+    cosine: torch.Tensor  # today's text path, cos(t, q_c)
+    counts: torch.Tensor
+    cold: np.ndarray  # [E]: the true item is cold / warm
+    warm: np.ndarray
+
+
+def load_run(run_dir: Path):
+    """(the model, its inputs, Stage 2's config (the gate's examples), the evaluation's (the
+    test candidates)) of a kept start of the user_item_text readout; refuses any other."""
     manifests = {
-        stage: json.loads((args.run_dir / stage / "manifest.json").read_text())
+        stage: json.loads((run_dir / stage / "manifest.json").read_text())
         for stage in ("stage2", "eval")
     }
-    config = Config.model_validate(manifests["stage2"]["config"])  # the gate's examples
-    evaluated = Config.model_validate(manifests["eval"]["config"])  # the test candidates
-    model, inputs = load_trained_stage2(args.run_dir)
+    model, inputs = load_trained_stage2(run_dir)
     readout = model.readout
     if readout is None or not readout.reads_text:
-        raise SystemExit(f"{args.run_dir}: Stage 2 has no user_item_text readout")
+        raise SystemExit(f"{run_dir}: Stage 2 has no user_item_text readout")
     if not readout.ignores_states:
-        raise SystemExit(f"{args.run_dir}: Stage 2 moved the LLM's corrections; needs the LLM")
-    stored = {k: v.clone() for k, v in readout.gate.state_dict().items()}
-    is_cold = torch.as_tensor(np.asarray(inputs.cold_items, dtype=bool))
-    is_warm = torch.as_tensor(np.asarray(inputs.warm_items, dtype=bool))
+        raise SystemExit(f"{run_dir}: Stage 2 moved the LLM's corrections; needs the LLM")
+    return (
+        model,
+        inputs,
+        Config.model_validate(manifests["stage2"]["config"]),
+        Config.model_validate(manifests["eval"]["config"]),
+    )
 
-    # validation: the gate's own examples
+
+def labelled(inputs, users, candidates: torch.Tensor, cf, cosine, counts) -> Examples:
+    true = candidates[:, 0].numpy()
+    return Examples(
+        np.asarray(users),
+        candidates,
+        cf,
+        cosine,
+        counts,
+        np.asarray(inputs.cold_items, dtype=bool)[true],
+        np.asarray(inputs.warm_items, dtype=bool)[true],
+    )
+
+
+def validation_examples(readout, inputs, config: Config) -> Examples:
+    """The gate's own examples: every gate-fit user's validation item."""
     users = gate_fit_users(inputs, config)
-    v_cf, v_text, v_counts, v_true = gate_examples(readout, inputs, config, users)
-    v_cold, v_warm = is_cold[v_true].numpy(), is_warm[v_true].numpy()
+    cf, cosine, counts, candidates = gate_examples(readout, inputs, config, users)
+    return labelled(inputs, users, candidates, cf, cosine, counts)
 
-    # test: the evaluator's users and candidates, its recorded CF backbone ranks
-    records = json.loads((args.run_dir / "eval" / "results.json").read_text())["records"]
+
+def test_examples(run_dir: Path, readout, inputs, evaluated: Config):
+    """(the evaluator's test cases, their records, their Examples): the users, candidates and
+    prompt histories of the run's `eval/results.json`, checked against its records."""
+    records = json.loads((run_dir / "eval" / "results.json").read_text())["records"]
     cases = eval_cases(
         np.array([r["user"] for r in records]),
         inputs,
@@ -125,14 +153,74 @@ def main() -> None:
     )
     with torch.no_grad():
         query = readout.start_query(torch.stack([c.x_u for c in cases]), text)
-        t_cf, t_text = readout.path_scores(query, inputs.z[candidates], text)
-    t_counts = text.counts
-    t_cold = np.array([r["cold_item"] for r in records])
-    t_warm = np.array([r["warm_item"] for r in records])
+        cf, cosine = readout.path_scores(query, inputs.z[candidates], text)
+    examples = labelled(inputs, [c.user for c in cases], candidates, cf, cosine, text.counts)
+    for label in ("cold", "warm"):
+        if not (getattr(examples, label) == np.array([r[f"{label}_item"] for r in records])).all():
+            raise SystemExit(f"the evaluator's {label}-item labels are not reproduced")
+    return cases, records, examples
+
+
+def sweep_row(
+    readout,
+    weight: float,
+    validation: Examples,
+    v_text: torch.Tensor,
+    test: Examples,
+    t_text: torch.Tensor,
+    cases,
+    cf_hits: np.ndarray,
+    halves: np.ndarray,
+    seed: int,
+) -> str:
+    """One weight's cells: validation all / cold / warm (each half scored by the gate fitted
+    on the other), test all / cold / warm (the gate fitted on all), the test's paired
+    differences against the CF backbone's hits (the evaluator's bootstrap `seed`) and the
+    cold-item ratio. `v_text`, `t_text`: the text path's scores in the gate."""
+    cold = torch.as_tensor(validation.cold)
+    v_hits = np.zeros(len(validation.cf), dtype=bool)
+    for half in (halves, ~halves):
+        on, scored = torch.as_tensor(~half), torch.as_tensor(half)
+        state = fit(readout, validation.cf[on], v_text[on], validation.counts[on], cold[on], weight)
+        v_hits[half] = top1(
+            gated(readout, state, validation.cf[scored], v_text[scored], validation.counts[scored])
+        )
+    state = fit(readout, validation.cf, v_text, validation.counts, cold, weight)
+    t_hits = top1_as_shown(gated(readout, state, test.cf, t_text, test.counts), cases)
+    cells = []
+    for mask in (slice(None), test.cold, test.warm):
+        pairs = [
+            {"ranks": {"row": 0 if a else 1, "cf": 0 if b else 1}}
+            for a, b in zip(t_hits[mask], cf_hits[mask], strict=True)
+        ]
+        d = paired_difference(pairs, "row", "cf", seed=seed)
+        cells.append(
+            "no users"
+            if d is None
+            else f"{d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+        )
+    ratio = t_hits[test.cold].mean() / max(cf_hits[test.cold].mean(), 1e-12)
+    return (
+        f"{section_line(v_hits, validation.cold, validation.warm)} | "
+        f"{section_line(t_hits, test.cold, test.warm)} | {' | '.join(cells)} | {ratio:.2f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", type=Path, required=True, help="a run evaluated")
+    parser.add_argument("--weights", default="1,1.5,2,3,4,6,8")
+    parser.add_argument("--seed", type=int, default=7, help="the validation halves")
+    args = parser.parse_args()
+    model, inputs, config, evaluated = load_run(args.run_dir)
+    readout = model.readout
+    stored = {k: v.clone() for k, v in readout.gate.state_dict().items()}
+    validation = validation_examples(readout, inputs, config)
+    cases, records, test = test_examples(args.run_dir, readout, inputs, evaluated)
     cf_name = cf_row(inputs)
     cf_hits = np.array([r["ranks"][cf_name] == 0 for r in records])
 
-    replayed = top1_as_shown(gated(readout, stored, t_cf, t_text, t_counts), cases)
+    replayed = top1_as_shown(gated(readout, stored, test.cf, test.cosine, test.counts), cases)
     recorded = np.array([r["ranks"][RANK_ROW] == 0 for r in records])
     if (replayed != recorded).any():
         raise SystemExit(
@@ -140,56 +228,37 @@ def main() -> None:
             f"{int((replayed != recorded).sum())} of {len(records)} test users"
         )
     print(
-        f"{args.run_dir}: gate-fit users {len(users)} (cold {v_cold.sum()}, warm "
-        f"{v_warm.sum()}), test users {len(records)} (cold {t_cold.sum()}, warm "
-        f"{t_warm.sum()}); the stored gate gives the recorded rank row on every test user"
+        f"{args.run_dir}: gate-fit users {len(validation.cf)} (cold {validation.cold.sum()}, "
+        f"warm {validation.warm.sum()}), test users {len(records)} (cold {test.cold.sum()}, "
+        f"warm {test.warm.sum()}); the stored gate gives the recorded rank row on every test user"
     )
-    alone = section_line(top1(v_cf), v_cold, v_warm)
+    alone = section_line(top1(validation.cf), validation.cold, validation.warm)
     print(f"validation, the CF path alone (all / cold / warm): {alone}")
-    print(f"test, {cf_name}: {section_line(cf_hits, t_cold, t_warm)}")
-    print(f"test, the CF path alone: {section_line(top1_as_shown(t_cf, cases), t_cold, t_warm)}")
+    print(f"test, {cf_name}: {section_line(cf_hits, test.cold, test.warm)}")
+    alone = section_line(top1_as_shown(test.cf, cases), test.cold, test.warm)
+    print(f"test, the CF path alone: {alone}")
 
-    halves = np.random.default_rng(args.seed).permutation(len(users)) < len(users) // 2
+    halves = np.random.default_rng(args.seed).permutation(len(validation.cf))
+    halves = halves < len(validation.cf) // 2
     print(
         "\n| cold weight | validation all / cold / warm | test all / cold / warm "
         "| all - CF | cold - CF | warm - CF | cold / CF |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for weight in weights:
-        v_hits = np.zeros(len(users), dtype=bool)
-        for half in (halves, ~halves):
-            fitted_on, scored = torch.as_tensor(~half), torch.as_tensor(half)
-            state = fit(
-                readout,
-                v_cf[fitted_on],
-                v_text[fitted_on],
-                v_counts[fitted_on],
-                is_cold[v_true[fitted_on]],
-                weight,
-            )
-            v_hits[half] = top1(
-                gated(readout, state, v_cf[scored], v_text[scored], v_counts[scored])
-            )
-        state = fit(readout, v_cf, v_text, v_counts, is_cold[v_true], weight)
-        t_hits = top1_as_shown(gated(readout, state, t_cf, t_text, t_counts), cases)
-        cells = []
-        for mask in (slice(None), t_cold, t_warm):
-            pairs = [
-                {"ranks": {"row": 0 if a else 1, "cf": 0 if b else 1}}
-                for a, b in zip(t_hits[mask], cf_hits[mask], strict=True)
-            ]
-            d = paired_difference(pairs, "row", "cf", seed=evaluated.seed)  # the evaluator's
-            cells.append(
-                "no users"
-                if d is None
-                else f"{d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
-            )
-        ratio = t_hits[t_cold].mean() / max(cf_hits[t_cold].mean(), 1e-12)
-        print(
-            f"| {weight:g} | {section_line(v_hits, v_cold, v_warm)} | "
-            f"{section_line(t_hits, t_cold, t_warm)} | {' | '.join(cells)} | {ratio:.2f} |",
-            flush=True,
+    for weight in [float(w) for w in args.weights.split(",")]:
+        cells = sweep_row(
+            readout,
+            weight,
+            validation,
+            validation.cosine,
+            test,
+            test.cosine,
+            cases,
+            cf_hits,
+            halves,
+            evaluated.seed,
         )
+        print(f"| {weight:g} | {cells} |", flush=True)
 
 
 if __name__ == "__main__":

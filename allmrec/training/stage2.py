@@ -368,10 +368,10 @@ def start_readouts(
             out[f"{name}_item_map_error"] = readout.fit_item_map(inputs.z, item_embeddings)
     if model.readout is not None and model.readout.reads_text:
         users = gate_fit_users(inputs, config) if users is None else users
-        cf_scores, text_scores, counts, targets = gate_examples(
+        cf_scores, text_scores, counts, candidates = gate_examples(
             model.readout, inputs, config, users
         )
-        cold = torch.as_tensor(np.asarray(inputs.cold_items, dtype=bool))[targets]
+        cold = torch.as_tensor(np.asarray(inputs.cold_items, dtype=bool))[candidates[:, 0]]
         weights = torch.where(cold, config.stage2.gate_cold_weight, 1.0)
         out |= model.readout.fit_gate(cf_scores, text_scores, counts, weights)
         out["gate_fit_users"] = len(users)
@@ -419,9 +419,9 @@ def validation_users(inputs: Stage2Inputs, config: Config) -> np.ndarray:
 def gate_examples(
     readout, inputs: Stage2Inputs, config: Config, users: np.ndarray
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(CF scores <x_u, g(z_c)>, text cosines, counts), [E, 20] each with the true item in
-    column 0, one per user, with 19 seeded negatives the user never interacted with, and the
-    true items [E]. The
+    """(CF scores <x_u, g(z_c)>, text cosines, counts, the candidates), [E, 20] each with the
+    true item in column 0, one per user, with 19 seeded negatives the user never interacted
+    with. The
     target, by `stage2.gate_fit`: `valid`, the user's validation item after their training
     items (the CF model never trained on it: its scores are as reliable as at test time;
     in-sample targets, which it memorised, make it look surer than it is, most of all when it
@@ -465,7 +465,7 @@ def gate_examples(
     text = TextInputs(history_text, inputs.q[cand], counts)
     query = readout.start_query(x_u, text)
     cf_scores, text_scores = readout.path_scores(query, inputs.z[cand], text)
-    return cf_scores, text_scores, text.counts, cand[:, 0]
+    return cf_scores, text_scores, text.counts, cand
 
 
 def llm_dtype(config: Config) -> torch.dtype:
