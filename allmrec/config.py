@@ -196,6 +196,25 @@ class Stage2Config(_Section):
         "item's Sentence-BERT encodings), each path weighted by how many training "
         "interactions the item has (allmrec.models.readout)",
     )
+    text_path: Literal["cosine", "content"] = Field(
+        "content",
+        description="user_item_text: the text path beside the item path. 'cosine': cos(mean "
+        "of the history's q_j, q_i); 'content': a content model over the same q (an MLP of "
+        "q_i, a recency-weighted user over the history's), trained at Stage 2's start on "
+        "every transition of the training users' sequences and frozen after "
+        "(allmrec.models.content)",
+    )
+    content_dim: int = Field(64, ge=1, description="text_path content: the width of f(q_i)")
+    content_window: int = Field(
+        10, ge=1, description="text_path content: the history items the user side reads"
+    )
+    content_epochs: int = Field(
+        16,
+        ge=1,
+        description="text_path content: epochs over the training transitions (ML-1M: about "
+        "40 s each on 2 cores; the frontier stops moving after 16, docs/results.md)",
+    )
+    content_lr: float = Field(2e-3, gt=0, description="text_path content: Adam's step size")
     gate_fit: Literal["valid", "last"] = Field(
         "valid",
         description="user_item_text: the examples that fit how far to trust the item path "
@@ -204,13 +223,21 @@ class Stage2Config(_Section):
         "trainable gate leaves the validation curve's users out); 'last', each user's last "
         "training item",
     )
-    gate_cold_weight: float = Field(
-        2.0,
-        gt=0,
+    gate_cold_weight: float | Literal["auto"] = Field(
+        "auto",
         description="user_item_text: the weight in that fit of an example whose true item is "
         "cold (the bottom of `data.cold_item_share`) against the others' 1: how much the "
         "readout's trade between rarely and often seen items values the users of cold items "
-        "(1: as often as the data has them; docs/results.md measures the trade)",
+        "(1: as often as the data has them; docs/results.md measures the trade). 'auto': "
+        "the largest of `gate_cold_weights` whose gate, fitted on half of the examples and "
+        "scored on the other half (both ways), keeps Hit@1 over all users at least the CF "
+        "path's and over warm-item users at least the CF path's - 0.01 (the bars of "
+        "issue 26): as much for cold items as the others allow",
+    )
+    gate_cold_weights: list[float] = Field(
+        [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0],
+        min_length=1,
+        description="user_item_text: the weights `gate_cold_weight: auto` chooses among",
     )
     gate_trainable: bool = Field(
         False,

@@ -100,7 +100,8 @@ class StackRecommender:
         self.item_ae = _autoencoder(stage1 / "item_autoencoder.safetensors")
         with torch.no_grad():
             self.decoded = self.item_ae.decoder(self.z)  # dec_I(z_i): retrieval keys
-        self.readout = _readout(self.run_dir)  # the user_item readouts' scorer, or None
+        # the user_item readouts' scorer, or None
+        self.readout = _readout(self.run_dir, self.config)
         self.template = self.config.data.text_template
         self.max_tokens = self.config.stage1.max_text_tokens
         self.sequential = isinstance(self.cf_model, SequentialBackbone)
@@ -329,21 +330,23 @@ def _check_length(field: str, ids: list[str], limit: int, wanted: str) -> None:
         raise BadRequest(field, f"{len(ids)} items, more than the limit of {limit}")
 
 
-def _readout(run_dir: Path) -> RankReadout | None:
+def _readout(run_dir: Path, config: Config) -> RankReadout | None:
     """The user_item readouts' item scorer (g and, for user_item_text, the text path and its
     weights), from the Stage 2 weights; None for a stack whose readout scores only the
     candidates in its prompt."""
-    from allmrec.training.stage2 import PROJECTORS_FILE
+    from allmrec.training.stage2 import PROJECTORS_FILE, text_options, text_width
 
     weights = load_file(str(run_dir / "stage2" / PROJECTORS_FILE))
     if "readout.item_map.weight" not in weights:
         return None
     d_cf, d_joint = weights["readout.item_map.weight"].shape
     d_llm = weights["readout.user_head.0.weight"].shape[0]
-    text_head = weights.get("readout.text_head.1.weight")
-    kind = "user_item" if text_head is None else "user_item_text"
-    d_text = None if text_head is None else text_head.shape[0]
-    readout = RankReadout(kind, d_llm, d_cf, d_joint, d_text=d_text)
+    d_text = text_width(weights)
+    kind = "user_item" if d_text is None else "user_item_text"
+    options = text_options(config)
+    if "readout.content_scale" not in weights:
+        options["text_path"] = "cosine"  # a stack from before the content path
+    readout = RankReadout(kind, d_llm, d_cf, d_joint, d_text=d_text, **options)
     prefix = "readout."
     readout.load_state_dict(
         {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}

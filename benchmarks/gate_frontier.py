@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from allmrec.config import Config
-from allmrec.llm_evaluation import RANK_ROW, cf_row, paired_difference, text_profile
+from allmrec.llm_evaluation import RANK_ROW, cf_row, paired_difference
+from allmrec.models.projection import right_aligned
 from allmrec.models.readout import CountGate, TextInputs
 from allmrec.training.stage2 import eval_cases, gate_examples, gate_fit_users, load_trained_stage2
 
@@ -147,7 +148,7 @@ def test_examples(run_dir: Path, readout, inputs, evaluated: Config):
     length = evaluated.stage2.max_history  # the prompt's history (none for 0)
     shown = [c.history[-length:] if length else c.history[:0] for c in cases]
     text = TextInputs(
-        text_profile(inputs, shown, max(length, 1)),
+        right_aligned([inputs.q[torch.as_tensor(h, dtype=torch.long)] for h in shown]),
         inputs.q[candidates],
         inputs.counts[candidates],
     )

@@ -88,6 +88,16 @@ def restore_deepspeed(engine) -> dict | None:
         return json.loads((Path(ckpt) / "state.json").read_text())
 
 
+def broadcast_from_rank0(module: torch.nn.Module) -> None:
+    """Every parameter and buffer of `module` as rank 0 holds it (a no-op on one worker):
+    what each worker fitted alone at the start (the item map, the content path, the gate) is
+    then one model, even where two accelerators round differently."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.data, src=0)
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Element-wise sums over all workers (the values themselves on a single worker)."""
     if not (dist.is_available() and dist.is_initialized()):

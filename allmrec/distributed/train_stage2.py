@@ -28,6 +28,7 @@ from allmrec.console import say
 from allmrec.data.prepared import worker_users
 from allmrec.distributed.common import (
     all_reduce_sum,
+    broadcast_from_rank0,
     by_rank,
     deepspeed_worker,
     maybe_fail,
@@ -211,6 +212,15 @@ def _set_up(loop_config: dict) -> _Worker:
     torch.manual_seed(config.seed)  # the same initial weights on every worker
     model = build_stage2_model(config, inputs.d_cf, inputs.d_joint, d_text=inputs.d_text)
     fit_errors = start_readouts(model, inputs, config)
+    for fitted in (model.readout, model.bypass):
+        if fitted is not None:
+            broadcast_from_rank0(fitted)
+    if rank == 0 and "content_transitions" in fit_errors:
+        say(
+            "stage2",
+            f"content path trained on {fit_errors['content_transitions']:,} transitions in "
+            f"{fit_errors['content_seconds']:.0f} s (loss {fit_errors['content_loss']:.3f})",
+        )
     trained = [p for name in TRAINED_MODULES for p in _parameters(model, name) if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
         model=model,

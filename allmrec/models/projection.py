@@ -143,8 +143,8 @@ def _item_counts(table: Mapping[int, int] | Tensor, items: Sequence[int]) -> Ten
 
 def _text_inputs(examples: Sequence[Stage2Example], width: int) -> TextInputs | None:
     """The candidates' q_i and counts (padded like the candidates; a training target's count
-    without its own interaction) and the mean of each prompt's history q_j (unit vectors;
-    zeros for an empty history); None when the examples carry no text."""
+    without its own interaction) and each prompt's history q_j, right-aligned (zero rows
+    before a shorter history); None when the examples carry no text."""
     if all(e.item_text is None for e in examples):
         return None
     if any(e.item_text is None or e.item_counts is None for e in examples):
@@ -166,11 +166,18 @@ def _text_inputs(examples: Sequence[Stage2Example], width: int) -> TextInputs | 
             n[at] = (n[at] - 1).clamp_min(0)
         counts.append(n)
         hist = e.prompt.history_items
-        if hist:
-            history.append(F.normalize(_item_vectors(e.item_text, hist), dim=-1).mean(0))
-        else:
-            history.append(torch.zeros(q.shape[1]))
-    return TextInputs(torch.stack(history), torch.stack(items), torch.stack(counts))
+        history.append(_item_vectors(e.item_text, hist) if hist else torch.zeros(0, q.shape[1]))
+    return TextInputs(right_aligned(history), torch.stack(items), torch.stack(counts))
+
+
+def right_aligned(rows: Sequence[Tensor]) -> Tensor:
+    """[B, H, d] from B tensors [n_b, d], H the longest: each one's rows last, zeros before."""
+    width = max((len(r) for r in rows), default=0)
+    out = torch.zeros(len(rows), width, rows[0].shape[1] if rows else 0)
+    for b, r in enumerate(rows):
+        if len(r):
+            out[b, width - len(r) :] = r
+    return out
 
 
 def collate_stage2(
@@ -278,11 +285,12 @@ class BypassRanker(nn.Module):
         d_llm: int,
         dim: int = 128,
         d_text: int | None = None,
+        text_options: dict | None = None,
     ) -> None:
         super().__init__()
         self.user_projector = UserProjector(d_cf, d_llm)
         self.item_projector = ItemProjector(d_joint, d_llm)
-        self.readout = RankReadout(kind, d_llm, d_cf, d_joint, dim, d_text)
+        self.readout = RankReadout(kind, d_llm, d_cf, d_joint, dim, d_text, **(text_options or {}))
 
     def forward(self, batch: Stage2Batch) -> Tensor:
         """Scores [B, C] of each row's candidates, -inf on padding."""
@@ -319,7 +327,10 @@ class ALLMRecLM(nn.Module):
         readout_dim: int = 128,
         bypass: bool = True,
         d_text: int | None = None,
+        text_options: dict | None = None,
     ) -> None:
+        """`text_options`: the `user_item_text` readout's text path (`RankReadout`'s
+        text_path, content_dim, content_window)."""
         super().__init__()
         if objective not in ("generate", "rank"):
             raise ValueError(f"stage2.objective {objective!r}: expected 'generate' or 'rank'")
@@ -346,9 +357,14 @@ class ALLMRecLM(nn.Module):
         self.item_projector = ItemProjector(d_joint, d_llm)  # F_I
         self.readout = self.bypass = None
         if objective == "rank":
-            self.readout = RankReadout(readout, d_llm, d_cf, d_joint, readout_dim, d_text)
+            options = text_options or {}
+            self.readout = RankReadout(
+                readout, d_llm, d_cf, d_joint, readout_dim, d_text, **options
+            )
             if bypass:
-                self.bypass = BypassRanker(readout, d_cf, d_joint, d_llm, readout_dim, d_text)
+                self.bypass = BypassRanker(
+                    readout, d_cf, d_joint, d_llm, readout_dim, d_text, options
+                )
         # The state of this module is the projectors: the LLM is a frozen input, loaded by
         # name. So no checkpoint ever holds it (DeepSpeed's exclude_frozen_parameters alone
         # keeps a tied lm_head weight, a second name of the frozen embedding).

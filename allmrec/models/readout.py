@@ -35,6 +35,13 @@ Two heads, `stage2.readout`:
   the item path is weak (few interactions) the fit trusts the text more. Any item with a z_i
   and a q_i can be scored, an item added at serving time too (n = 0).
 
+  `stage2.text_path` picks the text path: `cosine` is the one above; `content` (the default)
+  replaces cos(t, q_i) by a learned content model's score (`allmrec.models.content`):
+      t = c_u + T(h_last),  text_i = <t, f(q_i)> / sigma,
+  c_u read from the f of the prompt's history items, f an MLP of q_i, both trained at Stage
+  2's start on the training users' sequences and frozen after; sigma (`content_scale`) puts
+  its scores on the cosine's scale, so that the gate's start and ridge mean the same.
+
 The bypass (`allmrec.models.projection.BypassRanker`, the ablation row "A-LLMRec (rank, LLM
 bypassed)") is the same head with its own F_U and F_I, reading F_U(x_u) in place of h_last
 and F_I(z_c) in place of h_c: what the readout can do without the LLM, on the same examples.
@@ -49,7 +56,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from allmrec.models.content import ContentTower
+
 READOUTS = ("candidate", "user_item", "user_item_text")
+TEXT_PATHS = ("cosine", "content")
 # Buckets of an item's training interactions n: 0, 1, 2-3, 4-7, ..., the last one >= 2^10.
 COUNT_BUCKETS = 12
 TEXT_SCALE = 10.0  # tau: cosines lie in [-1, 1], the CF scores spread over several units
@@ -65,9 +75,26 @@ def count_bucket(counts: Tensor) -> Tensor:
 class TextInputs(NamedTuple):
     """What the `user_item_text` readout reads of the items' text."""
 
-    history: Tensor  # [B, d_text] the mean of the prompt's history q_j (unit vectors)
+    # q_j of each prompt's history items, [B, H, d_text], right-aligned (the most recent
+    # last), zero rows where a prompt has fewer than H
+    history: Tensor
     items: Tensor  # q_i of the items scored: [B, C, d_text] (candidates) or [N, d_text]
     counts: Tensor  # their training interactions: [B, C] or [N]
+
+
+def mean_unit(history: Tensor) -> Tensor:
+    """The mean of the unit q_j of each row's history [B, H, d] (zero rows absent; zeros for
+    an empty history): the cosine path's text query before the LLM's correction."""
+    unit = F.normalize(history, dim=-1)  # zero rows stay zero
+    present = (history.abs().sum(-1) > 0).sum(1, keepdim=True)
+    return unit.sum(1) / present.clamp_min(1).to(unit.dtype)
+
+
+def text_cosine(history: Tensor, items: Tensor) -> Tensor:
+    """The cosine path's scores at the start: cos(mean unit history q, q_c), history
+    [B, H, d] and items [B, C, d] -> [B, C]."""
+    t = F.normalize(mean_unit(history), dim=-1)
+    return torch.einsum("bd,bcd->bc", t, F.normalize(items.to(t.dtype), dim=-1))
 
 
 def listwise_loss(scores: Tensor, targets: Tensor) -> Tensor:
@@ -119,11 +146,19 @@ class RankReadout(nn.Module):
         d_joint: int,
         dim: int = 128,
         d_text: int | None = None,
+        text_path: str = "cosine",
+        content_dim: int = 64,
+        content_window: int = 10,
     ) -> None:
         super().__init__()
         if kind not in READOUTS:
             raise ValueError(f"stage2.readout {kind!r}: expected one of {', '.join(READOUTS)}")
+        if text_path not in TEXT_PATHS:
+            raise ValueError(
+                f"stage2.text_path {text_path!r}: expected one of {', '.join(TEXT_PATHS)}"
+            )
         self.kind = kind
+        self.text_path = text_path if kind == "user_item_text" else None
         if kind == "candidate":
             self.user_head = _head(d_llm, dim)  # A
             self.item_head = _head(d_llm, dim)  # B
@@ -136,7 +171,14 @@ class RankReadout(nn.Module):
         if kind == "user_item_text":
             if not d_text:
                 raise ValueError("the user_item_text readout needs the width of q_i (d_text)")
-            self.text_head = _head(d_llm, d_text)  # T, zero: t = the history's mean q
+            d_query = d_text
+            if text_path == "content":
+                self.content = ContentTower(d_text, content_dim, content_window)
+                self.content.requires_grad_(False)  # trained at the start only
+                # sigma: the content scores' scale against the cosine's (`set_content_scale`)
+                self.register_buffer("content_scale", torch.ones(()))
+                d_query = content_dim
+            self.text_head = _head(d_llm, d_query)  # T, zero: t = the history's query
             nn.init.zeros_(self.text_head[1].weight)
             nn.init.zeros_(self.text_head[1].bias)
             self.gate = CountGate()  # a, b, c
@@ -174,8 +216,32 @@ class RankReadout(nn.Module):
             return u
         if text is None:
             raise ValueError("the user_item_text readout needs the items' text (TextInputs)")
-        t = F.normalize(text.history.to(self.dtype) + self.text_head(h_user), dim=-1)
+        t = self.history_query(text.history.to(self.dtype)) + self.text_head(h_user)
+        if self.text_path == "cosine":
+            t = F.normalize(t, dim=-1)
         return torch.cat([u, t], dim=-1)
+
+    def history_query(self, history: Tensor) -> Tensor:
+        """The text query before the LLM's correction T(h), from the history's q [B, H, d]:
+        `cosine`, the mean of the history's unit q_j (zeros for no history); `content`, c_u."""
+        if self.text_path == "content":
+            return self.content.users(history)
+        return mean_unit(history)
+
+    def text_keys(self, q: Tensor) -> Tensor:
+        """What the text query meets for items of q [..., d_text]: `cosine`, the unit q_i;
+        `content`, f(q_i) / sigma."""
+        if self.text_path == "content":
+            return self.content.items(q) / self.content_scale
+        return F.normalize(q, dim=-1)
+
+    @torch.no_grad()
+    def set_content_scale(self, text_scores: Tensor, reference: Tensor) -> float:
+        """`content`: sigma := the std of `text_scores` (the content path's, at sigma = 1)
+        over the std of `reference` (the cosine's on the same examples). Returns sigma."""
+        sigma = float(text_scores.float().std() / reference.float().std().clamp_min(1e-8))
+        self.content_scale.fill_(sigma)
+        return sigma
 
     @property
     def dtype(self) -> torch.dtype:
@@ -205,15 +271,18 @@ class RankReadout(nn.Module):
         if not self.reads_text:
             return cf, None
         t = query[..., d_cf:]
-        q = F.normalize(text.items.to(t.dtype), dim=-1)
-        return cf, torch.einsum("bd,bcd->bc", t, q) if per_row else t @ q.T
+        keys = self.text_keys(text.items.to(t.dtype))
+        return cf, torch.einsum("bd,bcd->bc", t, keys) if per_row else t @ keys.T
 
     def start_query(self, x_u: Tensor, text: TextInputs | None = None) -> Tensor:
         """`user_query` while the LLM's corrections A(h) and T(h) are zero (the start):
-        x_u, and the unit mean of the history's q for `user_item_text`."""
+        x_u, and for `user_item_text` the history's text query (`history_query`)."""
         if not self.reads_text:
             return x_u
-        return torch.cat([x_u, F.normalize(text.history.to(x_u.dtype), dim=-1)], dim=-1)
+        t = self.history_query(text.history.to(x_u.dtype))
+        if self.text_path == "cosine":
+            t = F.normalize(t, dim=-1)
+        return torch.cat([x_u, t], dim=-1)
 
     def item_scores(self, query: Tensor, z: Tensor, text: TextInputs | None = None) -> Tensor:
         """Scores of any items by the query of `user_query` (shapes as `path_scores`)."""

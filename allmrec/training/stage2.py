@@ -16,6 +16,7 @@ What Stage 2 reads of the stages before it, and how a user becomes a prompt:
 
 from __future__ import annotations
 
+import logging
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +29,14 @@ from allmrec.config import Config
 from allmrec.data.prepared import PreparedData, load_prepared
 from allmrec.evaluation import sample_candidates
 from allmrec.manifest import ArtifactError
-from allmrec.models.projection import ALLMRecLM, Stage2Example
-from allmrec.models.readout import TextInputs
+from allmrec.models.content import fit_content_tower
+from allmrec.models.projection import ALLMRecLM, Stage2Example, right_aligned
+from allmrec.models.readout import TextInputs, text_cosine
 from allmrec.prompts import build_prompt, shuffle_candidates
 from allmrec.sequences import left_pad
 from allmrec.stages import output_digest, read_manifest, recorded_upstream
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -345,8 +349,19 @@ def build_stage2_model(
         readout_dim=cfg.readout_dim,
         bypass=cfg.bypass,
         d_text=d_text,
+        text_options=text_options(config),
     )
     return model.to(device)
+
+
+def text_options(config: Config) -> dict:
+    """The `user_item_text` readout's text path, as `RankReadout` takes it."""
+    cfg = config.stage2
+    return {
+        "text_path": cfg.text_path,
+        "content_dim": cfg.content_dim,
+        "content_window": cfg.content_window,
+    }
 
 
 def start_readouts(
@@ -358,8 +373,10 @@ def start_readouts(
     (`RankReadout.fit_gate`, before any LLM step: the LLM's corrections are zero there, so
     the readout's scores need no forward pass) fitted on one example per user
     (`stage2.gate_fit`, `gate_fit_users`), an example whose true item is cold weighted by
-    `stage2.gate_cold_weight`. The bypass starts from the same weights; with
-    `stage2.gate_trainable` false neither gate trains after the fit."""
+    `stage2.gate_cold_weight`. With `stage2.text_path: content` the content path is trained
+    first (`fit_content_tower`, on every transition of the training users' sequences) and
+    its scale set against the cosine's on the gate's examples. The bypass starts from the
+    same weights; with `stage2.gate_trainable` false neither gate trains after the fit."""
     out = {}
     item_embeddings = inputs.cf_model.item_embeddings().detach().float().cpu()
     readouts = {"rank": model.readout, "bypass": getattr(model.bypass, "readout", None)}
@@ -367,22 +384,112 @@ def start_readouts(
         if readout is not None and readout.scores_any_item:
             out[f"{name}_item_map_error"] = readout.fit_item_map(inputs.z, item_embeddings)
     if model.readout is not None and model.readout.reads_text:
+        readout, cfg = model.readout, config.stage2
         users = gate_fit_users(inputs, config) if users is None else users
-        cf_scores, text_scores, counts, candidates = gate_examples(
-            model.readout, inputs, config, users
-        )
-        cold = torch.as_tensor(np.asarray(inputs.cold_items, dtype=bool))[candidates[:, 0]]
-        weights = torch.where(cold, config.stage2.gate_cold_weight, 1.0)
-        out |= model.readout.fit_gate(cf_scores, text_scores, counts, weights)
+        if readout.text_path == "content":
+            data = inputs.data
+            sequences = [data.train[int(u)] for u in data.training_users()]
+            out |= fit_content_tower(
+                readout.content,
+                inputs.q,
+                sequences,
+                cfg.content_epochs,
+                cfg.content_lr,
+                seed=config.seed,
+            )
+            readout.content_scale.fill_(1.0)
+            _, content, _, _ = gate_examples(readout, inputs, config, users)
+            _, cosine, _, _ = gate_examples(readout, inputs, config, users, cosine=True)
+            out["content_scale"] = readout.set_content_scale(content, cosine)
+        cf_scores, text_scores, counts, candidates = gate_examples(readout, inputs, config, users)
+        true = candidates[:, 0]
+        cold = torch.as_tensor(np.asarray(inputs.cold_items, dtype=bool))[true]
+        warm = torch.as_tensor(np.asarray(inputs.warm_items, dtype=bool))[true]
+        weight = cfg.gate_cold_weight
+        if weight == "auto":
+            weight, table = choose_cold_weight(
+                readout,
+                cf_scores,
+                text_scores,
+                counts,
+                cold,
+                warm,
+                cfg.gate_cold_weights,
+                config.seed,
+            )
+            out["gate_cold_weight_table"] = table
+        out["gate_cold_weight"] = float(weight)
+        out |= readout.fit_gate(cf_scores, text_scores, counts, torch.where(cold, weight, 1.0))
         out["gate_fit_users"] = len(users)
         out["gate_fit_cold_users"] = int(cold.sum())
         gates = [model.readout.gate]
         if model.bypass is not None:
             model.bypass.readout.gate.load_state_dict(model.readout.gate.state_dict())
             gates.append(model.bypass.readout.gate)
+            if readout.text_path == "content":
+                bypass = model.bypass.readout
+                bypass.content.load_state_dict(readout.content.state_dict())
+                bypass.content_scale.copy_(readout.content_scale)
         for gate in gates:
             gate.requires_grad_(config.stage2.gate_trainable)
     return out
+
+
+def top1_hits(scores: torch.Tensor) -> torch.Tensor:
+    """Hit@1 per row of [E, C] scores whose true item is column 0 (a tie is a miss)."""
+    return (scores[:, 1:] < scores[:, :1]).all(1)
+
+
+def choose_cold_weight(
+    readout,
+    cf_scores: torch.Tensor,
+    text_scores: torch.Tensor,
+    counts: torch.Tensor,
+    cold: torch.Tensor,
+    warm: torch.Tensor,
+    grid: list[float],
+    seed: int,
+) -> tuple[float, list[dict]]:
+    """`stage2.gate_cold_weight: auto`: for each weight of `grid`, the gate fitted on one
+    seeded half of the examples scores the other (both ways); the largest weight whose
+    Hit@1 over all examples is at least the CF path's alone (`cf_scores`) and over those of
+    warm items at least the CF path's - 0.01; the one with the best Hit@1 over all if none
+    is. Returns it and each weight's row (Hit@1 all / cold / warm). The gate is left as it
+    was."""
+    start = {k: v.clone() for k, v in readout.gate.state_dict().items()}
+    half = torch.as_tensor(np.random.default_rng([seed, 13]).permutation(len(cf_scores)))
+    half = half < len(cf_scores) // 2
+    cf_hits = top1_hits(cf_scores)
+
+    def row(hits: torch.Tensor) -> dict[str, float]:
+        sections = {"all": slice(None), "cold": cold, "warm": warm}
+        return {
+            k: float(hits[m].float().mean()) if hits[m].numel() else float("nan")
+            for k, m in sections.items()
+        }
+
+    table = [{"weight": 0.0, "path": "cf"} | row(cf_hits)]
+    for weight in sorted(grid):
+        hits = torch.zeros(len(cf_scores), dtype=torch.bool)
+        for fit_on in (half, ~half):
+            scored = ~fit_on
+            readout.gate.load_state_dict(start)
+            readout.fit_gate(
+                cf_scores[fit_on],
+                text_scores[fit_on],
+                counts[fit_on],
+                torch.where(cold[fit_on], weight, 1.0),
+            )
+            with torch.no_grad():
+                gated = readout.gated(cf_scores[scored], text_scores[scored], counts[scored])
+            hits[scored] = top1_hits(gated)
+        table.append({"weight": float(weight), "path": "gate"} | row(hits))
+    readout.gate.load_state_dict(start)
+    cf = table[0]
+    keeps = [r for r in table[1:] if r["all"] >= cf["all"] and not r["warm"] < cf["warm"] - 0.01]
+    chosen = keeps[-1] if keeps else max(table[1:], key=lambda r: r["all"])
+    log.info("gate cold weight %g chosen on validation: %s", chosen["weight"], table)
+    return chosen["weight"], table
 
 
 def gate_fit_users(inputs: Stage2Inputs, config: Config) -> np.ndarray:
@@ -417,17 +524,17 @@ def validation_users(inputs: Stage2Inputs, config: Config) -> np.ndarray:
 
 @torch.no_grad()
 def gate_examples(
-    readout, inputs: Stage2Inputs, config: Config, users: np.ndarray
+    readout, inputs: Stage2Inputs, config: Config, users: np.ndarray, cosine: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(CF scores <x_u, g(z_c)>, text cosines, counts, the candidates), [E, 20] each with the
+    """(CF scores <x_u, g(z_c)>, text scores, counts, the candidates), [E, 20] each with the
     true item in column 0, one per user, with 19 seeded negatives the user never interacted
-    with. The
-    target, by `stage2.gate_fit`: `valid`, the user's validation item after their training
-    items (the CF model never trained on it: its scores are as reliable as at test time;
-    in-sample targets, which it memorised, make it look surer than it is, most of all when it
-    trained on few users); `last`, the user's last training item after the items before it,
-    its count without its own interaction (so the bucket of items never seen learns from the
-    items seen once)."""
+    with. The text scores are the readout's text path's (`cosine`: the cosine path's,
+    whatever the readout's). The target, by `stage2.gate_fit`: `valid`, the user's
+    validation item after their training items (the CF model never trained on it: its
+    scores are as reliable as at test time; in-sample targets, which it memorised, make it
+    look surer than it is, most of all when it trained on few users); `last`, the user's
+    last training item after the items before it, its count without its own interaction (so
+    the bucket of items never seen learns from the items seen once)."""
     data, cfg = inputs.data, config.stage2
     users = np.asarray(users, dtype=np.int64)
     rng = np.random.default_rng([config.seed, 11])
@@ -453,11 +560,8 @@ def gate_examples(
         ]
     )
     x_u = user_vectors_of(inputs, users, histories)
-    q = torch.nn.functional.normalize(inputs.q, dim=-1)
     shown = [h[-cfg.max_history :] if cfg.max_history else h[:0] for h in histories]
-    history_text = torch.stack(
-        [q[torch.as_tensor(h)].mean(0) if len(h) else torch.zeros(q.shape[1]) for h in shown]
-    )
+    history_text = right_aligned([inputs.q[torch.as_tensor(h, dtype=torch.long)] for h in shown])
     cand = torch.as_tensor(candidates)
     counts = inputs.counts[cand].clone()
     if not held_out:  # a training target's count holds this very interaction
@@ -465,6 +569,8 @@ def gate_examples(
     text = TextInputs(history_text, inputs.q[cand], counts)
     query = readout.start_query(x_u, text)
     cf_scores, text_scores = readout.path_scores(query, inputs.z[cand], text)
+    if cosine:
+        text_scores = text_cosine(text.history, text.items)
     return cf_scores, text_scores, text.counts, cand
 
 
@@ -576,8 +682,18 @@ def load_projected_llm(
     weights = load_file(str(stage2_dir / PROJECTORS_FILE))
     d_cf = weights["user_projector.net.0.weight"].shape[1]
     d_joint = weights["item_projector.net.0.weight"].shape[1]
-    text_head = weights.get("readout.text_head.1.weight")
-    d_text = None if text_head is None else text_head.shape[0]
+    d_text = text_width(weights)
+    if "readout.content_scale" not in weights:
+        trained.stage2.text_path = "cosine"  # a stack from before the content path
     model = build_stage2_model(trained, d_cf, d_joint, device=device, d_text=d_text)
     load_projectors(model, weights, str(stage2_dir))
     return model.eval(), trained
+
+
+def text_width(weights: dict[str, torch.Tensor]) -> int | None:
+    """d_text, the width of q_i, of a `user_item_text` readout's weights (None: another)."""
+    content = weights.get("readout.content.item_tower.0.weight")
+    if content is not None:
+        return content.shape[1]
+    text_head = weights.get("readout.text_head.1.weight")
+    return None if text_head is None else text_head.shape[0]

@@ -334,6 +334,22 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(stack_run,
         assert not torch.equal(
             weights["readout.user_head.1.weight"], start["readout.user_head.1.weight"]
         )
+    # The content path (`stage2.text_path: content`, the default) was trained at the start on
+    # the training users' transitions, is frozen after, one tower in the readout and the
+    # bypass; the gate's cold weight was chosen on validation among the configured ones
+    readout_start = manifest["readout_start"]
+    assert config.stage2.text_path == "content" and readout_start["content_transitions"] > 0
+    assert readout_start["gate_cold_weight"] in config.stage2.gate_cold_weights
+    chosen = [r for r in readout_start["gate_cold_weight_table"] if r["path"] == "gate"]
+    assert [r["weight"] for r in chosen] == sorted(config.stage2.gate_cold_weights)
+    content_keys = [k for k in weights if k.startswith("readout.content")]
+    assert "readout.content_scale" in content_keys and len(content_keys) > 5
+    for key in content_keys:
+        twin = key.replace("readout.", "bypass.readout.", 1)
+        assert torch.equal(weights[key], weights[twin]), key
+        for name, tensors in saved.items():
+            assert torch.equal(tensors[key], weights[key]), (name, key)  # frozen
+        assert torch.allclose(weights[key], start[key].float(), rtol=1e-3, atol=1e-4), key
 
 
 @pytest.mark.slow

@@ -114,7 +114,7 @@ def test_the_text_aware_readout_recovers_cold_items_the_cf_model_cannot_rank():
         negatives = torch.stack([torch.randperm(n_items, generator=gen)[:19] for _ in range(n)])
         candidates = torch.cat([true[:, None], negatives], dim=1)
         x_u = 4 * users @ project  # the CF model's user vector
-        text = TextInputs(q[history].mean(1), q[candidates], counts[candidates])
+        text = TextInputs(q[history], q[candidates], counts[candidates])
         return x_u, candidates, text, true_cold
 
     readout = RankReadout("user_item_text", d_llm=4, d_cf=d, d_joint=d, d_text=d_text)
@@ -201,3 +201,42 @@ def test_weighting_cold_targets_in_the_gate_fit_lifts_cold_items():
     # the same fit as None when every weight is equal
     same, _ = fitted(torch.full((n,), 3.0))
     assert torch.equal(same, alike)
+
+
+def test_the_automatic_cold_weight_is_the_largest_that_keeps_all_and_warm_users():
+    """`gate_cold_weight: auto` scores each weight out of sample (fit on one half, score the
+    other) and takes the largest whose Hit@1 over all examples is at least the CF path's and
+    over warm ones at most 0.01 below it; here the text lifts cold items and costs warm ones
+    as the weight grows, so the choice sits strictly inside the grid."""
+    from allmrec.models.readout import RankReadout
+    from allmrec.training.stage2 import choose_cold_weight, top1_hits
+
+    gen = torch.Generator().manual_seed(2)
+    n, c = 3000, 20
+    cold = torch.rand(n, c, generator=gen) < 0.35
+    true_cold = torch.rand(n, generator=gen) < 0.15
+    cold[:, 0] = true_cold
+    warm = ~true_cold
+    cf = torch.randn(n, c, generator=gen) - 1.5 * cold.float()
+    cf[:, 0] += torch.where(true_cold, 0.3, 1.6)  # it knows warm items well, cold ones barely
+    text = 0.1 * torch.randn(n, c, generator=gen)
+    text[:, 0] += 0.05  # a weak text signal, for every item alike
+    counts = torch.where(cold, torch.tensor(3), torch.tensor(300))
+    readout = RankReadout("user_item_text", d_llm=4, d_cf=4, d_joint=4, d_text=4)
+    start = {k: v.clone() for k, v in readout.gate.state_dict().items()}
+    grid = [1.0, 2.0, 4.0, 8.0, 16.0, 64.0]
+    weight, table = choose_cold_weight(readout, cf, text, counts, true_cold, warm, grid, 0)
+    # the gate is left as it was
+    assert all(torch.equal(v, start[k]) for k, v in readout.gate.state_dict().items())
+    cf_row, rows = table[0], {r["weight"]: r for r in table[1:]}
+    assert cf_row["all"] == float(top1_hits(cf).float().mean())
+    assert sorted(rows) == grid
+    # cold items gain with the weight, until they cost all users more than the CF path gives
+    assert rows[64.0]["cold"] > rows[1.0]["cold"]
+    keeps = [
+        w
+        for w, r in rows.items()
+        if r["all"] >= cf_row["all"] and r["warm"] >= cf_row["warm"] - 0.01
+    ]
+    assert weight == max(keeps)
+    assert 1.0 < weight < 64.0, table
