@@ -230,9 +230,15 @@ class Stage2Config(_Section):
         "readout's trade between rarely and often seen items values the users of cold items "
         "(1: as often as the data has them; docs/results.md measures the trade). 'auto': "
         "the largest of `gate_cold_weights` whose gate, fitted on half of the examples and "
-        "scored on the other half (both ways), keeps Hit@1 over all users at least the CF "
-        "path's and over warm-item users at least the CF path's - 0.01 (the bars of "
-        "issue 26): as much for cold items as the others allow",
+        "scored on the other half (both ways), gains Hit@1 over the CF path on all users and "
+        "loses at most 0.01 on warm-item users, each with `gate_auto_z` standard errors to "
+        "spare (the bars of issue 26): as much for cold items as the others allow",
+    )
+    gate_auto_z: float = Field(
+        1.645,
+        ge=0,
+        description="user_item_text, gate_cold_weight auto: the standard errors of the paired "
+        "gain a weight must keep above each bar (1.645: one-sided 95%; 0: the bar itself)",
     )
     gate_cold_weights: list[float] = Field(
         [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0],

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from allmrec.config import Config
+from allmrec.data.prepared import COLD_USER_SPLIT
 from allmrec.llm_evaluation import RANK_ROW, cf_row, paired_difference
 from allmrec.models.projection import right_aligned
 from allmrec.models.readout import CountGate, TextInputs
@@ -131,14 +132,16 @@ def validation_examples(readout, inputs, config: Config) -> Examples:
     return labelled(inputs, users, candidates, cf, cosine, counts)
 
 
-def test_examples(run_dir: Path, readout, inputs, evaluated: Config):
+def test_examples(run_dir: Path, readout, inputs, evaluated: Config, cold_users: bool = False):
     """(the evaluator's test cases, their records, their Examples): the users, candidates and
-    prompt histories of the run's `eval/results.json`, checked against its records."""
-    records = json.loads((run_dir / "eval" / "results.json").read_text())["records"]
+    prompt histories of the run's `eval/results.json` (`cold_users`: its held-out cold
+    users'), checked against its records."""
+    key = "cold_user_records" if cold_users else "records"
+    records = json.loads((run_dir / "eval" / "results.json").read_text())[key]
     cases = eval_cases(
         np.array([r["user"] for r in records]),
         inputs,
-        "test",
+        COLD_USER_SPLIT if cold_users else "test",
         evaluated.stage2.num_negatives,
         evaluated.seed,
     )
@@ -212,12 +215,17 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, required=True, help="a run evaluated")
     parser.add_argument("--weights", default="1,1.5,2,3,4,6,8")
     parser.add_argument("--seed", type=int, default=7, help="the validation halves")
+    parser.add_argument(
+        "--cold-users", action="store_true", help="test on the held-out cold users instead"
+    )
     args = parser.parse_args()
     model, inputs, config, evaluated = load_run(args.run_dir)
     readout = model.readout
     stored = {k: v.clone() for k, v in readout.gate.state_dict().items()}
     validation = validation_examples(readout, inputs, config)
-    cases, records, test = test_examples(args.run_dir, readout, inputs, evaluated)
+    cases, records, test = test_examples(
+        args.run_dir, readout, inputs, evaluated, cold_users=args.cold_users
+    )
     cf_name = cf_row(inputs)
     cf_hits = np.array([r["ranks"][cf_name] == 0 for r in records])
 

@@ -211,7 +211,12 @@ def _set_up(loop_config: dict) -> _Worker:
     inputs = load_stage2_inputs(run_dir, config)
     torch.manual_seed(config.seed)  # the same initial weights on every worker
     model = build_stage2_model(config, inputs.d_cf, inputs.d_joint, d_text=inputs.d_text)
-    fit_errors = start_readouts(model, inputs, config)
+
+    def content_progress(epoch: int, epochs: int, loss: float) -> None:
+        if rank == 0:
+            say("stage2", f"content path: epoch {epoch}/{epochs}, loss {loss:.4f}")
+
+    fit_errors = start_readouts(model, inputs, config, progress=content_progress)
     for fitted in (model.readout, model.bypass):
         if fitted is not None:
             broadcast_from_rank0(fitted)
@@ -219,7 +224,8 @@ def _set_up(loop_config: dict) -> _Worker:
         say(
             "stage2",
             f"content path trained on {fit_errors['content_transitions']:,} transitions in "
-            f"{fit_errors['content_seconds']:.0f} s (loss {fit_errors['content_loss']:.3f})",
+            f"{fit_errors['content_seconds']:.0f} s; the gate's cold weight "
+            f"{fit_errors['gate_cold_weight']:g}",
         )
     trained = [p for name in TRAINED_MODULES for p in _parameters(model, name) if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(

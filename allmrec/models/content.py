@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -104,13 +104,15 @@ def fit_content_tower(
     batch_size: int = 1024,
     seed: int = 0,
     popularity: Tensor | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
 ) -> dict[str, float]:
     """Train `tower` on `sequences` of item ids (1..N; q [N + 1, d_text], row 0 padding): for
     each transition a softmax of <c_u, f(i)> over the whole catalogue, its cross-entropy on
     the true next item. `popularity` [N + 1] (training interactions): the softmax's logits
     are <c_u, f(i)> + log(1 + n_i) (a logQ correction), so that <c_u, f(i)> learns the user's
     taste apart from how often the item is seen, which the readout's gate weighs by count
-    anyway. Returns the last epoch's loss, the transitions and the seconds."""
+    anyway. `progress(epoch, epochs, loss)` is called after each epoch. Returns the last
+    epoch's loss, the transitions and the seconds."""
     histories, targets = transitions(sequences, tower.user_tower.window)
     prior = None if popularity is None else torch.log1p(popularity.float().clamp_min(0))
     q = q.float()
@@ -145,6 +147,8 @@ def fit_content_tower(
             loss_sum / len(targets),
             time.perf_counter() - started,
         )
+        if progress is not None:
+            progress(epoch, epochs, loss_sum / len(targets))
     tower.eval()
     for p in frozen:
         p.requires_grad_(False)

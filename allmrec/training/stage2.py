@@ -365,7 +365,11 @@ def text_options(config: Config) -> dict:
 
 
 def start_readouts(
-    model: ALLMRecLM, inputs: Stage2Inputs, config: Config, users: np.ndarray | None = None
+    model: ALLMRecLM,
+    inputs: Stage2Inputs,
+    config: Config,
+    users: np.ndarray | None = None,
+    progress=None,
 ) -> dict[str, float]:
     """The `user_item` readouts at their starting point: the item map g fitted to the CF item
     embeddings (`RankReadout.fit_item_map`; the relative fit error of each) and, for
@@ -375,7 +379,8 @@ def start_readouts(
     (`stage2.gate_fit`, `gate_fit_users`), an example whose true item is cold weighted by
     `stage2.gate_cold_weight`. With `stage2.text_path: content` the content path is trained
     first (`fit_content_tower`, on every transition of the training users' sequences) and
-    its scale set against the cosine's on the gate's examples. The bypass starts from the
+    its scale set against the cosine's on the gate's examples (`progress(epoch, epochs,
+    loss)` after each of its epochs). The bypass starts from the
     same weights; with `stage2.gate_trainable` false neither gate trains after the fit."""
     out = {}
     item_embeddings = inputs.cf_model.item_embeddings().detach().float().cpu()
@@ -396,6 +401,7 @@ def start_readouts(
                 cfg.content_epochs,
                 cfg.content_lr,
                 seed=config.seed,
+                progress=progress,
             )
             readout.content_scale.fill_(1.0)
             _, content, _, _ = gate_examples(readout, inputs, config, users)
@@ -416,6 +422,7 @@ def start_readouts(
                 warm,
                 cfg.gate_cold_weights,
                 config.seed,
+                cfg.gate_auto_z,
             )
             out["gate_cold_weight_table"] = table
         out["gate_cold_weight"] = float(weight)
@@ -449,13 +456,16 @@ def choose_cold_weight(
     warm: torch.Tensor,
     grid: list[float],
     seed: int,
+    z: float = 1.645,
 ) -> tuple[float, list[dict]]:
     """`stage2.gate_cold_weight: auto`: for each weight of `grid`, the gate fitted on one
-    seeded half of the examples scores the other (both ways); the largest weight whose
-    Hit@1 over all examples is at least the CF path's alone (`cf_scores`) and over those of
-    warm items at least the CF path's - 0.01; the one with the best Hit@1 over all if none
-    is. Returns it and each weight's row (Hit@1 all / cold / warm). The gate is left as it
-    was."""
+    seeded half of the examples scores the other (both ways); the largest weight whose gain
+    in Hit@1 over the CF path alone (`cf_scores`), paired by example, is above 0 over all
+    examples and above -0.01 over those of warm items, each less `z` standard errors (1.645:
+    one-sided 95%), so that a weight is taken only where the examples show it keeps the
+    bars, not where it ties them by chance; the one with the best Hit@1 over all if none is.
+    Returns it and each weight's row (Hit@1 all / cold / warm, the paired gains' lower
+    bounds). The gate is left as it was."""
     start = {k: v.clone() for k, v in readout.gate.state_dict().items()}
     half = torch.as_tensor(np.random.default_rng([seed, 13]).permutation(len(cf_scores)))
     half = half < len(cf_scores) // 2
@@ -467,6 +477,12 @@ def choose_cold_weight(
             k: float(hits[m].float().mean()) if hits[m].numel() else float("nan")
             for k, m in sections.items()
         }
+
+    def lower_bound(hits: torch.Tensor, mask) -> float:
+        gain = (hits[mask].float() - cf_hits[mask].float()).double()
+        if gain.numel() < 2:
+            return float("nan")
+        return float(gain.mean() - z * gain.std() / gain.numel() ** 0.5)
 
     table = [{"weight": 0.0, "path": "cf"} | row(cf_hits)]
     for weight in sorted(grid):
@@ -483,10 +499,11 @@ def choose_cold_weight(
             with torch.no_grad():
                 gated = readout.gated(cf_scores[scored], text_scores[scored], counts[scored])
             hits[scored] = top1_hits(gated)
-        table.append({"weight": float(weight), "path": "gate"} | row(hits))
+        bounds = {"all_gain_low": lower_bound(hits, slice(None))}
+        bounds["warm_gain_low"] = lower_bound(hits, warm)
+        table.append({"weight": float(weight), "path": "gate"} | row(hits) | bounds)
     readout.gate.load_state_dict(start)
-    cf = table[0]
-    keeps = [r for r in table[1:] if r["all"] >= cf["all"] and not r["warm"] < cf["warm"] - 0.01]
+    keeps = [r for r in table[1:] if r["all_gain_low"] > 0 and not r["warm_gain_low"] <= -0.01]
     chosen = keeps[-1] if keeps else max(table[1:], key=lambda r: r["all"])
     log.info("gate cold weight %g chosen on validation: %s", chosen["weight"], table)
     return chosen["weight"], table

@@ -205,9 +205,10 @@ def test_weighting_cold_targets_in_the_gate_fit_lifts_cold_items():
 
 def test_the_automatic_cold_weight_is_the_largest_that_keeps_all_and_warm_users():
     """`gate_cold_weight: auto` scores each weight out of sample (fit on one half, score the
-    other) and takes the largest whose Hit@1 over all examples is at least the CF path's and
-    over warm ones at most 0.01 below it; here the text lifts cold items and costs warm ones
-    as the weight grows, so the choice sits strictly inside the grid."""
+    other) and takes the largest whose paired gain over the CF path, less 1.645 standard
+    errors, is above 0 on all examples and above -0.01 on warm ones; here the text lifts
+    cold items and costs warm ones as the weight grows, so the choice sits strictly inside
+    the grid, and asking for no margin (z = 0) never takes a smaller weight."""
     from allmrec.models.readout import RankReadout
     from allmrec.training.stage2 import choose_cold_weight, top1_hits
 
@@ -233,10 +234,10 @@ def test_the_automatic_cold_weight_is_the_largest_that_keeps_all_and_warm_users(
     assert sorted(rows) == grid
     # cold items gain with the weight, until they cost all users more than the CF path gives
     assert rows[64.0]["cold"] > rows[1.0]["cold"]
-    keeps = [
-        w
-        for w, r in rows.items()
-        if r["all"] >= cf_row["all"] and r["warm"] >= cf_row["warm"] - 0.01
-    ]
+    keeps = [w for w, r in rows.items() if r["all_gain_low"] > 0 and r["warm_gain_low"] > -0.01]
     assert weight == max(keeps)
     assert 1.0 < weight < 64.0, table
+    # the margin: each lower bound is below the gain itself, and without it no smaller weight
+    assert all(r["all_gain_low"] < r["all"] - cf_row["all"] for r in rows.values())
+    bare, _ = choose_cold_weight(readout, cf, text, counts, true_cold, warm, grid, 0, z=0.0)
+    assert bare >= weight
