@@ -43,7 +43,7 @@ from gate_frontier import (
 )
 
 from allmrec.llm_evaluation import cf_row
-from allmrec.models.content import ContentTower, fit_content_tower
+from allmrec.models.content import ContentTower, UserTower, fit_content_tower
 from allmrec.models.projection import right_aligned
 
 HISTORY = 10
@@ -79,6 +79,20 @@ def pd_years(column) -> np.ndarray:
     return found.fillna("0").astype(int).to_numpy()
 
 
+class LengthScaledUser(UserTower):
+    """The user side with a learned scale per history length: c_u * exp(s_n), n the items
+    present, so that the softmax's sharpness (and the gate's text weight after it) follows
+    how much a history of that length says."""
+
+    def __init__(self, dim: int, window: int) -> None:
+        super().__init__(dim, window)
+        self.length_scale = torch.nn.Parameter(torch.zeros(window + 1))
+
+    def forward(self, history: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        n = present[:, -self.window :].sum(1).clamp_max(self.window)
+        return super().forward(history, present) * self.length_scale[n].exp()[:, None]
+
+
 def content_scores(tower: ContentTower, features: torch.Tensor, histories, candidates):
     """<c_u, f(i)> of each row's candidates [B, C], c_u over the history's last items."""
     rows = [
@@ -97,6 +111,12 @@ def main() -> None:
     parser.add_argument(
         "--logq", action="store_true", help="train with log(1 + n_i) added to the logits"
     )
+    parser.add_argument(
+        "--length-scale", action="store_true", help="a learned scale per history length"
+    )
+    parser.add_argument(
+        "--cold-users", action="store_true", help="test on the held-out cold users instead"
+    )
     parser.add_argument("--weights", default="1,2,3,4,6,8")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
@@ -106,6 +126,8 @@ def main() -> None:
 
     features = item_features(args.run_dir, inputs.q, not args.text_only)
     content = ContentTower(features.shape[1], window=HISTORY)
+    if args.length_scale:
+        content.user_tower = LengthScaledUser(content.dim, HISTORY)
     sequences = [data.train[int(u)] for u in data.training_users()]
     fitted = fit_content_tower(
         content,
@@ -125,7 +147,9 @@ def main() -> None:
     validation = validation_examples(readout, inputs, config)
     histories = [data.train[int(u)] for u in validation.users]
     v_content = content_scores(content, features, histories, validation.candidates)
-    cases, records, test = test_examples(args.run_dir, readout, inputs, evaluated)
+    cases, records, test = test_examples(
+        args.run_dir, readout, inputs, evaluated, cold_users=args.cold_users
+    )
     t_content = content_scores(content, features, [c.history for c in cases], test.candidates)
     cf_hits = np.array([r["ranks"][cf_row(inputs)] == 0 for r in records])
     print(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -369,7 +370,7 @@ def start_readouts(
     inputs: Stage2Inputs,
     config: Config,
     users: np.ndarray | None = None,
-    progress=None,
+    progress: Callable[[int, int, float], None] | None = None,
 ) -> dict[str, float]:
     """The `user_item` readouts at their starting point: the item map g fitted to the CF item
     embeddings (`RankReadout.fit_item_map`; the relative fit error of each) and, for
@@ -380,8 +381,9 @@ def start_readouts(
     `stage2.gate_cold_weight`. With `stage2.text_path: content` the content path is trained
     first (`fit_content_tower`, on every transition of the training users' sequences) and
     its scale set against the cosine's on the gate's examples (`progress(epoch, epochs,
-    loss)` after each of its epochs). The bypass starts from the
-    same weights; with `stage2.gate_trainable` false neither gate trains after the fit."""
+    loss)` after each of its epochs), and with `gate_cold_weight: auto` the weight is chosen
+    on the same examples (`choose_cold_weight`). The bypass starts from the same weights;
+    with `stage2.gate_trainable` false neither gate trains after the fit."""
     out = {}
     item_embeddings = inputs.cf_model.item_embeddings().detach().float().cpu()
     readouts = {"rank": model.readout, "bypass": getattr(model.bypass, "readout", None)}
@@ -404,10 +406,11 @@ def start_readouts(
                 progress=progress,
             )
             readout.content_scale.fill_(1.0)
-            _, content, _, _ = gate_examples(readout, inputs, config, users)
-            _, cosine, _, _ = gate_examples(readout, inputs, config, users, cosine=True)
-            out["content_scale"] = readout.set_content_scale(content, cosine)
         cf_scores, text_scores, counts, candidates = gate_examples(readout, inputs, config, users)
+        if readout.text_path == "content":
+            _, cosine, _, _ = gate_examples(readout, inputs, config, users, cosine=True)
+            out["content_scale"] = readout.set_content_scale(text_scores, cosine)
+            text_scores = text_scores / out["content_scale"]  # the readout's scores from now on
         true = candidates[:, 0]
         cold = torch.as_tensor(np.asarray(inputs.cold_items, dtype=bool))[true]
         warm = torch.as_tensor(np.asarray(inputs.warm_items, dtype=bool))[true]
