@@ -13,7 +13,7 @@ import copy
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -223,7 +223,7 @@ class Stage2Config(_Section):
         "trainable gate leaves the validation curve's users out); 'last', each user's last "
         "training item",
     )
-    gate_cold_weight: float | Literal["auto"] = Field(
+    gate_cold_weight: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto",
         description="user_item_text: the weight in that fit of an example whose true item is "
         "cold (the bottom of `data.cold_item_share`) against the others' 1: how much the "
@@ -240,7 +240,7 @@ class Stage2Config(_Section):
         description="user_item_text, gate_cold_weight auto: the standard errors of the paired "
         "gain a weight must keep above each bar (1.645: one-sided 95%; 0: the bar itself)",
     )
-    gate_cold_weights: list[float] = Field(
+    gate_cold_weights: list[Annotated[float, Field(gt=0)]] = Field(
         [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0],
         min_length=1,
         description="user_item_text: the weights `gate_cold_weight: auto` chooses among",

@@ -94,17 +94,27 @@ def broadcast_from_rank0(module: torch.nn.Module) -> None:
     then one model, even where two accelerators round differently."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
+    device = _collective_device()
     for tensor in [*module.parameters(), *module.buffers()]:
-        dist.broadcast(tensor.data, src=0)
+        shared = tensor.data.to(device)
+        dist.broadcast(shared, src=0)
+        tensor.data.copy_(shared)
+
+
+def _collective_device() -> torch.device:
+    """Where a collective's tensors must live: NCCL takes CUDA tensors only, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Element-wise sums over all workers (the values themselves on a single worker)."""
     if not (dist.is_available() and dist.is_initialized()):
         return values
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(tensor)
-    return tensor.tolist()
+    return tensor.cpu().tolist()
 
 
 def by_rank(name: str, value: float, rank: int, world: int) -> dict[str, float]:

@@ -239,7 +239,9 @@ class RankReadout(nn.Module):
     def set_content_scale(self, text_scores: Tensor, reference: Tensor) -> float:
         """`content`: sigma := the std of `text_scores` (the content path's, at sigma = 1)
         over the std of `reference` (the cosine's on the same examples). Returns sigma."""
-        sigma = float(text_scores.float().std() / reference.float().std().clamp_min(1e-8))
+        spread = float(reference.float().std())
+        # no spread to match (every history empty: stage2.max_history 0): sigma stays 1
+        sigma = float(text_scores.float().std()) / spread if spread > 1e-8 else 1.0
         self.content_scale.fill_(sigma)
         return sigma
 

@@ -474,17 +474,18 @@ def choose_cold_weight(
     half = half < len(cf_scores) // 2
     cf_hits = top1_hits(cf_scores)
 
-    def row(hits: torch.Tensor) -> dict[str, float]:
+    def row(hits: torch.Tensor) -> dict[str, float | None]:
         sections = {"all": slice(None), "cold": cold, "warm": warm}
+        # None, not NaN, for a section without examples: the table goes to JSON manifests
         return {
-            k: float(hits[m].float().mean()) if hits[m].numel() else float("nan")
+            k: float(hits[m].float().mean()) if hits[m].numel() else None
             for k, m in sections.items()
         }
 
-    def lower_bound(hits: torch.Tensor, mask) -> float:
+    def lower_bound(hits: torch.Tensor, mask) -> float | None:
         gain = (hits[mask].float() - cf_hits[mask].float()).double()
         if gain.numel() < 2:
-            return float("nan")
+            return None  # no bar can be shown on fewer than two examples
         return float(gain.mean() - z * gain.std() / gain.numel() ** 0.5)
 
     table = [{"weight": 0.0, "path": "cf"} | row(cf_hits)]
@@ -506,7 +507,15 @@ def choose_cold_weight(
         bounds["warm_gain_low"] = lower_bound(hits, warm)
         table.append({"weight": float(weight), "path": "gate"} | row(hits) | bounds)
     readout.gate.load_state_dict(start)
-    keeps = [r for r in table[1:] if r["all_gain_low"] > 0 and not r["warm_gain_low"] <= -0.01]
+    # without warm examples the warm bar cannot be shown, and the all-users bar alone decides
+    keeps = [
+        r
+        for r in table[1:]
+        if r["all_gain_low"] is not None
+        and r["all_gain_low"] > 0
+        and (r["warm_gain_low"] is None or r["warm_gain_low"] > -0.01)
+    ]
+    # none keeps the bars: the best over all users (the text path still ranks cold items)
     chosen = keeps[-1] if keeps else max(table[1:], key=lambda r: r["all"])
     log.info("gate cold weight %g chosen on validation: %s", chosen["weight"], table)
     return chosen["weight"], table
