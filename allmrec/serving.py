@@ -343,9 +343,7 @@ def _readout(run_dir: Path, config: Config) -> RankReadout | None:
     d_llm = weights["readout.user_head.0.weight"].shape[0]
     d_text = text_width(weights)
     kind = "user_item" if d_text is None else "user_item_text"
-    options = text_options(config)
-    if "readout.content_scale" not in weights:
-        options["text_path"] = "cosine"  # a stack from before the content path
+    options = text_options(config, weights)
     readout = RankReadout(kind, d_llm, d_cf, d_joint, d_text=d_text, **options)
     prefix = "readout."
     readout.load_state_dict(

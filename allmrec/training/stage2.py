@@ -355,14 +355,18 @@ def build_stage2_model(
     return model.to(device)
 
 
-def text_options(config: Config) -> dict:
-    """The `user_item_text` readout's text path, as `RankReadout` takes it."""
+def text_options(config: Config, weights: dict[str, torch.Tensor] | None = None) -> dict:
+    """The `user_item_text` readout's text path, as `RankReadout` takes it; with a saved
+    stack's `weights`, the cosine path for a stack saved before the content path."""
     cfg = config.stage2
-    return {
+    options = {
         "text_path": cfg.text_path,
         "content_dim": cfg.content_dim,
         "content_window": cfg.content_window,
     }
+    if weights is not None and "readout.content_scale" not in weights:
+        options["text_path"] = "cosine"
+    return options
 
 
 def start_readouts(
@@ -712,8 +716,7 @@ def load_projected_llm(
     d_cf = weights["user_projector.net.0.weight"].shape[1]
     d_joint = weights["item_projector.net.0.weight"].shape[1]
     d_text = text_width(weights)
-    if "readout.content_scale" not in weights:
-        trained.stage2.text_path = "cosine"  # a stack from before the content path
+    trained.stage2.text_path = text_options(trained, weights)["text_path"]
     model = build_stage2_model(trained, d_cf, d_joint, device=device, d_text=d_text)
     load_projectors(model, weights, str(stage2_dir))
     return model.eval(), trained
