@@ -40,12 +40,18 @@ from allmrec.data.prepared import COLD_USER_SPLIT
 from allmrec.llm_evaluation import RANK_ROW, cf_row, paired_difference
 from allmrec.models.projection import right_aligned
 from allmrec.models.readout import CountGate, TextInputs
-from allmrec.training.stage2 import eval_cases, gate_examples, gate_fit_users, load_trained_stage2
+from allmrec.training.stage2 import (
+    eval_cases,
+    gate_examples,
+    gate_fit_users,
+    load_trained_stage2,
+    top1_hits,
+)
 
 
 def top1(scores: torch.Tensor) -> np.ndarray:
     """Hit@1 per row of [E, C] scores whose true item is column 0 (ties count as misses)."""
-    return (scores[:, 1:] < scores[:, :1]).all(1).numpy()
+    return top1_hits(scores).numpy()
 
 
 def top1_as_shown(scores: torch.Tensor, cases) -> np.ndarray:
