@@ -245,6 +245,13 @@ class Stage2Config(_Section):
         min_length=1,
         description="user_item_text: the weights `gate_cold_weight: auto` chooses among",
     )
+    gate_short_histories: list[Annotated[int, Field(ge=1)]] = Field(
+        [1, 2, 3, 4, 5],
+        description="user_item_text: each gate-fit user also gives one example of a short "
+        "history, their first L training items (L seeded from this list) before their next, "
+        "weighted 1 whatever its item: the gate's history-length weights learn from them how "
+        "far to trust each path for a user with few items (cold users: two). [] for none",
+    )
     gate_trainable: bool = Field(
         False,
         description="user_item_text: whether the weights fitted before any step (the gate) "

@@ -172,9 +172,7 @@ def _rank_rows(
         # the paper's A-LLMRec (SBERT): every item's joint embedding from its text alone,
         # z_i = enc_T(q_i), through the same trained stack (not retrained on it)
         tables[SBERT_ROW] = inputs.z_text
-    everything = None
-    if inputs.q is not None:
-        everything = TextInputs(torch.zeros(0), inputs.q.to(device), inputs.counts.to(device))
+    q_all = None if inputs.q is None else (inputs.q.to(device), inputs.counts.to(device))
     for start in range(0, len(cases), size):
         part = list(range(start, min(start + size, len(cases))))
         for row, z in tables.items():
@@ -183,6 +181,8 @@ def _rank_rows(
             scores, query = model.rank_forward(batch, run_llm=run_llm)
             rows = {row: scores}
             full = {}
+            # the whole catalogue's text, with each prompt's history (the gate reads its length)
+            everything = None if q_all is None else TextInputs(batch.text.history, *q_all)
             if catalogue:
                 full[row] = model.readout.item_scores(query, z.to(device), everything)
             if row == RANK_ROW and model.bypass is not None:

@@ -36,7 +36,7 @@ from allmrec.manifest import file_sha256
 from allmrec.models.alignment import Autoencoder
 from allmrec.models.base import SequentialBackbone
 from allmrec.models.projection import Stage2Example
-from allmrec.models.readout import RankReadout, TextInputs
+from allmrec.models.readout import RankReadout
 from allmrec.prompts import build_prompt, shuffle_candidates
 from allmrec.stages import read_manifest
 
@@ -109,6 +109,7 @@ class StackRecommender:
         # titles, z, q, counts and the index) changes only under this lock, and readers take
         # it too, so no request sees an item half added or one item's row under another's id.
         self.lock = threading.RLock()
+        self._keys = None  # (catalogue length, `catalogue_keys`..., counts): `_catalogue_keys`
 
     # -- requests -------------------------------------------------------------------------
 
@@ -185,13 +186,32 @@ class StackRecommender:
         """The top `k` (item index, score) of the whole catalogue (added items too) by the
         user_item readouts' score of `query`; the history left out."""
         with self.lock:
-            z, q, counts = self.z, self.q, torch.tensor(self.counts)
-        text = TextInputs(torch.zeros(0), q, counts)
-        scores = self.readout.item_scores(torch.tensor([query]), z, text)[0]
+            keys, text_keys, counts = self._catalogue_keys()
+        query = torch.tensor([query])
+        scores, text_scores = self.readout.key_scores(query, keys, text_keys)
+        if text_scores is not None:
+            max_history = self.config.stage2.max_history
+            shown = min(len(history), max_history) if max_history else 0
+            scores = self.readout.gated(scores, text_scores, counts[None, :], torch.tensor([shown]))
+        scores = scores[0]
         scores[0] = -torch.inf
         scores[torch.as_tensor(history, dtype=torch.long)] = -torch.inf
         top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
         return list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+
+    def _catalogue_keys(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The readout's `catalogue_keys` of the whole catalogue and its counts, computed once
+        per catalogue (items are only ever appended: its length is its version); the content
+        path's item side is an MLP over every q_i, too slow to repeat per request. Called
+        under the lock."""
+        if self._keys is None or self._keys[0] != len(self.item_ids):
+            q = self.q if self.readout.reads_text else None
+            self._keys = (
+                len(self.item_ids),
+                *self.readout.catalogue_keys(self.z, q),
+                torch.tensor(self.counts),
+            )
+        return self._keys[1:]
 
     def llm_request(self, request: RecommendRequest) -> dict:
         """Everything the LLM half needs for one request (small: titles and vectors)."""
@@ -334,9 +354,9 @@ def _readout(run_dir: Path, config: Config) -> RankReadout | None:
     """The user_item readouts' item scorer (g and, for user_item_text, the text path and its
     weights), from the Stage 2 weights; None for a stack whose readout scores only the
     candidates in its prompt."""
-    from allmrec.training.stage2 import PROJECTORS_FILE, text_options, text_width
+    from allmrec.training.stage2 import load_stack_weights, text_options, text_width
 
-    weights = load_file(str(run_dir / "stage2" / PROJECTORS_FILE))
+    weights = load_stack_weights(run_dir / "stage2")
     if "readout.item_map.weight" not in weights:
         return None
     d_cf, d_joint = weights["readout.item_map.weight"].shape

@@ -12,9 +12,10 @@ run's training transitions, a model that sees no item id and no count:
     score: <c_u, f(i)>, a softmax over the whole catalogue
 
 This benchmark trains that tower over a kept run (no Ray, no LLM), puts its score in the gate
-in place of the cosine, and sweeps the gate's cold-item weight for both text paths as
-`gate_frontier.py` does (validation out of sample by halves, test on the evaluator's users
-paired against SASRec's ranks). The features are q_i with `--text-only` (the library's), and
+beside the run's own text path (the row "stack": the cosine path for a run saved before the
+content path, else the run's content path), and sweeps the gate's cold-item weight for both
+as `gate_frontier.py` does (validation out of sample by halves, full histories only, test on
+the evaluator's users paired against SASRec's ranks). The features are q_i with `--text-only` (the library's), and
 by default q_i with the release year's bin and the genres of the item table; `--logq` trains
 with log(1 + n_i) added to the logits.
 
@@ -144,7 +145,7 @@ def main() -> None:
         flush=True,
     )
 
-    validation = validation_examples(readout, inputs, config)
+    validation = validation_examples(readout, inputs, config, short=False)
     histories = [data.train[int(u)] for u in validation.users]
     v_content = content_scores(content, features, histories, validation.candidates)
     cases, records, test = test_examples(
@@ -157,14 +158,14 @@ def main() -> None:
     )
     v_cf = section_line(top1(validation.cf), validation.cold, validation.warm)
     print(f"validation, the CF path alone (all / cold / warm): {v_cf}")
-    for name, scores in (("cosine", test.cosine), ("content model", t_content)):
+    for name, scores in (("stack's text path", test.text), ("content model", t_content)):
         alone = section_line(top1_as_shown(scores, cases), test.cold, test.warm)
         print(f"test, the {name} alone: {alone}")
 
     # on the cosine's scale, so the gate's start and ridge mean the same for both paths
-    scale = float(v_content.std() / validation.cosine.std())
+    scale = float(v_content.std() / validation.text.std())
     paths = {
-        "cosine": (validation.cosine, test.cosine),
+        "stack": (validation.text, test.text),
         "content": (v_content / scale, t_content / scale),
     }
     halves = np.random.default_rng(args.seed).permutation(len(validation.users))

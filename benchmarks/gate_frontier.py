@@ -2,11 +2,13 @@
 
 The `user_item_text` readout's count gate (`RankReadout.fit_gate`) is fitted before any LLM
 step on the users' validation items, an example whose true item is cold weighted by
-`stage2.gate_cold_weight`. This refits that gate, on a trained run's own inputs (CF scores,
-MiniLM cosines, counts), for each weight of `--weights` and prints:
+`stage2.gate_cold_weight`, and on one short-history example per user (the first items of
+their sequence, `stage2.gate_short_histories`; `--no-short-histories` leaves them out). This
+refits that gate as the library now fits it, on a trained run's own inputs (CF scores, its
+text path's scores, counts, history lengths), for each weight of `--weights` and prints:
 
-- validation Hit@1 (all / cold / warm), each half of the gate-fit users scored by the gate
-  fitted on the other half (out of sample, as a choice of weight would have to be made);
+- validation Hit@1 (all / cold / warm, full histories), each half of the gate's examples
+  scored by the gate fitted on the other half (out of sample, as `auto` chooses a weight);
 - test Hit@1 on the users and candidates of the run's `eval/results.json` (the evaluator's
   seeded ones), each section's paired difference against the CF backbone's recorded ranks
   with its 95% bootstrap interval, and the ratio of cold-item Hit@1 to the CF backbone's
@@ -39,9 +41,10 @@ from allmrec.config import Config
 from allmrec.data.prepared import COLD_USER_SPLIT
 from allmrec.llm_evaluation import RANK_ROW, cf_row, paired_difference
 from allmrec.models.projection import right_aligned
-from allmrec.models.readout import CountGate, TextInputs
+from allmrec.models.readout import CountGate, TextInputs, history_lengths
 from allmrec.training.stage2 import (
     eval_cases,
+    example_weights,
     gate_examples,
     gate_fit_users,
     load_trained_stage2,
@@ -66,18 +69,26 @@ def top1_as_shown(scores: torch.Tensor, cases) -> np.ndarray:
     return np.array(hits)
 
 
-def fit(readout, cf, text, counts, cold, weight: float) -> dict:
-    """The gate fitted from its start (the CF path alone) with cold examples weighted."""
+def fit(readout, examples: Examples, weight: float) -> dict:
+    """The gate fitted from its start (the CF path alone) as Stage 2 fits it: cold examples
+    weighted, short-history ones not."""
     readout.gate.load_state_dict(CountGate().state_dict())
-    readout.fit_gate(cf, text, counts, torch.where(cold, weight, 1.0))
+    cold, short = torch.as_tensor(examples.cold), torch.as_tensor(examples.short)
+    readout.fit_gate(
+        examples.cf,
+        examples.text,
+        examples.counts,
+        examples.history_len,
+        example_weights(cold, short, weight),
+    )
     return {k: v.clone() for k, v in readout.gate.state_dict().items()}
 
 
 @torch.no_grad()
-def gated(readout, state: dict, cf, text, counts) -> torch.Tensor:
-    """The readout's scores with the gate's weights `state`."""
+def gated(readout, state: dict, examples: Examples) -> torch.Tensor:
+    """The readout's scores of `examples` with the gate's weights `state`."""
     readout.gate.load_state_dict(state)
-    return readout.gated(cf, text, counts)
+    return readout.gated(examples.cf, examples.text, examples.counts, examples.history_len)
 
 
 def section_line(hits: np.ndarray, cold: np.ndarray, warm: np.ndarray) -> str:
@@ -91,10 +102,18 @@ class Examples(NamedTuple):
     users: np.ndarray  # [E]
     candidates: torch.Tensor
     cf: torch.Tensor  # <x_u, g(z_c)>
-    cosine: torch.Tensor  # today's text path, cos(t, q_c)
+    text: torch.Tensor  # the run's text path's scores (cosine or content)
     counts: torch.Tensor
+    history_len: torch.Tensor  # [E]
+    short: np.ndarray  # [E]: a short-history example
     cold: np.ndarray  # [E]: the true item is cold / warm
     warm: np.ndarray
+
+    def rows(self, mask: np.ndarray) -> Examples:
+        """The examples of a numpy bool `mask`."""
+        return Examples(
+            *(f[torch.as_tensor(mask)] if torch.is_tensor(f) else f[mask] for f in self)
+        )
 
 
 def load_run(run_dir: Path):
@@ -118,24 +137,32 @@ def load_run(run_dir: Path):
     )
 
 
-def labelled(inputs, users, candidates: torch.Tensor, cf, cosine, counts) -> Examples:
+def labelled(inputs, users, candidates, cf, text, counts, history_len, short) -> Examples:
     true = candidates[:, 0].numpy()
     return Examples(
         np.asarray(users),
         candidates,
         cf,
-        cosine,
+        text,
         counts,
+        history_len,
+        np.asarray(short, dtype=bool),
         np.asarray(inputs.cold_items, dtype=bool)[true],
         np.asarray(inputs.warm_items, dtype=bool)[true],
     )
 
 
-def validation_examples(readout, inputs, config: Config) -> Examples:
-    """The gate's own examples: every gate-fit user's validation item."""
+def validation_examples(readout, inputs, config: Config, short: bool = True) -> Examples:
+    """The gate's own examples: every gate-fit user's validation item, and (`short`, where
+    the config has `gate_short_histories`) one short-history example per user."""
     users = gate_fit_users(inputs, config)
-    cf, cosine, counts, candidates = gate_examples(readout, inputs, config, users)
-    return labelled(inputs, users, candidates, cf, cosine, counts)
+    ex = gate_examples(readout, inputs, config, users)
+    if short and config.stage2.gate_short_histories:
+        ex = ex.joined(gate_examples(readout, inputs, config, users, short=True))
+        users = np.concatenate([users, users])
+    return labelled(
+        inputs, users, ex.candidates, ex.cf, ex.text, ex.counts, ex.history_len, ex.short.numpy()
+    )
 
 
 def test_examples(run_dir: Path, readout, inputs, evaluated: Config, cold_users: bool = False):
@@ -163,8 +190,11 @@ def test_examples(run_dir: Path, readout, inputs, evaluated: Config, cold_users:
     )
     with torch.no_grad():
         query = readout.start_query(torch.stack([c.x_u for c in cases]), text)
-        cf, cosine = readout.path_scores(query, inputs.z[candidates], text)
-    examples = labelled(inputs, [c.user for c in cases], candidates, cf, cosine, text.counts)
+        cf, scores = readout.path_scores(query, inputs.z[candidates], text)
+    lengths = history_lengths(text.history)
+    short = np.zeros(len(cases), dtype=bool)
+    users = [c.user for c in cases]
+    examples = labelled(inputs, users, candidates, cf, scores, text.counts, lengths, short)
     for label in ("cold", "warm"):
         if not (getattr(examples, label) == np.array([r[f"{label}_item"] for r in records])).all():
             raise SystemExit(f"the evaluator's {label}-item labels are not reproduced")
@@ -187,16 +217,13 @@ def sweep_row(
     on the other), test all / cold / warm (the gate fitted on all), the test's paired
     differences against the CF backbone's hits (the evaluator's bootstrap `seed`) and the
     cold-item ratio. `v_text`, `t_text`: the text path's scores in the gate."""
-    cold = torch.as_tensor(validation.cold)
+    validation, test = validation._replace(text=v_text), test._replace(text=t_text)
     v_hits = np.zeros(len(validation.cf), dtype=bool)
     for half in (halves, ~halves):
-        on, scored = torch.as_tensor(~half), torch.as_tensor(half)
-        state = fit(readout, validation.cf[on], v_text[on], validation.counts[on], cold[on], weight)
-        v_hits[half] = top1(
-            gated(readout, state, validation.cf[scored], v_text[scored], validation.counts[scored])
-        )
-    state = fit(readout, validation.cf, v_text, validation.counts, cold, weight)
-    t_hits = top1_as_shown(gated(readout, state, test.cf, t_text, test.counts), cases)
+        state = fit(readout, validation.rows(~half), weight)
+        v_hits[half] = top1(gated(readout, state, validation.rows(half)))
+    state = fit(readout, validation, weight)
+    t_hits = top1_as_shown(gated(readout, state, test), cases)
     cells = []
     for mask in (slice(None), test.cold, test.warm):
         pairs = [
@@ -210,8 +237,9 @@ def sweep_row(
             else f"{d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
         )
     ratio = t_hits[test.cold].mean() / max(cf_hits[test.cold].mean(), 1e-12)
+    full = ~validation.short  # the validation columns: full histories, as the bars
     return (
-        f"{section_line(v_hits, validation.cold, validation.warm)} | "
+        f"{section_line(v_hits[full], validation.cold[full], validation.warm[full])} | "
         f"{section_line(t_hits, test.cold, test.warm)} | {' | '.join(cells)} | {ratio:.2f}"
     )
 
@@ -224,30 +252,37 @@ def main() -> None:
     parser.add_argument(
         "--cold-users", action="store_true", help="test on the held-out cold users instead"
     )
+    parser.add_argument(
+        "--no-short-histories",
+        action="store_true",
+        help="fit the gate without the short-history examples (as before they existed)",
+    )
     args = parser.parse_args()
     model, inputs, config, evaluated = load_run(args.run_dir)
     readout = model.readout
     stored = {k: v.clone() for k, v in readout.gate.state_dict().items()}
-    validation = validation_examples(readout, inputs, config)
+    validation = validation_examples(readout, inputs, config, not args.no_short_histories)
     cases, records, test = test_examples(
         args.run_dir, readout, inputs, evaluated, cold_users=args.cold_users
     )
     cf_name = cf_row(inputs)
     cf_hits = np.array([r["ranks"][cf_name] == 0 for r in records])
 
-    replayed = top1_as_shown(gated(readout, stored, test.cf, test.cosine, test.counts), cases)
+    replayed = top1_as_shown(gated(readout, stored, test), cases)
     recorded = np.array([r["ranks"][RANK_ROW] == 0 for r in records])
     if (replayed != recorded).any():
         raise SystemExit(
             f"the stored gate does not give the recorded rank row on "
             f"{int((replayed != recorded).sum())} of {len(records)} test users"
         )
+    full = validation.rows(~validation.short)
     print(
-        f"{args.run_dir}: gate-fit users {len(validation.cf)} (cold {validation.cold.sum()}, "
-        f"warm {validation.warm.sum()}), test users {len(records)} (cold {test.cold.sum()}, "
-        f"warm {test.warm.sum()}); the stored gate gives the recorded rank row on every test user"
+        f"{args.run_dir}: gate-fit users {len(full.cf)} (cold {full.cold.sum()}, "
+        f"warm {full.warm.sum()}; short-history examples {validation.short.sum()}), test users "
+        f"{len(records)} (cold {test.cold.sum()}, warm {test.warm.sum()}); the stored gate "
+        "gives the recorded rank row on every test user"
     )
-    alone = section_line(top1(validation.cf), validation.cold, validation.warm)
+    alone = section_line(top1(full.cf), full.cold, full.warm)
     print(f"validation, the CF path alone (all / cold / warm): {alone}")
     print(f"test, {cf_name}: {section_line(cf_hits, test.cold, test.warm)}")
     alone = section_line(top1_as_shown(test.cf, cases), test.cold, test.warm)
@@ -265,9 +300,9 @@ def main() -> None:
             readout,
             weight,
             validation,
-            validation.cosine,
+            validation.text,
             test,
-            test.cosine,
+            test.text,
             cases,
             cf_hits,
             halves,

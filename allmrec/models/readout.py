@@ -29,7 +29,9 @@ Two heads, `stage2.readout`:
       s_i = a_k <u, g(z_i)> + tau b_k cos(t, q_i) + c_k,   k = bucket of n_i (log2),
       t = unit(mean of the prompt's history q_j (unit) + T(h_last)),
   q_i the item's Sentence-BERT encoding (Stage 1's), n_i its training interactions; a, b, c
-  one weight each per bucket (a 1, b and c 0 at the start: `user_item`'s ranking), T:
+  one weight each per bucket (a 1, b and c 0 at the start: `user_item`'s ranking), each
+  also scaled by one weight per bucket m of the prompt's history length (log2, 1 at the
+  start: a user of two items is not one of ten, for the CF path nor for the text), T:
   LayerNorm -> Linear(d_llm -> d_text), zero at the start. `fit_gate` sets a, b, c before
   any step from examples the LLM is not needed for (its corrections are zero then): where
   the item path is weak (few interactions) the fit trusts the text more. Any item with a z_i
@@ -62,14 +64,22 @@ READOUTS = ("candidate", "user_item", "user_item_text")
 TEXT_PATHS = ("cosine", "content")
 # Buckets of an item's training interactions n: 0, 1, 2-3, 4-7, ..., the last one >= 2^10.
 COUNT_BUCKETS = 12
+# Buckets of a prompt's history length: 0, 1, 2-3, 4-7, 8-15, the last one >= 16.
+HISTORY_BUCKETS = 6
 TEXT_SCALE = 10.0  # tau: cosines lie in [-1, 1], the CF scores spread over several units
 
 
-def count_bucket(counts: Tensor) -> Tensor:
-    """The bucket of each training-interaction count: 0 for none, else 1 + floor(log2 n)."""
+def count_bucket(counts: Tensor, buckets: int = COUNT_BUCKETS) -> Tensor:
+    """The bucket of each count: 0 for none, else 1 + floor(log2 n), at most `buckets` - 1."""
     n = counts.float().clamp_min(0)
     bucket = torch.where(n > 0, 1 + torch.floor(torch.log2(n.clamp_min(1))), torch.zeros_like(n))
-    return bucket.long().clamp_max(COUNT_BUCKETS - 1)
+    return bucket.long().clamp_max(buckets - 1)
+
+
+def history_lengths(history: Tensor) -> Tensor:
+    """The number of history items of each row of `TextInputs.history` [B, H, d] (its
+    present, non-zero rows), [B]."""
+    return (history.abs().sum(-1) > 0).sum(1)
 
 
 class TextInputs(NamedTuple):
@@ -115,24 +125,63 @@ def _head(d_in: int, d_out: int) -> nn.Sequential:
 
 
 class CountGate(nn.Module):
-    """a_k * cf + tau * b_k * text + c_k, one weight of each per bucket k of an item's
-    training interactions (a 1, b and c 0 at the start: the CF path alone). A module of its
-    own, called through `forward`: under ZeRO-3 a module's parameters are gathered for its
-    forward pass only, and the readout calls it from methods other than its own forward."""
+    """a_k g_m * cf + tau * b_k h_m * text + c_k r_m: one weight of a, b, c per bucket k of an
+    item's training interactions, one of g, h, r per bucket m of the prompt's history length
+    (a, g, h, r 1 and b, c 0 at the start: the CF path alone). The history's weights let the
+    fit trust each path differently for a user of two items (a cold user: measured on ML-1M,
+    the text path fitted on long histories cost them 0.03 Hit@1, docs/results.md). A module
+    of its own, called through `forward`: under ZeRO-3 a module's parameters are gathered for
+    its forward pass only, and the readout calls it from methods other than its own forward."""
 
     def __init__(self) -> None:
         super().__init__()
         self.cf_weight = nn.Parameter(torch.ones(COUNT_BUCKETS))  # a
         self.text_weight = nn.Parameter(torch.zeros(COUNT_BUCKETS))  # b
         self.bucket_bias = nn.Parameter(torch.zeros(COUNT_BUCKETS))  # c
+        self.cf_by_history = nn.Parameter(torch.ones(HISTORY_BUCKETS))  # g
+        self.text_by_history = nn.Parameter(torch.ones(HISTORY_BUCKETS))  # h
+        self.bias_by_history = nn.Parameter(torch.ones(HISTORY_BUCKETS))  # r
 
-    def forward(self, cf_scores: Tensor, text_scores: Tensor, counts: Tensor) -> Tensor:
+    def forward(
+        self, cf_scores: Tensor, text_scores: Tensor, counts: Tensor, history_len: Tensor
+    ) -> Tensor:
+        """Scores [B, C] from cf and text scores [B, C], counts [B, C] or [C] (the same items
+        for every row) and each row's history length [B]."""
         k = count_bucket(counts)
+        m = count_bucket(history_len.to(cf_scores.device), HISTORY_BUCKETS)[:, None]
         return (
-            self.cf_weight[k] * cf_scores
-            + TEXT_SCALE * self.text_weight[k] * text_scores
-            + self.bucket_bias[k]
+            self.cf_weight[k] * self.cf_by_history[m] * cf_scores
+            + TEXT_SCALE * self.text_weight[k] * self.text_by_history[m] * text_scores
+            + self.bucket_bias[k] * self.bias_by_history[m]
         )
+
+    @torch.no_grad()
+    def share_history_weights(self, history_len: Tensor) -> None:
+        """Each history bucket that none of `history_len` falls in takes g, h, r of the
+        nearest bucket that one does (the longer of two as near)."""
+        seen = (
+            torch.bincount(
+                count_bucket(history_len.cpu(), HISTORY_BUCKETS), minlength=HISTORY_BUCKETS
+            )
+            .nonzero()
+            .flatten()
+        )
+        if len(seen) == 0:
+            return
+        for m in range(HISTORY_BUCKETS):
+            source = int(seen[torch.argmin((seen - m).abs() * 2 - (seen > m).long())])
+            for weights in (self.cf_by_history, self.text_by_history, self.bias_by_history):
+                weights[m] = weights[source]
+
+    @staticmethod
+    def completed(state: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+        """`state` with the history-length weights at their start (1) where it lacks them:
+        a gate saved before they existed scores as it did."""
+        names = ("cf_by_history", "text_by_history", "bias_by_history")
+        if f"{prefix}cf_weight" not in state:
+            return state
+        missing = {f"{prefix}{n}": torch.ones(HISTORY_BUCKETS) for n in names}
+        return {k: v for k, v in missing.items() if k not in state} | state
 
 
 class RankReadout(nn.Module):
@@ -255,9 +304,11 @@ class RankReadout(nn.Module):
         """`user_item`: g(z_i) for any items, [..., d_cf]."""
         return self.item_map(z.to(self.item_map.weight.dtype))
 
-    def gated(self, cf_scores: Tensor, text_scores: Tensor, counts: Tensor) -> Tensor:
-        """`user_item_text`: a_k * cf + tau * b_k * text + c_k, k the count's bucket."""
-        return self.gate(cf_scores, text_scores, counts)
+    def gated(
+        self, cf_scores: Tensor, text_scores: Tensor, counts: Tensor, history_len: Tensor
+    ) -> Tensor:
+        """`user_item_text`: the two paths' scores weighted by `CountGate`."""
+        return self.gate(cf_scores, text_scores, counts, history_len)
 
     def path_scores(
         self, query: Tensor, z: Tensor, text: TextInputs | None = None
@@ -265,16 +316,30 @@ class RankReadout(nn.Module):
         """(<u, g(z_i)>, cos(t, q_i) or None) of any items for the query of `user_query`:
         z [B, C, d_joint] gives [B, C] (each row's own items), z [N, d_joint] gives [B, N]
         (the same items for every row); `text` holds their q_i in the same shape."""
+        keys, text_keys = self.catalogue_keys(z, text.items if self.reads_text else None)
+        if z.dim() == 2:
+            return self.key_scores(query, keys, text_keys)
         d_cf = self.item_map.out_features
-        keys = self.item_keys(z)
-        per_row = z.dim() == 3
-        u = query[..., :d_cf]
-        cf = torch.einsum("bd,bcd->bc", u, keys) if per_row else u @ keys.T
-        if not self.reads_text:
+        cf = torch.einsum("bd,bcd->bc", query[..., :d_cf], keys)
+        if text_keys is None:
             return cf, None
-        t = query[..., d_cf:]
-        keys = self.text_keys(text.items.to(t.dtype))
-        return cf, torch.einsum("bd,bcd->bc", t, keys) if per_row else t @ keys.T
+        return cf, torch.einsum("bd,bcd->bc", query[..., d_cf:], text_keys)
+
+    def catalogue_keys(self, z: Tensor, q: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """What a query meets of items z [..., d_joint] (and their q, for `user_item_text`):
+        (g(z_i), `text_keys`(q_i) or None). The same for every user: Serve keeps a
+        catalogue's until an item is added."""
+        keys = self.item_keys(z)
+        return keys, (None if q is None else self.text_keys(q.to(keys.dtype)))
+
+    def key_scores(
+        self, query: Tensor, keys: Tensor, text_keys: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """`path_scores` of the same N items for every row, from their `catalogue_keys`
+        [N, ...]: ([B, N], [B, N] or None)."""
+        d_cf = keys.shape[-1]
+        cf = query[..., :d_cf] @ keys.T
+        return cf, (None if text_keys is None else query[..., d_cf:] @ text_keys.T)
 
     def start_query(self, x_u: Tensor, text: TextInputs | None = None) -> Tensor:
         """`user_query` while the LLM's corrections A(h) and T(h) are zero (the start):
@@ -292,7 +357,7 @@ class RankReadout(nn.Module):
         if cosine is None:
             return cf
         counts = text.counts if z.dim() == 3 else text.counts[None, :]
-        return self.gated(cf, cosine, counts.to(cf.device))
+        return self.gated(cf, cosine, counts.to(cf.device), history_lengths(text.history))
 
     def forward(
         self,
@@ -317,16 +382,20 @@ class RankReadout(nn.Module):
         cf_scores: Tensor,
         text_scores: Tensor,
         counts: Tensor,
+        history_len: Tensor,
         weights: Tensor | None = None,
         steps: int = 300,
         lr: float = 0.05,
         ridge: float = 1e-3,
     ) -> dict[str, float]:
-        """`user_item_text`: a, b, c fitted by the listwise loss over examples whose true item
-        is column 0: their CF scores <x_u, g(z_c)>, text cosines and counts, [E, C] each
-        (the readout's own scores while its LLM corrections are zero), each example weighted
-        by `weights` [E] (None: alike). A small ridge holds each weight near its start where
-        a bucket has few items. Returns the loss before and after. A no-op for the other
+        """`user_item_text`: the gate's weights fitted by the listwise loss over examples
+        whose true item is column 0: their CF scores <x_u, g(z_c)>, text scores and counts,
+        [E, C] each (the readout's own scores while its LLM corrections are zero), their
+        history lengths [E], each example weighted by `weights` [E] (None: alike). A small
+        ridge holds each weight near its start where a bucket has few items; a history bucket
+        without examples takes the weights of the nearest one with examples (fitted on long
+        histories only, the gate scores a short one as it would a long one, as before it had
+        the history's weights). Returns the loss before and after. A no-op for the other
         readouts."""
         if not self.reads_text:
             return {}
@@ -338,7 +407,7 @@ class RankReadout(nn.Module):
         weights = weights / weights.mean()
 
         def loss() -> Tensor:
-            scores = self.gated(cf_scores, text_scores, counts)
+            scores = self.gated(cf_scores, text_scores, counts, history_len)
             fit = (F.cross_entropy(scores, targets, reduction="none") * weights).mean()
             return fit + ridge * sum(
                 ((p - s) ** 2).sum() for p, s in zip(params, start, strict=True)
@@ -352,6 +421,7 @@ class RankReadout(nn.Module):
                 value = loss()
                 value.backward()
                 optimizer.step()
+        self.gate.share_history_weights(history_len)
         return {"gate_loss_before": before, "gate_loss_after": float(loss())}
 
     @torch.no_grad()

@@ -21,6 +21,7 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -32,7 +33,7 @@ from allmrec.evaluation import sample_candidates
 from allmrec.manifest import ArtifactError
 from allmrec.models.content import fit_content_tower
 from allmrec.models.projection import ALLMRecLM, Stage2Example, right_aligned
-from allmrec.models.readout import TextInputs, text_cosine
+from allmrec.models.readout import CountGate, TextInputs, history_lengths, text_cosine
 from allmrec.prompts import build_prompt, shuffle_candidates
 from allmrec.sequences import left_pad
 from allmrec.stages import output_digest, read_manifest, recorded_upstream
@@ -382,7 +383,9 @@ def start_readouts(
     (`RankReadout.fit_gate`, before any LLM step: the LLM's corrections are zero there, so
     the readout's scores need no forward pass) fitted on one example per user
     (`stage2.gate_fit`, `gate_fit_users`), an example whose true item is cold weighted by
-    `stage2.gate_cold_weight`. With `stage2.text_path: content` the content path is trained
+    `stage2.gate_cold_weight`, and one more per user of a short history (the first items
+    of their sequence, `stage2.gate_short_histories`) for the gate's history-length
+    weights. With `stage2.text_path: content` the content path is trained
     first (`fit_content_tower`, on every transition of the training users' sequences) and
     its scale set against the cosine's on the gate's examples (`progress(epoch, epochs,
     loss)` after each of its epochs), and with `gate_cold_weight: auto` the weight is chosen
@@ -410,32 +413,33 @@ def start_readouts(
                 progress=progress,
             )
             readout.content_scale.fill_(1.0)
-        cf_scores, text_scores, counts, candidates = gate_examples(readout, inputs, config, users)
+        examples = gate_examples(readout, inputs, config, users)
         if readout.text_path == "content":
-            _, cosine, _, _ = gate_examples(readout, inputs, config, users, cosine=True)
-            out["content_scale"] = readout.set_content_scale(text_scores, cosine)
-            text_scores = text_scores / out["content_scale"]  # the readout's scores from now on
-        true = candidates[:, 0]
+            out["content_scale"] = readout.set_content_scale(examples.text, examples.cosine)
+        if cfg.gate_short_histories:
+            examples = examples.joined(gate_examples(readout, inputs, config, users, short=True))
+        if readout.text_path == "content":  # the readout's scores from now on
+            examples = examples._replace(text=examples.text / out["content_scale"])
+        true = examples.candidates[:, 0]
         cold = torch.as_tensor(np.asarray(inputs.cold_items, dtype=bool))[true]
         warm = torch.as_tensor(np.asarray(inputs.warm_items, dtype=bool))[true]
         weight = cfg.gate_cold_weight
         if weight == "auto":
             weight, table = choose_cold_weight(
-                readout,
-                cf_scores,
-                text_scores,
-                counts,
-                cold,
-                warm,
-                cfg.gate_cold_weights,
-                config.seed,
-                cfg.gate_auto_z,
+                readout, examples, cold, warm, cfg.gate_cold_weights, config.seed, cfg.gate_auto_z
             )
             out["gate_cold_weight_table"] = table
         out["gate_cold_weight"] = float(weight)
-        out |= readout.fit_gate(cf_scores, text_scores, counts, torch.where(cold, weight, 1.0))
+        out |= readout.fit_gate(
+            examples.cf,
+            examples.text,
+            examples.counts,
+            examples.history_len,
+            example_weights(cold, examples.short, weight),
+        )
         out["gate_fit_users"] = len(users)
-        out["gate_fit_cold_users"] = int(cold.sum())
+        out["gate_fit_cold_users"] = int((cold & ~examples.short).sum())
+        out["gate_fit_short_histories"] = int(examples.short.sum())
         gates = [model.readout.gate]
         if model.bypass is not None:
             model.bypass.readout.gate.load_state_dict(model.readout.gate.state_dict())
@@ -454,11 +458,16 @@ def top1_hits(scores: torch.Tensor) -> torch.Tensor:
     return (scores[:, 1:] < scores[:, :1]).all(1)
 
 
+def example_weights(cold: torch.Tensor, short: torch.Tensor, weight: float) -> torch.Tensor:
+    """The gate fit's weight of each example: `weight` where its true item is cold, 1 for the
+    others and for every short-history example (they fit the history's weights, not the
+    trade between cold and warm items)."""
+    return torch.where(cold & ~short, float(weight), 1.0)
+
+
 def choose_cold_weight(
     readout,
-    cf_scores: torch.Tensor,
-    text_scores: torch.Tensor,
-    counts: torch.Tensor,
+    examples: GateExamples,
     cold: torch.Tensor,
     warm: torch.Tensor,
     grid: list[float],
@@ -467,26 +476,24 @@ def choose_cold_weight(
 ) -> tuple[float, list[dict]]:
     """`stage2.gate_cold_weight: auto`: for each weight of `grid`, the gate fitted on one
     seeded half of the examples scores the other (both ways); the largest weight whose gain
-    in Hit@1 over the CF path alone (`cf_scores`), paired by example, is above 0 over all
+    in Hit@1 over the CF path alone, paired by example, is above 0 over all (full-history)
     examples and above -0.01 over those of warm items, each less `z` standard errors (1.645:
     one-sided 95%), so that a weight is taken only where the examples show it keeps the
     bars, not where it ties them by chance; the one with the best Hit@1 over all if none is.
-    Returns it and each weight's row (Hit@1 all / cold / warm, the paired gains' lower
-    bounds). The gate is left as it was."""
+    Returns it and each weight's row (Hit@1 all / cold / warm / short histories, the paired
+    gains' lower bounds). The gate is left as it was."""
     start = {k: v.clone() for k, v in readout.gate.state_dict().items()}
-    half = torch.as_tensor(np.random.default_rng([seed, 13]).permutation(len(cf_scores)))
-    half = half < len(cf_scores) // 2
-    cf_hits = top1_hits(cf_scores)
+    count = len(examples.cf)
+    half = torch.as_tensor(np.random.default_rng([seed, 13]).permutation(count)) < count // 2
+    cf_hits = top1_hits(examples.cf)
+    full = ~examples.short
 
     def row(hits: torch.Tensor) -> dict[str, float | None]:
-        sections = {"all": slice(None), "cold": cold, "warm": warm}
+        sections = {"all": full, "cold": cold & full, "warm": warm & full, "short": ~full}
         # None, not NaN, for a section without examples: the table goes to JSON manifests
-        return {
-            k: float(hits[m].float().mean()) if hits[m].numel() else None
-            for k, m in sections.items()
-        }
+        return {k: float(hits[m].float().mean()) if m.any() else None for k, m in sections.items()}
 
-    def lower_bound(hits: torch.Tensor, mask) -> float | None:
+    def lower_bound(hits: torch.Tensor, mask: torch.Tensor) -> float | None:
         gain = (hits[mask].float() - cf_hits[mask].float()).double()
         if gain.numel() < 2:
             return None  # no bar can be shown on fewer than two examples
@@ -494,21 +501,27 @@ def choose_cold_weight(
 
     table = [{"weight": 0.0, "path": "cf"} | row(cf_hits)]
     for weight in sorted(grid):
-        hits = torch.zeros(len(cf_scores), dtype=torch.bool)
+        hits = torch.zeros(count, dtype=torch.bool)
         for fit_on in (half, ~half):
             scored = ~fit_on
             readout.gate.load_state_dict(start)
+            part = examples.rows(fit_on)
             readout.fit_gate(
-                cf_scores[fit_on],
-                text_scores[fit_on],
-                counts[fit_on],
-                torch.where(cold[fit_on], weight, 1.0),
+                part.cf,
+                part.text,
+                part.counts,
+                part.history_len,
+                example_weights(cold[fit_on], part.short, weight),
             )
+            part = examples.rows(scored)
             with torch.no_grad():
-                gated = readout.gated(cf_scores[scored], text_scores[scored], counts[scored])
+                gated = readout.gated(part.cf, part.text, part.counts, part.history_len)
             hits[scored] = top1_hits(gated)
-        bounds = {"all_gain_low": lower_bound(hits, slice(None))}
-        bounds["warm_gain_low"] = lower_bound(hits, warm)
+        bounds = {
+            "all_gain_low": lower_bound(hits, full),
+            "warm_gain_low": lower_bound(hits, warm & full),
+            "short_gain_low": lower_bound(hits, ~full),
+        }
         table.append({"weight": float(weight), "path": "gate"} | row(hits) | bounds)
     readout.gate.load_state_dict(start)
     # without warm examples the warm bar cannot be shown, and the all-users bar alone decides
@@ -520,7 +533,7 @@ def choose_cold_weight(
         and (r["warm_gain_low"] is None or r["warm_gain_low"] > -0.01)
     ]
     # none keeps the bars: the best over all users (the text path still ranks cold items)
-    chosen = keeps[-1] if keeps else max(table[1:], key=lambda r: r["all"])
+    chosen = keeps[-1] if keeps else max(table[1:], key=lambda r: r["all"] or 0.0)
     log.info("gate cold weight %g chosen on validation: %s", chosen["weight"], table)
     return chosen["weight"], table
 
@@ -555,25 +568,52 @@ def validation_users(inputs: Stage2Inputs, config: Config) -> np.ndarray:
     )
 
 
+class GateExamples(NamedTuple):
+    """The gate's examples at the readout's start, [E, C] each with the true item in column
+    0 (`gate_examples`)."""
+
+    cf: torch.Tensor  # <x_u, g(z_c)>
+    text: torch.Tensor  # the readout's text path's scores
+    cosine: torch.Tensor  # the cosine path's, cos(mean unit history q, q_c)
+    counts: torch.Tensor  # the candidates' training interactions
+    candidates: torch.Tensor
+    history_len: torch.Tensor  # [E]: the prompt's history items
+    short: torch.Tensor  # [E] bool: a short-history example (`stage2.gate_short_histories`)
+
+    def rows(self, mask: torch.Tensor) -> GateExamples:
+        return GateExamples(*(field[mask] for field in self))
+
+    def joined(self, other: GateExamples) -> GateExamples:
+        return GateExamples(*(torch.cat([a, b]) for a, b in zip(self, other, strict=True)))
+
+
 @torch.no_grad()
 def gate_examples(
-    readout, inputs: Stage2Inputs, config: Config, users: np.ndarray, cosine: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(CF scores <x_u, g(z_c)>, text scores, counts, the candidates), [E, 20] each with the
-    true item in column 0, one per user, with 19 seeded negatives the user never interacted
-    with. The text scores are the readout's text path's (`cosine`: the cosine path's,
-    whatever the readout's). The target, by `stage2.gate_fit`: `valid`, the user's
-    validation item after their training items (the CF model never trained on it: its
-    scores are as reliable as at test time; in-sample targets, which it memorised, make it
-    look surer than it is, most of all when it trained on few users); `last`, the user's
-    last training item after the items before it, its count without its own interaction (so
-    the bucket of items never seen learns from the items seen once)."""
+    readout, inputs: Stage2Inputs, config: Config, users: np.ndarray, short: bool = False
+) -> GateExamples:
+    """One example per user, with 19 seeded negatives the user never interacted with. The
+    target, by `stage2.gate_fit`: `valid`, the user's validation item after their training
+    items (the CF model never trained on it: its scores are as reliable as at test time;
+    in-sample targets, which it memorised, make it look surer than it is, most of all when
+    it trained on few users); `last`, the user's last training item after the items before
+    it, its count without its own interaction (so the bucket of items never seen learns from
+    the items seen once). `short`: the user's first L training items (L seeded from
+    `stage2.gate_short_histories`, fewer for a shorter sequence) before their next, its
+    count likewise without its own interaction: the beginning of a sequence, as a cold user
+    is seen (a long history cut short is not one: its last items are not a new user's
+    first, and a gate fitted on those trusted the text more and cost ML-1M's cold users
+    0.03-0.06 Hit@1, docs/results.md)."""
     data, cfg = inputs.data, config.stage2
     users = np.asarray(users, dtype=np.int64)
-    rng = np.random.default_rng([config.seed, 11])
+    rng = np.random.default_rng([config.seed, 17 if short else 11])
     all_items = np.arange(1, data.num_items + 1)
-    held_out = cfg.gate_fit == "valid"
-    if held_out:
+    in_sample = short or cfg.gate_fit == "last"
+    if short:
+        lengths = rng.choice(np.asarray(cfg.gate_short_histories), size=len(users))
+        lengths = np.minimum(lengths, [len(data.train[int(u)]) - 1 for u in users])
+        histories = [data.train[int(u)][:n] for u, n in zip(users, lengths, strict=True)]
+        targets = [int(data.train[int(u)][n]) for u, n in zip(users, lengths, strict=True)]
+    elif cfg.gate_fit == "valid":
         histories = [data.train[int(u)] for u in users]
         targets = [int(data.valid[int(u)]) for u in users]
     else:
@@ -597,14 +637,20 @@ def gate_examples(
     history_text = right_aligned([inputs.q[torch.as_tensor(h, dtype=torch.long)] for h in shown])
     cand = torch.as_tensor(candidates)
     counts = inputs.counts[cand].clone()
-    if not held_out:  # a training target's count holds this very interaction
+    if in_sample:  # a training target's count holds this very interaction
         counts[:, 0] = (counts[:, 0] - 1).clamp_min(0)
     text = TextInputs(history_text, inputs.q[cand], counts)
     query = readout.start_query(x_u, text)
     cf_scores, text_scores = readout.path_scores(query, inputs.z[cand], text)
-    if cosine:
-        text_scores = text_cosine(text.history, text.items)
-    return cf_scores, text_scores, text.counts, cand
+    return GateExamples(
+        cf_scores,
+        text_scores,
+        text_cosine(text.history, text.items),
+        text.counts,
+        cand,
+        history_lengths(text.history),
+        torch.full((len(users),), short),
+    )
 
 
 def llm_dtype(config: Config) -> torch.dtype:
@@ -706,13 +752,11 @@ def load_projected_llm(
     was trained with; sized from the projector weights, without loading the data. `dtype`
     ("float32", "bfloat16") runs the LLM in another dtype than it was trained in (the
     projectors and the readout stay fp32)."""
-    from safetensors.torch import load_file
-
     stage2_dir = Path(run_dir) / "stage2"
     trained = _trained_config(read_manifest(stage2_dir, "stage2"), device)
     if dtype is not None:
         trained.stage2.dtype = dtype
-    weights = load_file(str(stage2_dir / PROJECTORS_FILE))
+    weights = load_stack_weights(stage2_dir)
     d_cf = weights["user_projector.net.0.weight"].shape[1]
     d_joint = weights["item_projector.net.0.weight"].shape[1]
     d_text = text_width(weights)
@@ -720,6 +764,17 @@ def load_projected_llm(
     model = build_stage2_model(trained, d_cf, d_joint, device=device, d_text=d_text)
     load_projectors(model, weights, str(stage2_dir))
     return model.eval(), trained
+
+
+def load_stack_weights(stage2_dir: Path) -> dict[str, torch.Tensor]:
+    """Stage 2's saved weights; a gate saved before its history-length weights gets them at
+    their start (`CountGate.completed`: it scores as it did)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(stage2_dir) / PROJECTORS_FILE))
+    for prefix in ("readout.gate.", "bypass.readout.gate."):
+        weights = CountGate.completed(weights, prefix)
+    return weights
 
 
 def text_width(weights: dict[str, torch.Tensor]) -> int | None:

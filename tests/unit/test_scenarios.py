@@ -89,7 +89,7 @@ def test_the_text_aware_readout_recovers_cold_items_the_cf_model_cannot_rank():
     carries its taste. The user_item_text readout, its gate fitted as Stage 2 fits it
     (`fit_gate`, before any LLM step), ranks the cold held-out items far better than the CF
     model, and keeps at least the CF model's level on warm ones."""
-    from allmrec.models.readout import RankReadout, TextInputs
+    from allmrec.models.readout import RankReadout, TextInputs, history_lengths
 
     gen = torch.Generator().manual_seed(0)
     n_items, d, d_text = 300, 8, 16
@@ -123,7 +123,7 @@ def test_the_text_aware_readout_recovers_cold_items_the_cf_model_cannot_rank():
 
     x_u, candidates, text, _ = examples(600, cold_share=0.3)
     cf, cosine = readout.path_scores(readout.start_query(x_u, text), z[candidates], text)
-    fitted = readout.fit_gate(cf, cosine, text.counts)
+    fitted = readout.fit_gate(cf, cosine, text.counts, history_lengths(text.history))
     assert fitted["gate_loss_after"] < fitted["gate_loss_before"]
 
     x_u, candidates, text, true_cold = examples(800, cold_share=0.3)
@@ -187,9 +187,10 @@ def test_weighting_cold_targets_in_the_gate_fit_lifts_cold_items():
 
     def fitted(weights):
         readout = RankReadout("user_item_text", d_llm=4, d_cf=4, d_joint=4, d_text=4)
-        readout.fit_gate(cf, text, counts, weights)
+        lengths = torch.full((n,), 10)
+        readout.fit_gate(cf, text, counts, lengths, weights)
         with torch.no_grad():
-            hits = (readout.gated(cf, text, counts).argmax(dim=1) == 0).float()
+            hits = (readout.gated(cf, text, counts, lengths).argmax(dim=1) == 0).float()
         bias = readout.gate.bucket_bias.detach()
         bias = bias - bias[count_bucket(torch.tensor(300))]
         return hits, float(bias[count_bucket(torch.tensor(3))])
@@ -210,7 +211,7 @@ def test_the_automatic_cold_weight_is_the_largest_that_keeps_all_and_warm_users(
     cold items and costs warm ones as the weight grows, so the choice sits strictly inside
     the grid, and asking for no margin (z = 0) never takes a smaller weight."""
     from allmrec.models.readout import RankReadout
-    from allmrec.training.stage2 import choose_cold_weight, top1_hits
+    from allmrec.training.stage2 import GateExamples, choose_cold_weight, top1_hits
 
     gen = torch.Generator().manual_seed(2)
     n, c = 3000, 20
@@ -226,7 +227,10 @@ def test_the_automatic_cold_weight_is_the_largest_that_keeps_all_and_warm_users(
     readout = RankReadout("user_item_text", d_llm=4, d_cf=4, d_joint=4, d_text=4)
     start = {k: v.clone() for k, v in readout.gate.state_dict().items()}
     grid = [1.0, 2.0, 4.0, 8.0, 16.0, 64.0]
-    weight, table = choose_cold_weight(readout, cf, text, counts, true_cold, warm, grid, 0)
+    candidates = torch.zeros(n, c, dtype=torch.long)  # not read by the choice
+    lengths, short = torch.full((n,), 10), torch.zeros(n, dtype=torch.bool)
+    examples = GateExamples(cf, text, text, counts, candidates, lengths, short)
+    weight, table = choose_cold_weight(readout, examples, true_cold, warm, grid, 0)
     # the gate is left as it was
     assert all(torch.equal(v, start[k]) for k, v in readout.gate.state_dict().items())
     cf_row, rows = table[0], {r["weight"]: r for r in table[1:]}
@@ -239,5 +243,53 @@ def test_the_automatic_cold_weight_is_the_largest_that_keeps_all_and_warm_users(
     assert 1.0 < weight < 64.0, table
     # the margin: each lower bound is below the gain itself, and without it no smaller weight
     assert all(r["all_gain_low"] < r["all"] - cf_row["all"] for r in rows.values())
-    bare, _ = choose_cold_weight(readout, cf, text, counts, true_cold, warm, grid, 0, z=0.0)
+    bare, _ = choose_cold_weight(readout, examples, true_cold, warm, grid, 0, z=0.0)
     assert bare >= weight
+
+
+def test_the_gate_learns_how_far_to_trust_the_text_by_history_length():
+    """Two kinds of examples on the same items: for users of long histories the text path
+    knows the true item (the CF path barely does), for users of two items the text is noise
+    and the CF path knows it. One gate fitted on both (`fit_gate` with history lengths)
+    keeps each kind's strong path, where a gate without the history's weights must pick one
+    trade for both; and a gate fitted on long histories only scores a short one as a long
+    one (the buckets without examples share the nearest one's weights)."""
+    from allmrec.models.readout import CountGate, RankReadout
+
+    gen = torch.Generator().manual_seed(3)
+    n, c = 2000, 20
+    counts = torch.full((n, c), 100)
+    long_rows = torch.arange(n) < n // 2
+    lengths = torch.where(long_rows, 10, 2)
+    cf = torch.randn(n, c, generator=gen)
+    text = 0.1 * torch.randn(n, c, generator=gen)
+    cf[:, 0] += torch.where(long_rows, 0.3, 2.5)
+    text[:, 0] += torch.where(long_rows, 0.25, 0.0)
+    text[~long_rows] = 0.3 * torch.randn(int((~long_rows).sum()), c, generator=gen)
+
+    def hits(readout, rows):
+        with torch.no_grad():
+            scores = readout.gated(cf[rows], text[rows], counts[rows], lengths[rows])
+        return float((scores.argmax(dim=1) == 0).float().mean())
+
+    readout = RankReadout("user_item_text", d_llm=4, d_cf=4, d_joint=4, d_text=4)
+    readout.fit_gate(cf, text, counts, lengths)
+    blind = RankReadout("user_item_text", d_llm=4, d_cf=4, d_joint=4, d_text=4)
+    blind.fit_gate(cf, text, counts, torch.full((n,), 10))  # every row one bucket
+    assert hits(readout, long_rows) > hits(blind, long_rows) + 0.03
+    assert hits(readout, ~long_rows) > hits(blind, ~long_rows) + 0.03
+    gate = readout.gate
+    assert gate.text_by_history[2] / gate.cf_by_history[2] < (
+        gate.text_by_history[4] / gate.cf_by_history[4]
+    )
+
+    long_only = RankReadout("user_item_text", d_llm=4, d_cf=4, d_joint=4, d_text=4)
+    long_only.fit_gate(cf[long_rows], text[long_rows], counts[long_rows], lengths[long_rows])
+    for name in ("cf_by_history", "text_by_history", "bias_by_history"):
+        weights = getattr(long_only.gate, name).detach()
+        assert torch.equal(weights, torch.full_like(weights, float(weights[4])))
+    # a gate saved before the history's weights loads at their start (1 each)
+    old = {k: v for k, v in CountGate().state_dict().items() if "by_history" not in k}
+    restored = CountGate()
+    restored.load_state_dict(CountGate.completed(old))
+    assert torch.equal(restored.text_by_history, torch.ones(6))
