@@ -305,8 +305,9 @@ class Stage2Config(_Section):
     keep: Literal["last", "best"] = Field(
         "last",
         description="what stage2/ keeps: 'last', the modules after the last step; 'best', "
-        "those of the validation point with the highest valid Hit@1, the point before any "
-        "step included (each point is then also a checkpoint)",
+        "those of the validation point with the highest valid Hit@1 (the user_item_text "
+        "readout's: each user of a cold item weighted by the gate's cold weight), the point "
+        "before any step included (each point is then also a checkpoint)",
     )
     keep_min_delta: float = Field(
         0.0,

@@ -98,11 +98,16 @@ def kept_point_text(kept: dict) -> str:
     """Which validation point `stage2.keep: best` kept, for the summaries and the results
     table: the manifest's `kept`."""
     text = f"the modules at {kept['prompts']} prompts, "
+    compared = "validation Hit@1"
+    if kept.get("compared") == "valid_weighted_hit@1":  # cold items weighted as the gate's fit
+        compared = "validation Hit@1 with cold items weighted as the gate's fit"
+        text += f"validation Hit@1 {kept['valid_hit@1']:.3f}, "
+    value = kept.get("compared_value", kept["valid_hit@1"])
     if not kept.get("min_delta"):
-        return text + f"the best validation Hit@1 ({kept['valid_hit@1']:.3f})"
+        return text + f"the best {compared} ({value:.3f})"
     return text + (
-        f"validation Hit@1 {kept['valid_hit@1']:.3f}, the best once every point after steps "
-        f"gives up {kept['min_delta']:.3f} to the start"
+        f"{compared} {value:.3f}, the best once every point after steps gives up "
+        f"{kept['min_delta']:.3f} to the start"
     )
 
 

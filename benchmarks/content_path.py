@@ -15,9 +15,10 @@ This benchmark trains that tower over a kept run (no Ray, no LLM), puts its scor
 beside the run's own text path (the row "stack": the cosine path for a run saved before the
 content path, else the run's content path), and sweeps the gate's cold-item weight for both
 as `gate_frontier.py` does (validation out of sample by halves, full histories only, test on
-the evaluator's users paired against SASRec's ranks). The features are q_i with `--text-only` (the library's), and
-by default q_i with the release year's bin and the genres of the item table; `--logq` trains
-with log(1 + n_i) added to the logits.
+the evaluator's users paired against SASRec's ranks). The features are q_i with `--text-only`
+(the library's), and by default q_i with the release year's bin and the genres of the item
+table; `--logq` trains with log(1 + n_i) added to the logits; `--attentive` adds a
+self-attention layer over the history's f to the user side.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/content_path.py --run-dir runs/ml-1m
 
@@ -94,6 +95,31 @@ class LengthScaledUser(UserTower):
         return super().forward(history, present) * self.length_scale[n].exp()[:, None]
 
 
+class AttentiveUser(UserTower):
+    """The user side with one self-attention layer over the history's f (learned positions),
+    read at the most recent item and added to the recency-weighted mean's c_u: a sequence
+    model over the items' text, where the mean treats the history as a bag."""
+
+    def __init__(self, dim: int, window: int, heads: int = 2) -> None:
+        super().__init__(dim, window)
+        self.positions = torch.nn.Parameter(torch.zeros(window, dim))
+        self.attention = torch.nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True
+        )
+        self.out = torch.nn.Linear(dim, dim)
+        torch.nn.init.zeros_(self.out.weight)  # starts as the mean's c_u
+        torch.nn.init.zeros_(self.out.bias)
+
+    def forward(self, history: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        base = super().forward(history, present)
+        n = min(history.shape[1], self.window)
+        tail, shown = history[:, -n:], present[:, -n:]
+        # a row with no history attends to everything (zeros) rather than to nothing (NaN)
+        padding = ~shown & shown.any(1, keepdim=True)
+        states = self.attention(tail + self.positions[-n:], src_key_padding_mask=padding)
+        return base + self.out(states[:, -1])
+
+
 def content_scores(tower: ContentTower, features: torch.Tensor, histories, candidates):
     """<c_u, f(i)> of each row's candidates [B, C], c_u over the history's last items."""
     rows = [
@@ -116,6 +142,9 @@ def main() -> None:
         "--length-scale", action="store_true", help="a learned scale per history length"
     )
     parser.add_argument(
+        "--attentive", action="store_true", help="a self-attention layer over the history's f"
+    )
+    parser.add_argument(
         "--cold-users", action="store_true", help="test on the held-out cold users instead"
     )
     parser.add_argument("--weights", default="1,2,3,4,6,8")
@@ -129,6 +158,8 @@ def main() -> None:
     content = ContentTower(features.shape[1], window=HISTORY)
     if args.length_scale:
         content.user_tower = LengthScaledUser(content.dim, HISTORY)
+    if args.attentive:
+        content.user_tower = AttentiveUser(content.dim, HISTORY)
     sequences = [data.train[int(u)] for u in data.training_users()]
     fitted = fit_content_tower(
         content,

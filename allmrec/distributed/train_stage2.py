@@ -47,6 +47,7 @@ from allmrec.training.stage2 import PROJECTORS_FILE as WEIGHTS
 from allmrec.training.stage2 import (
     STAGE2_INPUTS,
     TRAINED_MODULES,
+    WEIGHTED_HIT,
     EvalCase,
     Stage2Inputs,
     build_stage2_model,
@@ -57,6 +58,7 @@ from allmrec.training.stage2 import (
     start_readouts,
     training_examples,
     training_targets,
+    validation_cold_weights,
 )
 from allmrec.training.zero import deepspeed_config, full_state_dict, local_share, memory_stats
 
@@ -81,6 +83,8 @@ class _Worker:
     llm_share: float = 1.0  # of the frozen LLM's parameter elements this worker holds
     validation: list[EvalCase] = field(default_factory=list)  # this worker's share, padded
     validation_weights: np.ndarray | None = None  # 0 for the padding cases
+    # the same, a cold item's case weighted as the gate's fit (`WEIGHTED_HIT`), or None
+    weighted_validation: np.ndarray | None = None
     marker_dir: str = ""  # where the test hook's failure markers go
 
     def save(self, metrics: dict) -> None:
@@ -116,11 +120,18 @@ class _Worker:
         self.engine.train()
         keys = sorted(hits)
         weights = self.validation_weights
-        totals = all_reduce_sum(
-            [float(np.dot(hits[k], weights)) for k in keys] + [float(weights.sum())]
-        )
+        sums = [float(np.dot(hits[k], weights)) for k in keys] + [float(weights.sum())]
+        weighted = self.weighted_validation is not None and "valid_hit@1" in hits
+        if weighted:
+            sums += [
+                float(np.dot(hits["valid_hit@1"], self.weighted_validation)),
+                float(self.weighted_validation.sum()),
+            ]
+        totals = all_reduce_sum(sums)
         point = {"prompts": self.state["prompts"]}
-        point |= {k: totals[i] / totals[-1] for i, k in enumerate(keys)}
+        point |= {k: totals[i] / totals[len(keys)] for i, k in enumerate(keys)}
+        if weighted:
+            point[WEIGHTED_HIT] = totals[-2] / totals[-1]
         point["validation_seconds"] = time.perf_counter() - started
         self.state["curve"].append(point)
         return point
@@ -264,6 +275,11 @@ def _set_up(loop_config: dict) -> _Worker:
     # Equal shares (ZeRO-3 forwards are collective): pad with the first case, weight 0.
     worker.validation = mine + mine[:1] * (share - len(mine))
     worker.validation_weights = np.r_[np.ones(len(mine)), np.zeros(share - len(mine))]
+    cold_weights = validation_cold_weights(
+        worker.validation, inputs, state.get("readout_start", fit_errors)
+    )
+    if cold_weights is not None:
+        worker.weighted_validation = worker.validation_weights * cold_weights
     return worker
 
 
@@ -405,7 +421,11 @@ def _write_stage2(stage_dir: Path, config: Config, trained, num_users: int) -> d
             kept={
                 "keep": cfg.keep,
                 "prompts": kept_prompts,
-                "valid_hit@1": kept_metric(kept_point),
+                "valid_hit@1": kept_point.get(
+                    "valid_hit@1", kept_point.get("valid_likelihood_hit@1")
+                ),
+                "compared": WEIGHTED_HIT if WEIGHTED_HIT in kept_point else "valid_hit@1",
+                "compared_value": kept_metric(kept_point),
                 "min_delta": cfg.keep_min_delta,
             },
             curve=state["curve"],

@@ -185,6 +185,25 @@ def test_rank_mode_answers_with_the_readout(served):
     top = recommender.catalogue_top(expected["query"], prepared["history_all"], 20)
     assert prepared["history_ids"] == ["1", "2", "3"]
     assert ids == [recommender.item_ids[i] for i, _ in top]
+    # The catalogue's keys are kept between requests and follow an added item: the kept
+    # ranking equals the readout's own over every item, the new one included.
+    from allmrec.api import NewItem
+    from allmrec.models.readout import TextInputs
+
+    added, _ = recommender.add_item(NewItem(title="Keys Kept", description="A test item"))
+    history = prepared["history_all"]
+    everything = len(recommender.item_ids) - 1 - len(history)
+    kept = recommender.catalogue_top(expected["query"], history, everything)
+    assert recommender.item_index[added.item_id] in [i for i, _ in kept]
+    shown = recommender.q[torch.as_tensor(history[-recommender.config.stage2.max_history :])]
+    text = TextInputs(shown[None], recommender.q, torch.tensor(recommender.counts))
+    with torch.no_grad():
+        fresh = recommender.readout.item_scores(
+            torch.tensor([expected["query"]]), recommender.z, text
+        )[0]
+    assert [s for _, s in kept] == pytest.approx(
+        [float(fresh[i]) for i, _ in kept], rel=1e-5, abs=1e-5
+    )
 
 
 @pytest.mark.slow

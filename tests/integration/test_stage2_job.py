@@ -281,25 +281,34 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(stack_run,
 
     # stage2.keep: best: the modules written are those of the best validation point ...
     # (a point after steps must beat the start by stage2.keep_min_delta; of equal Hit@1 the
-    # point with the fewest trained prompts)
+    # point with the fewest trained prompts), compared by Hit@1 with the users of cold items
+    # weighted as the gate's fit weighted them
     kept = manifest["kept"]
-    start = next(p["valid_hit@1"] for p in curve if p["prompts"] == 0)
+    compared = kept["compared"]
+    assert compared == "valid_weighted_hit@1"
+    start = next(p[compared] for p in curve if p["prompts"] == 0)
     trained = [p for p in curve if p["prompts"] > 0]
-    top = max(p["valid_hit@1"] for p in trained)
+    top = max(p[compared] for p in trained)
     if top - config.stage2.keep_min_delta > start + 1e-9:
-        expected = min(p["prompts"] for p in trained if p["valid_hit@1"] == top)
+        expected = min(p["prompts"] for p in trained if p[compared] == top)
     else:
         expected = 0
     assert kept["keep"] == "best" and kept["prompts"] == expected
     [point] = [p for p in curve if p["prompts"] == kept["prompts"]]
     assert kept["valid_hit@1"] == point["valid_hit@1"]
+    assert kept["compared_value"] == point[compared]
     # ... as scoring them again on the same validation cases shows, for both heads
     from allmrec.llm_evaluation import validation_cases, validation_hits
     from allmrec.training.stage2 import load_trained_stage2
 
     model, inputs = load_trained_stage2(run_dir)
-    hits = validation_hits(model, inputs, validation_cases(inputs, config), config)
+    cases = validation_cases(inputs, config)
+    hits = validation_hits(model, inputs, cases, config)
     assert np.mean(hits["valid_hit@1"]) == pytest.approx(point["valid_hit@1"])
+    from allmrec.training.stage2 import validation_cold_weights
+
+    weights = validation_cold_weights(cases, inputs, manifest["readout_start"])
+    assert np.dot(hits["valid_hit@1"], weights) / weights.sum() == pytest.approx(point[compared])
     assert np.mean(hits["valid_bypass_hit@1"]) == pytest.approx(point["valid_bypass_hit@1"])
     assert (run_dir / "stage2" / "learning_curve.png").stat().st_size > 1000
 
@@ -315,7 +324,8 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(stack_run,
     start_readouts(fresh, inputs, config)
     start = fresh.state_dict()
     gate_keys = [k for k in weights if ".gate." in k]
-    assert len(gate_keys) == 6  # a, b, c of the readout and of the bypass
+    # a, b, c by count and g, h, r by history length, of the readout and of the bypass
+    assert len(gate_keys) == 12
     # the kept weights and those of every Ray checkpoint kept (the latest, after the last
     # step, among them: the kept point may be the start); a refit in this process may differ
     # from the worker's in the last digits (other threads), a trained gate by far more
@@ -342,6 +352,12 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(stack_run,
     assert readout_start["gate_cold_weight"] in config.stage2.gate_cold_weights
     chosen = [r for r in readout_start["gate_cold_weight_table"] if r["path"] == "gate"]
     assert [r["weight"] for r in chosen] == sorted(config.stage2.gate_cold_weights)
+    # one short-history example per gate-fit user (the first items of their sequence), scored
+    # in the choice's table beside the full histories
+    assert readout_start["gate_fit_short_histories"] == readout_start["gate_fit_users"]
+    assert all(r["short"] is not None and "short_gain_low" in r for r in chosen)
+    history_weights = weights["readout.gate.text_by_history"]
+    assert not torch.equal(history_weights, torch.ones_like(history_weights))  # fitted
     content_keys = [k for k in weights if k.startswith("readout.content")]
     assert "readout.content_scale" in content_keys and len(content_keys) > 5
     for key in content_keys:

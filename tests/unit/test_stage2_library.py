@@ -358,3 +358,37 @@ def test_keep_best_gives_a_trained_point_up_to_its_min_delta():
     assert kept(0.03) == 1200
     generate = {"prompts": 0, "valid_likelihood_hit@1": 0.3}  # the generate objective's
     assert keep_score(generate) == 0.3
+
+
+def test_keep_best_compares_cold_items_weighted_as_the_gate_fit():
+    """With the text-aware readout's gate, `keep: best` compares validation Hit@1 with each
+    user of a cold item weighted by the gate's cold weight: a point whose steps gained on
+    warm items and lost the cold ones is not kept over the start, though its Hit@1 over all
+    users alike is higher."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from allmrec.training.stage2 import WEIGHTED_HIT, keep_score, validation_cold_weights
+
+    cold_items = np.zeros(11, dtype=bool)
+    cold_items[[7, 9]] = True
+    inputs = SimpleNamespace(cold_items=cold_items)
+    cases = [SimpleNamespace(candidates=np.array([item, 1, 2])) for item in [7, 9, 3, 4, 5, 6]]
+    weights = validation_cold_weights(cases, inputs, {"gate_cold_weight": 6.0})
+    assert weights.tolist() == [6, 6, 1, 1, 1, 1]
+    assert validation_cold_weights(cases, inputs, {}) is None  # no gate: Hit@1 alone
+
+    def point(prompts, hits):
+        hits = np.array(hits)
+        return {
+            "prompts": prompts,
+            "valid_hit@1": hits.mean(),
+            WEIGHTED_HIT: float(hits @ weights / weights.sum()),
+        }
+
+    start = point(0, [1, 1, 1, 0, 0, 0])  # both cold users right
+    trained = point(500, [0, 1, 1, 1, 1, 0])  # one cold user lost, two warm ones won
+    assert trained["valid_hit@1"] > start["valid_hit@1"] + 0.1
+    assert max([start, trained], key=keep_score)["prompts"] == 0
+    assert keep_score({"prompts": 0, "valid_hit@1": 0.4}) == 0.4  # recorded before it
