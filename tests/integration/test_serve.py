@@ -392,7 +392,8 @@ def test_llm_replicas_scale_up_survive_a_kill_under_load_and_scale_back(served):
     def retried() -> int:
         return requests.get(f"{URL}/readyz", timeout=10).json()["retried_calls"]
 
-    assert _replicas("LLM") == {"RUNNING": 1}
+    # at rest first: the earlier tests' requests can leave an upscale decision in flight
+    _wait_for(lambda: _replicas("LLM") == {"RUNNING": 1}, 90, "the LLM deployment at rest")
     before = retried()
     stop, results = threading.Event(), []
     with ThreadPoolExecutor(8) as pool:
