@@ -307,8 +307,9 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(stack_run,
     assert np.mean(hits["valid_hit@1"]) == pytest.approx(point["valid_hit@1"])
     from allmrec.training.stage2 import validation_cold_weights
 
-    weights = validation_cold_weights(cases, inputs, manifest["readout_start"])
-    assert np.dot(hits["valid_hit@1"], weights) / weights.sum() == pytest.approx(point[compared])
+    cold_weights = validation_cold_weights(cases, inputs, manifest["readout_start"])
+    weighted = np.dot(hits["valid_hit@1"], cold_weights) / cold_weights.sum()
+    assert weighted == pytest.approx(point[compared])
     assert np.mean(hits["valid_bypass_hit@1"]) == pytest.approx(point["valid_bypass_hit@1"])
     assert (run_dir / "stage2" / "learning_curve.png").stat().st_size > 1000
 
