@@ -45,7 +45,7 @@ from allmrec.models.readout import CountGate, TextInputs, history_lengths
 from allmrec.training.stage2 import (
     eval_cases,
     example_weights,
-    gate_examples,
+    gate_fit_examples,
     gate_fit_users,
     load_trained_stage2,
     top1_hits,
@@ -156,10 +156,8 @@ def validation_examples(readout, inputs, config: Config, short: bool = True) -> 
     """The gate's own examples: every gate-fit user's validation item, and (`short`, where
     the config has `gate_short_histories`) one short-history example per user."""
     users = gate_fit_users(inputs, config)
-    ex = gate_examples(readout, inputs, config, users)
-    if short and config.stage2.gate_short_histories:
-        ex = ex.joined(gate_examples(readout, inputs, config, users, short=True))
-        users = np.concatenate([users, users])
+    ex = gate_fit_examples(readout, inputs, config, users, short)
+    users = np.resize(users, len(ex.cf))  # a short-history example per user after the others
     return labelled(
         inputs, users, ex.candidates, ex.cf, ex.text, ex.counts, ex.history_len, ex.short.numpy()
     )

@@ -413,12 +413,13 @@ def start_readouts(
                 progress=progress,
             )
             readout.content_scale.fill_(1.0)
-        examples = gate_examples(readout, inputs, config, users)
+        examples = gate_fit_examples(readout, inputs, config, users)  # at sigma = 1
         if readout.text_path == "content":
-            out["content_scale"] = readout.set_content_scale(examples.text, examples.cosine)
-        if cfg.gate_short_histories:
-            examples = examples.joined(gate_examples(readout, inputs, config, users, short=True))
-        if readout.text_path == "content":  # the readout's scores from now on
+            full = ~examples.short  # sigma matches the cosine's spread on full histories
+            out["content_scale"] = readout.set_content_scale(
+                examples.text[full], examples.cosine[full]
+            )
+            # the readout's scores from now on, for every example alike
             examples = examples._replace(text=examples.text / out["content_scale"])
         true = examples.candidates[:, 0]
         cold = torch.as_tensor(np.asarray(inputs.cold_items, dtype=bool))[true]
@@ -651,6 +652,18 @@ def gate_examples(
         history_lengths(text.history),
         torch.full((len(users),), short),
     )
+
+
+def gate_fit_examples(
+    readout, inputs: Stage2Inputs, config: Config, users: np.ndarray, short: bool = True
+) -> GateExamples:
+    """The examples the gate is fitted on, all drawn at the readout's present scale: each
+    user's (`gate_examples`) and, with `short` and `stage2.gate_short_histories`, one more
+    of a short history each."""
+    examples = gate_examples(readout, inputs, config, users)
+    if short and config.stage2.gate_short_histories:
+        examples = examples.joined(gate_examples(readout, inputs, config, users, short=True))
+    return examples
 
 
 def llm_dtype(config: Config) -> torch.dtype:

@@ -324,6 +324,27 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(stack_run,
     fresh = build_stage2_model(config, inputs.d_cf, inputs.d_joint, d_text=inputs.d_text)
     start_readouts(fresh, inputs, config)
     start = fresh.state_dict()
+    # ... on the readout's own scores: the examples drawn again from the started readout (full
+    # and short histories, at its content scale) fit the same gate again
+    from allmrec.models.readout import CountGate
+    from allmrec.training.stage2 import example_weights, gate_fit_examples, gate_fit_users
+
+    readout = fresh.readout
+    assert abs(manifest["readout_start"]["content_scale"] - 1) > 0.05  # a scale to get wrong
+    examples = gate_fit_examples(readout, inputs, config, gate_fit_users(inputs, config))
+    assert examples.short.any()
+    cold = torch.as_tensor(np.asarray(inputs.cold_items, dtype=bool))[examples.candidates[:, 0]]
+    fitted = {k: v.clone() for k, v in readout.gate.state_dict().items()}
+    readout.gate.load_state_dict(CountGate().state_dict())
+    readout.fit_gate(
+        examples.cf,
+        examples.text,
+        examples.counts,
+        examples.history_len,
+        example_weights(cold, examples.short, manifest["readout_start"]["gate_cold_weight"]),
+    )
+    for key, value in readout.gate.state_dict().items():
+        assert torch.allclose(value, fitted[key], rtol=1e-4, atol=1e-5), key
     gate_keys = [k for k in weights if ".gate." in k]
     # a, b, c by count and g, h, r by history length, of the readout and of the bypass
     assert len(gate_keys) == 12
