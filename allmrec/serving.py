@@ -187,13 +187,11 @@ class StackRecommender:
         user_item readouts' score of `query`; the history left out."""
         with self.lock:
             keys, text_keys, counts = self._catalogue_keys()
-        query = torch.tensor([query])
-        scores, text_scores = self.readout.key_scores(query, keys, text_keys)
-        if text_scores is not None:
-            max_history = self.config.stage2.max_history
-            shown = min(len(history), max_history) if max_history else 0
-            scores = self.readout.gated(scores, text_scores, counts[None, :], torch.tensor([shown]))
-        scores = scores[0]
+        max_history = self.config.stage2.max_history
+        shown = min(len(history), max_history) if max_history else 0  # the prompt's history
+        scores = self.readout.catalogue_scores(
+            torch.tensor([query]), keys, text_keys, counts, torch.tensor([shown])
+        )[0]
         scores[0] = -torch.inf
         scores[torch.as_tensor(history, dtype=torch.long)] = -torch.inf
         top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))

@@ -52,6 +52,7 @@ from allmrec.training.stage2 import (
     Stage2Inputs,
     build_stage2_model,
     keep_score,
+    kept_key,
     kept_metric,
     llm_dtype,
     load_stage2_inputs,
@@ -421,10 +422,8 @@ def _write_stage2(stage_dir: Path, config: Config, trained, num_users: int) -> d
             kept={
                 "keep": cfg.keep,
                 "prompts": kept_prompts,
-                "valid_hit@1": kept_point.get(
-                    "valid_hit@1", kept_point.get("valid_likelihood_hit@1")
-                ),
-                "compared": WEIGHTED_HIT if WEIGHTED_HIT in kept_point else "valid_hit@1",
+                "valid_hit@1": kept_point.get(kept_key(kept_point, weighted=False)),
+                "compared": kept_key(kept_point),
                 "compared_value": kept_metric(kept_point),
                 "min_delta": cfg.keep_min_delta,
             },

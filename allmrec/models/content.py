@@ -35,6 +35,12 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 
+def present_rows(history: Tensor) -> Tensor:
+    """Which rows of a right-aligned history [B, H, d] hold an item (the others are zero
+    padding), [B, H] bool."""
+    return history.abs().sum(-1) > 0
+
+
 class UserTower(nn.Module):
     """c_u from the f of a user's history: the recency-weighted mean and an MLP of it."""
 
@@ -75,8 +81,7 @@ class ContentTower(nn.Module):
 
     def users(self, history_q: Tensor) -> Tensor:
         """c_u [B, d] from the history's q [B, H, d_text], right-aligned, zero rows absent."""
-        present = history_q.abs().sum(-1) > 0
-        return self.user_tower(self.items(history_q), present)
+        return self.user_tower(self.items(history_q), present_rows(history_q))
 
 
 def transitions(sequences: Sequence[np.ndarray], window: int) -> tuple[Tensor, Tensor]:

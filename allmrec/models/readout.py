@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from allmrec.models.content import ContentTower
+from allmrec.models.content import ContentTower, present_rows
 
 READOUTS = ("candidate", "user_item", "user_item_text")
 TEXT_PATHS = ("cosine", "content")
@@ -79,7 +79,7 @@ def count_bucket(counts: Tensor, buckets: int = COUNT_BUCKETS) -> Tensor:
 def history_lengths(history: Tensor) -> Tensor:
     """The number of history items of each row of `TextInputs.history` [B, H, d] (its
     present, non-zero rows), [B]."""
-    return (history.abs().sum(-1) > 0).sum(1)
+    return present_rows(history).sum(1)
 
 
 class TextInputs(NamedTuple):
@@ -96,7 +96,7 @@ def mean_unit(history: Tensor) -> Tensor:
     """The mean of the unit q_j of each row's history [B, H, d] (zero rows absent; zeros for
     an empty history): the cosine path's text query before the LLM's correction."""
     unit = F.normalize(history, dim=-1)  # zero rows stay zero
-    present = (history.abs().sum(-1) > 0).sum(1, keepdim=True)
+    present = history_lengths(history)[:, None]
     return unit.sum(1) / present.clamp_min(1).to(unit.dtype)
 
 
@@ -353,11 +353,31 @@ class RankReadout(nn.Module):
 
     def item_scores(self, query: Tensor, z: Tensor, text: TextInputs | None = None) -> Tensor:
         """Scores of any items by the query of `user_query` (shapes as `path_scores`)."""
-        cf, cosine = self.path_scores(query, z, text)
-        if cosine is None:
+        lengths = history_lengths(text.history) if self.reads_text else None
+        if z.dim() == 2:
+            keys = self.catalogue_keys(z, text.items if self.reads_text else None)
+            counts = text.counts if self.reads_text else None
+            return self.catalogue_scores(query, *keys, counts, lengths)
+        cf, text_scores = self.path_scores(query, z, text)
+        if text_scores is None:
             return cf
-        counts = text.counts if z.dim() == 3 else text.counts[None, :]
-        return self.gated(cf, cosine, counts.to(cf.device), history_lengths(text.history))
+        return self.gated(cf, text_scores, text.counts.to(cf.device), lengths)
+
+    def catalogue_scores(
+        self,
+        query: Tensor,
+        keys: Tensor,
+        text_keys: Tensor | None = None,
+        counts: Tensor | None = None,
+        history_len: Tensor | None = None,
+    ) -> Tensor:
+        """`item_scores` [B, N] of the same N items for every row, from their
+        `catalogue_keys`, for `user_item_text` also their counts [N] and each row's history
+        length [B]."""
+        cf, text_scores = self.key_scores(query, keys, text_keys)
+        if text_scores is None:
+            return cf
+        return self.gated(cf, text_scores, counts[None, :].to(cf.device), history_len)
 
     def forward(
         self,

@@ -754,13 +754,18 @@ def kept_metric(point: dict) -> float | None:
     users alike; this comparison kept it too, its 200 validation users holding 12 cold-item
     users), else the readout's (rank objective) or the likelihood ranking's (generate
     objective)."""
-    for key in (WEIGHTED_HIT, "valid_hit@1", "valid_likelihood_hit@1"):
-        if key in point:
-            return point[key]
-    return None
+    key = kept_key(point)
+    return None if key is None else point[key]
 
 
 WEIGHTED_HIT = "valid_weighted_hit@1"
+
+
+def kept_key(point: dict, weighted: bool = True) -> str | None:
+    """The key of `kept_metric` in a validation point (`weighted` False: the Hit@1 over every
+    user alike, the readout's or the likelihood ranking's)."""
+    keys = (WEIGHTED_HIT,) * weighted + ("valid_hit@1", "valid_likelihood_hit@1")
+    return next((key for key in keys if key in point), None)
 
 
 def validation_cold_weights(cases, inputs: Stage2Inputs, readout_start: dict) -> np.ndarray | None:
