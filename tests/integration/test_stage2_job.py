@@ -336,6 +336,7 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(stack_run,
     cold = torch.as_tensor(np.asarray(inputs.cold_items, dtype=bool))[examples.candidates[:, 0]]
     fitted = {k: v.clone() for k, v in readout.gate.state_dict().items()}
     readout.gate.load_state_dict(CountGate().state_dict())
+    readout.gate.requires_grad_(True)  # frozen after its fit (stage2.gate_trainable false)
     readout.fit_gate(
         examples.cf,
         examples.text,
@@ -345,6 +346,8 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(stack_run,
     )
     for key, value in readout.gate.state_dict().items():
         assert torch.allclose(value, fitted[key], rtol=1e-4, atol=1e-5), key
+    readout.gate.load_state_dict(fitted)  # `start` below holds these very tensors
+    readout.gate.requires_grad_(False)
     gate_keys = [k for k in weights if ".gate." in k]
     # a, b, c by count and g, h, r by history length, of the readout and of the bypass
     assert len(gate_keys) == 12
