@@ -309,10 +309,11 @@ VALIDATION_KEYS = {
 
 def validation_cases(inputs: Stage2Inputs, config: Config) -> list[EvalCase]:
     """A seeded sample of `stage2.validation_users` valid-split users with the evaluator's
-    seeded candidates."""
-    from allmrec.training.stage2 import eval_cases, validation_users
+    seeded candidates, then those of the cold-item users beyond it
+    (`stage2.validation_cold_users`; `validation_weights` tells them apart)."""
+    from allmrec.training.stage2 import eval_cases, validation_cold_users, validation_users
 
-    users = validation_users(inputs, config)
+    users = np.r_[validation_users(inputs, config), validation_cold_users(inputs, config)]
     return eval_cases(users, inputs, "valid", config.stage2.num_negatives, config.seed)
 
 

@@ -57,9 +57,11 @@ from allmrec.training.stage2 import (
     llm_dtype,
     load_stage2_inputs,
     start_readouts,
+    target_cold_weight,
     training_examples,
     training_targets,
-    validation_cold_weights,
+    validation_users,
+    validation_weights,
 )
 from allmrec.training.zero import deepspeed_config, full_state_dict, local_share, memory_stats
 
@@ -83,9 +85,12 @@ class _Worker:
     state: dict
     llm_share: float = 1.0  # of the frozen LLM's parameter elements this worker holds
     validation: list[EvalCase] = field(default_factory=list)  # this worker's share, padded
-    validation_weights: np.ndarray | None = None  # 0 for the padding cases
-    # the same, a cold item's case weighted as the gate's fit (`WEIGHTED_HIT`), or None
+    # `validation_weights`, 0 for the padding cases: the sample's (`valid_hit@1`), the cold
+    # items' (`valid_cold_hit@1`) and the weighted comparison's (`WEIGHTED_HIT`, or None)
+    validation_weights: np.ndarray | None = None
+    cold_validation: np.ndarray | None = None
     weighted_validation: np.ndarray | None = None
+    cold_target_weight: float = 1.0  # a cold training target's weight in the rank loss
     marker_dir: str = ""  # where the test hook's failure markers go
 
     def save(self, metrics: dict) -> None:
@@ -122,17 +127,19 @@ class _Worker:
         keys = sorted(hits)
         weights = self.validation_weights
         sums = [float(np.dot(hits[k], weights)) for k in keys] + [float(weights.sum())]
-        weighted = self.weighted_validation is not None and "valid_hit@1" in hits
-        if weighted:
-            sums += [
-                float(np.dot(hits["valid_hit@1"], self.weighted_validation)),
-                float(self.weighted_validation.sum()),
-            ]
+        by_weights = {}  # the readout's Hit@1 weighted otherwise
+        if "valid_hit@1" in hits and self.weighted_validation is not None:
+            by_weights = {"valid_cold_hit@1": self.cold_validation}
+            by_weights[WEIGHTED_HIT] = self.weighted_validation
+        for case_weights in by_weights.values():
+            sums += [float(np.dot(hits["valid_hit@1"], case_weights)), float(case_weights.sum())]
         totals = all_reduce_sum(sums)
         point = {"prompts": self.state["prompts"]}
         point |= {k: totals[i] / totals[len(keys)] for i, k in enumerate(keys)}
-        if weighted:
-            point[WEIGHTED_HIT] = totals[-2] / totals[-1]
+        at = len(keys) + 1
+        for i, name in enumerate(by_weights):
+            if totals[at + 2 * i + 1]:  # no cold-item case: no cold Hit@1
+                point[name] = totals[at + 2 * i] / totals[at + 2 * i + 1]
         point["validation_seconds"] = time.perf_counter() - started
         self.state["curve"].append(point)
         return point
@@ -141,7 +148,7 @@ class _Worker:
         """One optimizer step on `pairs`: [loss, bypass loss, 1 step, prompts, tokens]."""
         # a generator per step: a resumed epoch draws the same negatives and orders
         rng = np.random.default_rng([self.config.seed, epoch, self.rank, step])
-        examples = training_examples(pairs, self.inputs, self.config, rng)
+        examples = training_examples(pairs, self.inputs, self.config, rng, self.cold_target_weight)
         batch = self.model.collate(examples).to(self.device)
         losses = self.engine(batch)
         self.engine.backward(losses["loss"])
@@ -270,17 +277,24 @@ def _set_up(loop_config: dict) -> _Worker:
         state.setdefault("resumed_from", []).append([state["epoch"], state["step"]])
         say("stage2", f"rank {rank}: resumed after epoch {state['epoch']}, step {state['step']}")
     worker = _Worker(config, engine, model, inputs, rank, world, device, state, llm_share)
+    readout_start = state.get("readout_start", fit_errors)
+    worker.cold_target_weight = target_cold_weight(config, readout_start)
     cases = validation_cases(inputs, config)
+    weights = validation_weights(
+        cases, len(validation_users(inputs, config)), inputs, readout_start
+    )
     share = math.ceil(len(cases) / world)
     mine = cases[rank::world]
+    padding = np.zeros(share - len(mine))
+
+    def my_share(case_weights: np.ndarray | None) -> np.ndarray | None:
+        return None if case_weights is None else np.r_[case_weights[rank::world], padding]
+
     # Equal shares (ZeRO-3 forwards are collective): pad with the first case, weight 0.
     worker.validation = mine + mine[:1] * (share - len(mine))
-    worker.validation_weights = np.r_[np.ones(len(mine)), np.zeros(share - len(mine))]
-    cold_weights = validation_cold_weights(
-        worker.validation, inputs, state.get("readout_start", fit_errors)
-    )
-    if cold_weights is not None:
-        worker.weighted_validation = worker.validation_weights * cold_weights
+    worker.validation_weights = my_share(weights.sample)
+    worker.cold_validation = my_share(weights.cold)
+    worker.weighted_validation = my_share(weights.weighted)
     return worker
 
 

@@ -84,6 +84,7 @@ class Stage2Example(NamedTuple):
     # the `user_item_text` readout's: q_i and the training interactions n_i by item id
     item_text: Mapping[int, Tensor] | Tensor | None = None
     item_counts: Mapping[int, int] | Tensor | None = None
+    weight: float = 1.0  # in the rank objective's loss (`stage2.cold_target_weight`)
 
 
 @dataclass
@@ -97,6 +98,7 @@ class Stage2Batch:
     candidate_mask: Tensor  # [B, C], False where a row has fewer candidates than C
     targets: Tensor | None = None  # [B], the true item's index among the row's candidates
     text: TextInputs | None = None  # the candidates' text, when the examples carry it
+    weights: Tensor | None = None  # [B], each row's weight in the rank loss; None: all 1
 
     def to(self, device: torch.device | str) -> Stage2Batch:
         moved = {}
@@ -226,6 +228,9 @@ def collate_stage2(
         targets = torch.tensor(
             [e.prompt.candidate_items.index(e.target_item) for e in examples], dtype=torch.long
         )
+    weights = None
+    if any(e.weight != 1 for e in examples):
+        weights = torch.tensor([float(e.weight) for e in examples])
     return Stage2Batch(
         input_ids,
         attention_mask,
@@ -236,6 +241,7 @@ def collate_stage2(
         candidate_mask,
         targets,
         _text_inputs(examples, candidate_mask.shape[1]),
+        weights,
     )
 
 
@@ -441,9 +447,9 @@ class ALLMRecLM(nn.Module):
             return {"loss": self.training_loss(batch)}
         if batch.targets is None:
             raise ValueError("the rank objective needs targets: collate examples with target_item")
-        losses = {"rank": listwise_loss(self.candidate_scores(batch), batch.targets)}
+        losses = {"rank": listwise_loss(self.candidate_scores(batch), batch.targets, batch.weights)}
         if self.bypass is not None:
-            losses["bypass"] = listwise_loss(self.bypass(batch), batch.targets)
+            losses["bypass"] = listwise_loss(self.bypass(batch), batch.targets, batch.weights)
         losses["loss"] = sum(losses.values())
         return losses
 

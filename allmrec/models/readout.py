@@ -107,17 +107,24 @@ def text_cosine(history: Tensor, items: Tensor) -> Tensor:
     return torch.einsum("bd,bcd->bc", t, F.normalize(items.to(t.dtype), dim=-1))
 
 
-def listwise_loss(scores: Tensor, targets: Tensor) -> Tensor:
+def listwise_loss(scores: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor:
     """Cross-entropy over each row's candidates; -inf scores (padding) take no mass.
 
-    `scores` [B, C], `targets` [B]: the index of the true item among the row's candidates.
+    `scores` [B, C], `targets` [B]: the index of the true item among the row's candidates;
+    `weights` [B] (None: all 1): the weighted mean of the rows' losses.
     """
     if scores.dim() != 2 or targets.shape != scores.shape[:1]:
         raise ValueError(
             f"listwise_loss: scores {tuple(scores.shape)}, targets {tuple(targets.shape)}: "
             "expected [B, C] and [B]"
         )
-    return F.cross_entropy(scores.float(), targets)
+    if weights is None:
+        return F.cross_entropy(scores.float(), targets)
+    if weights.shape != targets.shape:
+        raise ValueError(f"listwise_loss: weights {tuple(weights.shape)} for {len(targets)} rows")
+    rows = F.cross_entropy(scores.float(), targets, reduction="none")
+    weights = weights.to(rows)
+    return (rows * weights).sum() / weights.sum()
 
 
 def _head(d_in: int, d_out: int) -> nn.Sequential:

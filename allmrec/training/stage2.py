@@ -229,10 +229,12 @@ def training_examples(
     inputs: Stage2Inputs,
     config: Config,
     rng: np.random.Generator,
+    cold_weight: float = 1.0,
 ) -> list[Stage2Example]:
     """An example per (user, cut): history train[:cut], target train[cut] and 19 negatives the
     user never interacted with, shuffled; the target as a title (`generate`) or an item
-    (`rank`)."""
+    (`rank`, weighted `cold_weight` in the loss where the item is cold:
+    `target_cold_weight`)."""
     cfg = config.stage2
     data = inputs.data
     users = np.array([u for u, _ in pairs], dtype=np.int64)
@@ -260,6 +262,7 @@ def training_examples(
                     target_item=target,
                     item_text=inputs.q,
                     item_counts=inputs.counts,
+                    weight=cold_weight if inputs.cold_items[target] else 1.0,
                 )
             )
         else:
@@ -556,6 +559,7 @@ def gate_fit_users(inputs: Stage2Inputs, config: Config) -> np.ndarray:
     if not config.stage2.gate_trainable:
         return data.eval_users("valid")
     curve = set(validation_users(inputs, config).tolist())
+    curve |= set(validation_cold_users(inputs, config).tolist())
     users = np.array([u for u in data.eval_users("valid") if u not in curve], dtype=np.int64)
     return users if len(users) >= 50 else data.eval_users("valid")
 
@@ -567,6 +571,29 @@ def validation_users(inputs: Stage2Inputs, config: Config) -> np.ndarray:
     return seeded_users(
         inputs.data.eval_users("valid"), config.stage2.validation_users, config.seed
     )
+
+
+def validation_cold_users(inputs: Stage2Inputs, config: Config) -> np.ndarray:
+    """The curve's cold-item users beyond its sample (`stage2.validation_cold_users`, the
+    text-aware readout's only): seeded valid-split users outside `validation_users` whose
+    validation item is cold."""
+    from allmrec.data.prepared import seeded_users
+
+    if config.stage2.readout != "user_item_text" or not config.stage2.validation_cold_users:
+        return np.zeros(0, dtype=np.int64)
+    users = inputs.data.eval_users("valid")
+    sampled = validation_users(inputs, config)
+    cold = np.asarray(inputs.cold_items, dtype=bool)[inputs.data.valid[users]]
+    outside = users[cold & ~np.isin(users, sampled)]
+    return seeded_users(outside, config.stage2.validation_cold_users, config.seed + 1)
+
+
+def valid_cold_share(inputs: Stage2Inputs) -> float:
+    """The share of the valid-split users whose validation item is cold."""
+    users = inputs.data.eval_users("valid")
+    if not len(users):
+        return 0.0
+    return float(np.asarray(inputs.cold_items, dtype=bool)[inputs.data.valid[users]].mean())
 
 
 class GateExamples(NamedTuple):
@@ -768,15 +795,46 @@ def kept_key(point: dict, weighted: bool = True) -> str | None:
     return next((key for key in keys if key in point), None)
 
 
-def validation_cold_weights(cases, inputs: Stage2Inputs, readout_start: dict) -> np.ndarray | None:
-    """Each validation case's weight in `WEIGHTED_HIT`: the gate's cold weight
-    (`readout_start["gate_cold_weight"]`) where its true item is cold, else 1; None where
-    the readout has no gate."""
+class ValidationWeights(NamedTuple):
+    """Each validation case's weight in the curve's metrics (`validation_weights`)."""
+
+    sample: np.ndarray  # `valid_hit@1`: 1 for the seeded sample's cases, 0 for the others
+    cold: np.ndarray  # `valid_cold_hit@1`: 1 where the true item is cold
+    weighted: np.ndarray | None  # `WEIGHTED_HIT`'s, None without a gate
+
+
+def validation_weights(
+    cases, sampled: int, inputs: Stage2Inputs, readout_start: dict
+) -> ValidationWeights:
+    """The weights of `cases`, the first `sampled` of them the seeded sample
+    (`validation_users`), the rest cold-item users beyond it (`validation_cold_users`).
+
+    `WEIGHTED_HIT` estimates the Hit@1 of all valid-split users with each cold-item user
+    weighted w, the gate's cold weight (`readout_start["gate_cold_weight"]`): the sample's
+    other users at their share 1 - p of the valid-split users, every cold-item case
+    (sample's and beyond) at w p, p the share with a cold item (`valid_cold_share`)."""
+    cold_items = np.asarray(inputs.cold_items, dtype=bool)
+    cold = np.array([cold_items[int(c.candidates[0])] for c in cases], dtype=float)
+    sample = (np.arange(len(cases)) < sampled).astype(float)
     if "gate_cold_weight" not in readout_start:
-        return None
-    cold = np.asarray(inputs.cold_items, dtype=bool)
-    weight = float(readout_start["gate_cold_weight"])
-    return np.array([weight if cold[int(c.candidates[0])] else 1.0 for c in cases])
+        return ValidationWeights(sample, cold, None)
+    w, p = float(readout_start["gate_cold_weight"]), valid_cold_share(inputs)
+    others = sample * (1 - cold)
+    weighted = np.zeros(len(cases))
+    if others.sum():
+        weighted += others * (1 - p) / others.sum()
+    if cold.sum():
+        weighted += cold * w * p / cold.sum()
+    return ValidationWeights(sample, cold, weighted)
+
+
+def target_cold_weight(config: Config, readout_start: dict) -> float:
+    """A cold training target's weight in the rank loss (`stage2.cold_target_weight`; 'gate':
+    the gate's cold weight, 1 for a readout without a gate)."""
+    weight = config.stage2.cold_target_weight
+    if weight == "gate":
+        return float(readout_start.get("gate_cold_weight", 1.0))
+    return float(weight)
 
 
 def _trained_config(manifest: dict, device: str) -> Config:

@@ -155,6 +155,7 @@ STACK_SETTINGS = (
     "stage2.batch_size=2",
     "stage2.validate_every_steps=2",
     "stage2.validation_users=4",
+    "stage2.validation_cold_users=4",
     "stage2.scaling.num_workers=2",
     "stage2.scaling.cpus_per_worker=1",
     "stage2.zero_stage=3",

@@ -302,15 +302,28 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(stack_run,
     from allmrec.training.stage2 import load_trained_stage2
 
     model, inputs = load_trained_stage2(run_dir)
-    cases = validation_cases(inputs, config)
-    hits = validation_hits(model, inputs, cases, config)
-    assert np.mean(hits["valid_hit@1"]) == pytest.approx(point["valid_hit@1"])
-    from allmrec.training.stage2 import validation_cold_weights
+    from allmrec.training.stage2 import (
+        validation_cold_users,
+        validation_users,
+        validation_weights,
+    )
 
-    cold_weights = validation_cold_weights(cases, inputs, manifest["readout_start"])
-    weighted = np.dot(hits["valid_hit@1"], cold_weights) / cold_weights.sum()
+    cases = validation_cases(inputs, config)
+    sampled = len(validation_users(inputs, config))
+    hits = validation_hits(model, inputs, cases, config)
+    assert np.mean(hits["valid_hit@1"][:sampled]) == pytest.approx(point["valid_hit@1"])
+    assert np.mean(hits["valid_bypass_hit@1"][:sampled]) == pytest.approx(
+        point["valid_bypass_hit@1"]
+    )
+    # the cold-item users beyond the sample: every one cold, none of the sample
+    beyond = validation_cold_users(inputs, config)
+    assert len(beyond) > 0 and not np.isin(beyond, validation_users(inputs, config)).any()
+    weights = validation_weights(cases, sampled, inputs, manifest["readout_start"])
+    assert weights.cold[sampled:].all()
+    cold = weights.cold.astype(bool)
+    assert np.mean(hits["valid_hit@1"][cold]) == pytest.approx(point["valid_cold_hit@1"])
+    weighted = np.dot(hits["valid_hit@1"], weights.weighted) / weights.weighted.sum()
     assert weighted == pytest.approx(point[compared])
-    assert np.mean(hits["valid_bypass_hit@1"]) == pytest.approx(point["valid_bypass_hit@1"])
     assert (run_dir / "stage2" / "learning_curve.png").stat().st_size > 1000
 
     # The gate (the readout's weights by interaction count) is fitted before any step on

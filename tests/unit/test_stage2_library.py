@@ -362,33 +362,65 @@ def test_keep_best_gives_a_trained_point_up_to_its_min_delta():
 
 def test_keep_best_compares_cold_items_weighted_as_the_gate_fit():
     """With the text-aware readout's gate, `keep: best` compares validation Hit@1 with each
-    user of a cold item weighted by the gate's cold weight: a point whose steps gained on
-    warm items and lost the cold ones is not kept over the start, though its Hit@1 over all
-    users alike is higher."""
+    user of a cold item weighted by the gate's cold weight, the cold-item users beyond the
+    sample included at their share of all validation users: a point whose steps gained on
+    warm items and lost cold ones is not kept over the start, though its Hit@1 over the
+    sample is higher."""
     from types import SimpleNamespace
 
     import numpy as np
 
-    from allmrec.training.stage2 import WEIGHTED_HIT, keep_score, validation_cold_weights
+    from allmrec.training.stage2 import WEIGHTED_HIT, keep_score, validation_weights
 
     cold_items = np.zeros(11, dtype=bool)
     cold_items[[7, 9]] = True
-    inputs = SimpleNamespace(cold_items=cold_items)
+    valid = np.array([0, 7, 9, 3, 4, 5, 6, 1, 2, 3, 4])  # users 1-10: 2 of 10 cold, p = 0.2
+    data = SimpleNamespace(valid=valid, eval_users=lambda split: np.arange(1, 11))
+    inputs = SimpleNamespace(cold_items=cold_items, data=data)
+    # the sample's six cases, then two cold-item users beyond it
     cases = [SimpleNamespace(candidates=np.array([item, 1, 2])) for item in [7, 9, 3, 4, 5, 6]]
-    weights = validation_cold_weights(cases, inputs, {"gate_cold_weight": 6.0})
-    assert weights.tolist() == [6, 6, 1, 1, 1, 1]
-    assert validation_cold_weights(cases, inputs, {}) is None  # no gate: Hit@1 alone
+    cases += [SimpleNamespace(candidates=np.array([item, 1, 2])) for item in [9, 7]]
+    weights = validation_weights(cases, 6, inputs, {"gate_cold_weight": 6.0})
+    assert weights.sample.tolist() == [1, 1, 1, 1, 1, 1, 0, 0]
+    assert weights.cold.tolist() == [1, 1, 0, 0, 0, 0, 1, 1]
+    # the others at 1 - p = 0.8 over their 4 cases, the 4 cold ones at w p = 1.2 over them
+    assert weights.weighted == pytest.approx([0.3, 0.3, 0.2, 0.2, 0.2, 0.2, 0.3, 0.3])
+    assert validation_weights(cases, 6, inputs, {}).weighted is None  # no gate: Hit@1 alone
 
     def point(prompts, hits):
         hits = np.array(hits)
         return {
             "prompts": prompts,
-            "valid_hit@1": hits.mean(),
-            WEIGHTED_HIT: float(hits @ weights / weights.sum()),
+            "valid_hit@1": hits[:6].mean(),
+            WEIGHTED_HIT: float(hits @ weights.weighted / weights.weighted.sum()),
         }
 
-    start = point(0, [1, 1, 1, 0, 0, 0])  # both cold users right
-    trained = point(500, [0, 1, 1, 1, 1, 0])  # one cold user lost, two warm ones won
+    start = point(0, [1, 1, 1, 0, 0, 0, 1, 1])  # every cold user right
+    trained = point(500, [0, 1, 1, 1, 1, 0, 0, 1])  # two cold users lost, two others won
     assert trained["valid_hit@1"] > start["valid_hit@1"] + 0.1
+    assert start[WEIGHTED_HIT] == pytest.approx(0.7) and trained[WEIGHTED_HIT] == pytest.approx(0.6)
     assert max([start, trained], key=keep_score)["prompts"] == 0
     assert keep_score({"prompts": 0, "valid_hit@1": 0.4}) == 0.4  # recorded before it
+
+
+def test_the_rank_loss_weighs_cold_targets_as_the_gate():
+    """`stage2.cold_target_weight`: the rank loss is the rows' mean weighted by each
+    example's weight, a cold target's the gate's cold weight by default."""
+    from allmrec.config import load_config
+    from allmrec.models.readout import listwise_loss
+    from allmrec.training.stage2 import target_cold_weight
+
+    scores = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0]])
+    targets = torch.tensor([0, 1])
+    rows = torch.nn.functional.cross_entropy(scores, targets, reduction="none")
+    weighted = listwise_loss(scores, targets, torch.tensor([1.0, 6.0]))
+    assert float(weighted) == pytest.approx(float(rows[0] + 6 * rows[1]) / 7, rel=1e-6)
+    same = listwise_loss(scores, targets, torch.tensor([3.0, 3.0]))
+    assert float(same) == pytest.approx(float(listwise_loss(scores, targets)), rel=1e-6)
+    with pytest.raises(ValueError, match="weights"):
+        listwise_loss(scores, targets, torch.ones(3))
+    config = load_config([], [])
+    assert target_cold_weight(config, {"gate_cold_weight": 6.0}) == 6.0
+    assert target_cold_weight(config, {}) == 1.0  # no gate
+    fixed = load_config([], ["stage2.cold_target_weight=1"])
+    assert target_cold_weight(fixed, {"gate_cold_weight": 6.0}) == 1.0
