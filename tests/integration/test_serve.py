@@ -494,7 +494,9 @@ def test_concurrent_adds_and_reads_keep_every_item_its_own(served):
     """Concurrent `POST /items`, `GET /items/{id}` and `POST /recommend` over real HTTP, two
     recommender replicas: every answer is about its own request's item; every added item keeps
     its own id, title and embedding (enc_T of its own text) on every replica; the catalogue
-    holds exactly the items added, none lost or twice; a retried add is answered as such."""
+    holds exactly the items added, none lost or twice; a retried add is answered as such;
+    requests that rank the whole catalogue while it grows (its readout keys kept until an
+    add) answer with items of the catalogue, as many as asked."""
     import torch
     from ray import serve
 
@@ -502,6 +504,7 @@ def test_concurrent_adds_and_reads_keep_every_item_its_own(served):
     titles = [f"Concurrent Film {n:02d}" for n in range(n_items)]
     answers: dict[int, requests.Response] = {}
     reads: list[tuple[str, str, requests.Response]] = []
+    wholes: list[requests.Response] = []  # the whole catalogue ranked during the adds
 
     def add(n: int) -> None:
         answers[n] = _post("/items", {"title": titles[n], "description": f"plot number {n}"})
@@ -514,6 +517,7 @@ def test_concurrent_adds_and_reads_keep_every_item_its_own(served):
                 "/recommend", {"history": ["1", "2"], "candidates": [item_id, "50"], "k": 2}
             )
             reads.append((item_id, titles[n], ranked))
+        wholes.append(_post("/recommend", {"history": ["1", "2"], "k": 5}))
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(add, range(n_items)))
@@ -532,6 +536,16 @@ def test_concurrent_adds_and_reads_keep_every_item_its_own(served):
             assert named.get(item_id) == title, (item_id, title, body["items"])
         else:
             assert (body["item_id"], body["title"]) == (item_id, title)
+
+    known = set(ids.values())
+    for response in wholes:
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["candidates_from"] == "catalogue" and len(body["items"]) == 5, body
+        for item in body["items"]:  # a catalogue item, or one added here under its title
+            assert item["item_id"] not in ("1", "2"), body  # the history is left out
+            if item["item_id"] in known:
+                assert item["title"] in titles, item
 
     # Every replica: the same added items, each with its own title and z = enc_T(q(text)).
     handle = serve.get_deployment_handle("Recommender", app_name="allmrec")
