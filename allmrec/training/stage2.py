@@ -575,11 +575,13 @@ def validation_users(inputs: Stage2Inputs, config: Config) -> np.ndarray:
 
 def validation_cold_users(inputs: Stage2Inputs, config: Config) -> np.ndarray:
     """The curve's cold-item users beyond its sample (`stage2.validation_cold_users`, the
-    text-aware readout's only): seeded valid-split users outside `validation_users` whose
-    validation item is cold."""
+    rank objective's text-aware readout's only: its gate weighs them): seeded valid-split
+    users outside `validation_users` whose validation item is cold."""
     from allmrec.data.prepared import seeded_users
 
-    if config.stage2.readout != "user_item_text" or not config.stage2.validation_cold_users:
+    cfg = config.stage2
+    gated = cfg.objective == "rank" and cfg.readout == "user_item_text"
+    if not gated or not cfg.validation_cold_users:
         return np.zeros(0, dtype=np.int64)
     users = inputs.data.eval_users("valid")
     sampled = validation_users(inputs, config)

@@ -424,3 +424,32 @@ def test_the_rank_loss_weighs_cold_targets_as_the_gate():
     assert target_cold_weight(config, {}) == 1.0  # no gate
     fixed = load_config([], ["stage2.cold_target_weight=1"])
     assert target_cold_weight(fixed, {"gate_cold_weight": 6.0}) == 1.0
+
+
+def test_the_curve_adds_cold_item_users_beyond_its_sample():
+    """`stage2.validation_cold_users`: seeded valid-split users outside the sample, each with
+    a cold validation item, at most as many as set; none for the generate objective."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from allmrec.config import load_config
+    from allmrec.training.stage2 import validation_cold_users, validation_users
+
+    cold_items = np.zeros(101, dtype=bool)
+    cold_items[80:] = True
+    valid = np.r_[0, np.arange(1, 101)]  # user u's validation item is u: users 80-100 cold
+    data = SimpleNamespace(valid=valid, eval_users=lambda split: np.arange(1, 101))
+    inputs = SimpleNamespace(cold_items=cold_items, data=data)
+    settings = ["stage2.objective=rank", "stage2.readout=user_item_text"]
+    config = load_config([], [*settings, "stage2.validation_users=30"])
+    config.stage2.validation_cold_users = 5
+    sampled = validation_users(inputs, config)
+    beyond = validation_cold_users(inputs, config)
+    assert len(beyond) == 5 and cold_items[valid[beyond]].all()
+    assert not np.isin(beyond, sampled).any()
+    config.stage2.validation_cold_users = 200  # as many as there are
+    everyone = validation_cold_users(inputs, config)
+    assert len(everyone) == 21 - cold_items[valid[sampled]].sum()
+    config.stage2.objective = "generate"
+    assert len(validation_cold_users(inputs, config)) == 0
