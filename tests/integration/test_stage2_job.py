@@ -321,7 +321,9 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(stack_run,
     weights = validation_weights(cases, sampled, inputs, manifest["readout_start"])
     assert weights.cold[sampled:].all()
     cold = weights.cold.astype(bool)
-    assert np.mean(hits["valid_hit@1"][cold]) == pytest.approx(point["valid_cold_hit@1"])
+    assert np.mean(np.asarray(hits["valid_hit@1"])[cold]) == pytest.approx(
+        point["valid_cold_hit@1"]
+    )
     weighted = np.dot(hits["valid_hit@1"], weights.weighted) / weights.weighted.sum()
     assert weighted == pytest.approx(point[compared])
     assert (run_dir / "stage2" / "learning_curve.png").stat().st_size > 1000
