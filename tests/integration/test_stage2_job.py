@@ -318,13 +318,13 @@ def test_rank_objective_partitions_resumes_and_keeps_only_its_modules(stack_run,
     # the cold-item users beyond the sample: every one cold, none of the sample
     beyond = validation_cold_users(inputs, config)
     assert len(beyond) > 0 and not np.isin(beyond, validation_users(inputs, config)).any()
-    weights = validation_weights(cases, sampled, inputs, manifest["readout_start"])
-    assert weights.cold[sampled:].all()
-    cold = weights.cold.astype(bool)
+    case_weights = validation_weights(cases, sampled, inputs, manifest["readout_start"])
+    assert case_weights.cold[sampled:].all()
+    cold = case_weights.cold.astype(bool)
     assert np.mean(np.asarray(hits["valid_hit@1"])[cold]) == pytest.approx(
         point["valid_cold_hit@1"]
     )
-    weighted = np.dot(hits["valid_hit@1"], weights.weighted) / weights.weighted.sum()
+    weighted = np.dot(hits["valid_hit@1"], case_weights.weighted) / case_weights.weighted.sum()
     assert weighted == pytest.approx(point[compared])
     assert (run_dir / "stage2" / "learning_curve.png").stat().st_size > 1000
 
