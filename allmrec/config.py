@@ -263,8 +263,8 @@ class Stage2Config(_Section):
         description="user_item_text: the weight in Stage 2's listwise loss of a training "
         "example whose target is cold, against the others' 1. 'gate': the gate's cold weight "
         "(`gate_cold_weight`), the trade the readout was fitted for; 1: every example alike, "
-        "so that the steps learn mostly popular targets (a kept point of ML-1M fell from 1.58x "
-        "to 1.28x SASRec on cold items that way)",
+        "so that the steps learn mostly popular targets. Measured on ML-1M, neither keeps the "
+        "steps from losing cold-item users (docs/results.md)",
     )
     readout_layer: int | None = Field(
         None,

@@ -583,19 +583,21 @@ def validation_cold_users(inputs: Stage2Inputs, config: Config) -> np.ndarray:
     gated = cfg.objective == "rank" and cfg.readout == "user_item_text"
     if not gated or not cfg.validation_cold_users:
         return np.zeros(0, dtype=np.int64)
-    users = inputs.data.eval_users("valid")
-    sampled = validation_users(inputs, config)
-    cold = np.asarray(inputs.cold_items, dtype=bool)[inputs.data.valid[users]]
-    outside = users[cold & ~np.isin(users, sampled)]
+    users, cold = valid_item_cold(inputs)
+    outside = users[cold & ~np.isin(users, validation_users(inputs, config))]
     return seeded_users(outside, config.stage2.validation_cold_users, config.seed + 1)
+
+
+def valid_item_cold(inputs: Stage2Inputs) -> tuple[np.ndarray, np.ndarray]:
+    """(the valid-split users, whether each one's validation item is cold)."""
+    users = inputs.data.eval_users("valid")
+    return users, np.asarray(inputs.cold_items, dtype=bool)[inputs.data.valid[users]]
 
 
 def valid_cold_share(inputs: Stage2Inputs) -> float:
     """The share of the valid-split users whose validation item is cold."""
-    users = inputs.data.eval_users("valid")
-    if not len(users):
-        return 0.0
-    return float(np.asarray(inputs.cold_items, dtype=bool)[inputs.data.valid[users]].mean())
+    _, cold = valid_item_cold(inputs)
+    return float(cold.mean()) if len(cold) else 0.0
 
 
 class GateExamples(NamedTuple):
@@ -780,9 +782,9 @@ def kept_metric(point: dict) -> float | None:
     each user of a cold item weighted as the gate's fit weighted them (`WEIGHTED_HIT`: the
     trade its cold weight was chosen for; Stage 2's steps train on mostly popular items, and
     a point they took from 1.58x to 1.28x SASRec on ML-1M's cold items was kept over all
-    users alike; this comparison kept it too, its 200 validation users holding 12 cold-item
-    users), else the readout's (rank objective) or the likelihood ranking's (generate
-    objective)."""
+    users alike; weighted over the 12 cold-item users of a 200-user sample it was kept too,
+    hence `validation_cold_users` and `validation_weights`), else the readout's (rank
+    objective) or the likelihood ranking's (generate objective)."""
     key = kept_key(point)
     return None if key is None else point[key]
 
