@@ -208,6 +208,13 @@ class Stage2Config(_Section):
     content_window: int = Field(
         10, ge=1, description="text_path content: the history items the user side reads"
     )
+    content_counts: bool = Field(
+        True,
+        description="text_path content: f reads the bucket of an item's training "
+        "interactions beside q_i (0 for an item added at serving time), so the user side "
+        "sees how far the history strays from the catalogue's head (ML-100K, offline: cold "
+        "items 1.65x SASRec at gate weight 6 with it, 1.40x without; docs/results.md)",
+    )
     content_epochs: int = Field(
         16,
         ge=1,

@@ -182,7 +182,11 @@ def _rank_rows(
             rows = {row: scores}
             full = {}
             # the whole catalogue's text, with each prompt's history (the gate reads its length)
-            everything = None if q_all is None else TextInputs(batch.text.history, *q_all)
+            everything = (
+                None
+                if q_all is None
+                else TextInputs(batch.text.history, *q_all, batch.text.history_counts)
+            )
             if catalogue:
                 full[row] = model.readout.item_scores(query, z.to(device), everything)
             if row == RANK_ROW and model.bypass is not None:

@@ -206,7 +206,7 @@ class StackRecommender:
             q = self.q if self.readout.reads_text else None
             self._keys = (
                 len(self.item_ids),
-                *self.readout.catalogue_keys(self.z, q),
+                *self.readout.catalogue_keys(self.z, q, torch.tensor(self.counts)),
                 torch.tensor(self.counts),
             )
         return self._keys[1:]
@@ -235,7 +235,7 @@ class StackRecommender:
                 "items": needed,
                 "z": self.z[rows].numpy(),
                 "q": self.q[rows].numpy(),
-                "counts": {i: self.counts[i] for i in candidates},
+                "counts": {i: self.counts[i] for i in needed},
                 "x_u": x_u.numpy(),
                 "history_all": history,
                 # by id: another replica may number its added items otherwise

@@ -47,15 +47,23 @@ from gate_frontier import (
 from allmrec.llm_evaluation import cf_row
 from allmrec.models.content import ContentTower, UserTower, fit_content_tower
 from allmrec.models.projection import right_aligned
+from allmrec.models.readout import COUNT_BUCKETS, count_bucket
 
 HISTORY = 10
 YEAR_BINS = np.array([0, 1940, 1950, 1960, 1970, 1980, 1985, 1990, 1993, 1995, 1996, 1997, 1998])
 
 
-def item_features(run_dir: Path, q: torch.Tensor, extras: bool) -> torch.Tensor:
+def item_features(
+    run_dir: Path, q: torch.Tensor, extras: bool, counts: torch.Tensor | None = None
+) -> torch.Tensor:
     """[num_items + 1, d] (row 0 padding): the unit q_i, and with `extras` the release year's
-    bin and the genres of the prepared item table (MiniLM barely reads the year)."""
+    bin and the genres of the prepared item table (MiniLM barely reads the year); with
+    `counts` [num_items + 1] the bucket of the item's training interactions, one-hot (the
+    history's buckets then say how far the user strays from the head of the catalogue)."""
     parts = [F.normalize(q[1:].float(), dim=-1)]
+    if counts is not None:
+        buckets = count_bucket(counts[1:].long())
+        parts.append(F.one_hot(buckets, COUNT_BUCKETS).float())
     if extras:
         items = pq.read_table(run_dir / "data" / "items.parquet").to_pandas()
         items = items.sort_values("item_idx")
@@ -145,6 +153,9 @@ def main() -> None:
         "--attentive", action="store_true", help="a self-attention layer over the history's f"
     )
     parser.add_argument(
+        "--counts", action="store_true", help="the item's count bucket among its features"
+    )
+    parser.add_argument(
         "--cold-users", action="store_true", help="test on the held-out cold users instead"
     )
     parser.add_argument("--weights", default="1,2,3,4,6,8")
@@ -154,7 +165,9 @@ def main() -> None:
     model, inputs, config, evaluated = load_run(args.run_dir)
     readout, data = model.readout, inputs.data
 
-    features = item_features(args.run_dir, inputs.q, not args.text_only)
+    features = item_features(
+        args.run_dir, inputs.q, not args.text_only, inputs.counts if args.counts else None
+    )
     content = ContentTower(features.shape[1], window=HISTORY)
     if args.length_scale:
         content.user_tower = LengthScaledUser(content.dim, HISTORY)

@@ -181,10 +181,12 @@ def test_examples(run_dir: Path, readout, inputs, evaluated: Config, cold_users:
     candidates = torch.as_tensor(np.stack([c.candidates for c in cases]))
     length = evaluated.stage2.max_history  # the prompt's history (none for 0)
     shown = [c.history[-length:] if length else c.history[:0] for c in cases]
+    shown = [torch.as_tensor(h, dtype=torch.long) for h in shown]
     text = TextInputs(
-        right_aligned([inputs.q[torch.as_tensor(h, dtype=torch.long)] for h in shown]),
+        right_aligned([inputs.q[h] for h in shown]),
         inputs.q[candidates],
         inputs.counts[candidates],
+        right_aligned([inputs.counts[h][:, None].float() for h in shown])[..., 0].long(),
     )
     with torch.no_grad():
         query = readout.start_query(torch.stack([c.x_u for c in cases]), text)

@@ -1,4 +1,4 @@
-"""The content path of the text-aware readout: items and users from item text alone.
+"""The content path of the text-aware readout: items and users from item text (and counts).
 
 The `user_item_text` readout scores each item by its CF path and a text path, weighted by how
 often the item was seen in training (`allmrec.models.readout.CountGate`). Its first text path,
@@ -7,18 +7,24 @@ and a popular item on one scale, but it is weak (Hit@1 0.22 alone on ML-1M, SASR
 the gate can lift cold items only by lifting all of them, and pays on warm ones
 (docs/results.md, "the cold-item weight"). The `content` path learns to read the same q:
 
-    item:   f(i) = MLP(unit q_i)                                              [d]
+    item:   f(i) = MLP(unit [unit q_i, onehot(k_i)])                          [d]
     user:   m = sum_j w_j f(h_j) over the last `window` history items, w = softmax(r) by
             position from the most recent (absent positions left out), c_u = m + MLP(m)
     score:  <c_u, f(i)>
 
-It sees no item id and no interaction count, so an item never seen in training (or added at
-serving time) is scored like any other, from its text. It is trained once, at Stage 2's start
-(before the gate is fitted), by a softmax over the whole catalogue on every transition of the
-training users' sequences (`fit_content_tower`), and frozen after: the LLM's correction to the
-user side, T(h), and the gate learn around it. Measured offline first
-(`benchmarks/content_path.py`): on ML-1M it scores 0.6187 alone after 16 epochs with year and
-genre features (SASRec 0.6160), and in the gate it moves the cold/warm frontier out.
+k_i is the bucket of the item's training interactions (`count_bucket`; `stage2.content_counts`,
+on by default; without it f reads q_i alone). It sees no item id, so an item never seen in
+training (or added at serving time, bucket 0) is scored like any other, from its text; the
+history's buckets tell the user side how far this user strays from the head of the catalogue
+(measured on ML-100K's 849 test users, offline: cold items 1.65x SASRec at the gate's weight 6
+with the buckets, 1.40x without, every other section level or above; docs/results.md).
+
+It is trained once, at Stage 2's start (before the gate is fitted), by a softmax over the whole
+catalogue on every transition of the training users' sequences (`fit_content_tower`), and
+frozen after: the LLM's correction to the user side, T(h), and the gate learn around it.
+Measured offline first (`benchmarks/content_path.py`): on ML-1M it scores 0.6187 alone after
+16 epochs with year and genre features (SASRec 0.6160), and in the gate it moves the
+cold/warm frontier out.
 """
 
 from __future__ import annotations
@@ -33,6 +39,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
+
+
+# Buckets of an item's training interactions n: 0, 1, 2-3, 4-7, ..., the last one >= 2^10. The
+# readout's gate weighs its paths by the same buckets.
+COUNT_BUCKETS = 12
+
+
+def count_bucket(counts: Tensor, buckets: int = COUNT_BUCKETS) -> Tensor:
+    """The bucket of each count: 0 for none, else 1 + floor(log2 n), at most `buckets` - 1."""
+    n = counts.float().clamp_min(0)
+    bucket = torch.where(n > 0, 1 + torch.floor(torch.log2(n.clamp_min(1))), torch.zeros_like(n))
+    return bucket.long().clamp_max(buckets - 1)
 
 
 def present_rows(history: Tensor) -> Tensor:
@@ -61,12 +79,17 @@ class UserTower(nn.Module):
 
 
 class ContentTower(nn.Module):
-    """f(i) and c_u from Sentence-BERT encodings q alone (the module docstring)."""
+    """f(i) and c_u from Sentence-BERT encodings q and, with `counts`, the items' count
+    buckets (the module docstring)."""
 
-    def __init__(self, d_text: int, dim: int = 64, window: int = 10, hidden: int = 256) -> None:
+    def __init__(
+        self, d_text: int, dim: int = 64, window: int = 10, hidden: int = 256, counts: bool = False
+    ) -> None:
         super().__init__()
+        # saved with the weights, so that a stack says whether its f reads the buckets
+        self.register_buffer("count_buckets", torch.tensor(COUNT_BUCKETS if counts else 0))
         self.item_tower = nn.Sequential(
-            nn.Linear(d_text, hidden), nn.GELU(), nn.Linear(hidden, dim)
+            nn.Linear(d_text + int(self.count_buckets), hidden), nn.GELU(), nn.Linear(hidden, dim)
         )
         self.user_tower = UserTower(dim, window)
 
@@ -74,14 +97,32 @@ class ContentTower(nn.Module):
     def dim(self) -> int:
         return self.item_tower[-1].out_features
 
-    def items(self, q: Tensor) -> Tensor:
-        """f(i) of items' q [..., d_text] -> [..., d]."""
-        weight = self.item_tower[0].weight
-        return self.item_tower(F.normalize(q.to(weight.dtype), dim=-1))
+    @property
+    def reads_counts(self) -> bool:
+        return bool(self.count_buckets)
 
-    def users(self, history_q: Tensor) -> Tensor:
-        """c_u [B, d] from the history's q [B, H, d_text], right-aligned, zero rows absent."""
-        return self.user_tower(self.items(history_q), present_rows(history_q))
+    def features(self, q: Tensor, counts: Tensor | None = None) -> Tensor:
+        """What f reads of items' q [..., d_text] (and counts [...]): the unit q_i, and the
+        one-hot of the count's bucket beside it, the whole made unit."""
+        weight = self.item_tower[0].weight
+        x = F.normalize(q.to(weight.dtype), dim=-1)
+        if not self.reads_counts:
+            return x
+        if counts is None:
+            raise ValueError("this content path reads the items' training interactions: pass them")
+        buckets = count_bucket(counts.to(x.device), int(self.count_buckets))
+        hot = F.one_hot(buckets, int(self.count_buckets)).to(x.dtype)
+        return F.normalize(torch.cat([x, hot], dim=-1), dim=-1)
+
+    def items(self, q: Tensor, counts: Tensor | None = None) -> Tensor:
+        """f(i) of items' q [..., d_text] (and their training interactions [...]) -> [..., d]."""
+        return self.item_tower(self.features(q, counts))
+
+    def users(self, history_q: Tensor, history_counts: Tensor | None = None) -> Tensor:
+        """c_u [B, d] from the history's q [B, H, d_text] (and counts [B, H]), right-aligned,
+        zero rows absent."""
+        items = self.items(history_q, history_counts)
+        return self.user_tower(items, present_rows(history_q))
 
 
 def transitions(sequences: Sequence[np.ndarray], window: int) -> tuple[Tensor, Tensor]:
@@ -109,6 +150,7 @@ def fit_content_tower(
     batch_size: int = 1024,
     seed: int = 0,
     popularity: Tensor | None = None,
+    counts: Tensor | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> dict[str, float]:
     """Train `tower` on `sequences` of item ids (1..N; q [N + 1, d_text], row 0 padding): for
@@ -116,7 +158,8 @@ def fit_content_tower(
     the true next item. `popularity` [N + 1] (training interactions): the softmax's logits
     are <c_u, f(i)> + log(1 + n_i) (a logQ correction), so that <c_u, f(i)> learns the user's
     taste apart from how often the item is seen, which the readout's gate weighs by count
-    anyway. `progress(epoch, epochs, loss)` is called after each epoch. Returns the last
+    anyway. `counts` [N + 1]: the items' training interactions, for a tower that reads their
+    buckets. `progress(epoch, epochs, loss)` is called after each epoch. Returns the last
     epoch's loss, the transitions and the seconds."""
     histories, targets = transitions(sequences, tower.user_tower.window)
     prior = None if popularity is None else torch.log1p(popularity.float().clamp_min(0))
@@ -133,7 +176,7 @@ def fit_content_tower(
         loss_sum = 0.0
         for start in range(0, len(targets), batch_size):
             batch = order[start : start + batch_size]
-            items = tower.items(q)  # every item's f: the softmax runs over the catalogue
+            items = tower.items(q, counts)  # every item's f: the softmax runs over the catalogue
             ids = histories[batch]
             users = tower.user_tower(items[ids], ids > 0)
             logits = users @ items.T

@@ -107,7 +107,7 @@ class Stage2Batch:
             if isinstance(value, Tensor):
                 value = value.to(device)
             elif isinstance(value, TextInputs):
-                value = TextInputs(*(v.to(device) for v in value))
+                value = TextInputs(*(None if v is None else v.to(device) for v in value))
             elif isinstance(value, list):
                 value = [v.to(device) for v in value]
             moved[f.name] = value
@@ -145,13 +145,13 @@ def _item_counts(table: Mapping[int, int] | Tensor, items: Sequence[int]) -> Ten
 
 def _text_inputs(examples: Sequence[Stage2Example], width: int) -> TextInputs | None:
     """The candidates' q_i and counts (padded like the candidates; a training target's count
-    without its own interaction) and each prompt's history q_j, right-aligned (zero rows
-    before a shorter history); None when the examples carry no text."""
+    without its own interaction) and each prompt's history q_j and counts, right-aligned
+    (zero rows before a shorter history); None when the examples carry no text."""
     if all(e.item_text is None for e in examples):
         return None
     if any(e.item_text is None or e.item_counts is None for e in examples):
         raise ValueError("collate_stage2: every example needs item_text and item_counts, or none")
-    history, items, counts = [], [], []
+    history, history_counts, items, counts = [], [], [], []
     for e in examples:
         cands = e.prompt.candidate_items
         q = _item_vectors(e.item_text, cands)
@@ -169,7 +169,14 @@ def _text_inputs(examples: Sequence[Stage2Example], width: int) -> TextInputs | 
         counts.append(n)
         hist = e.prompt.history_items
         history.append(_item_vectors(e.item_text, hist) if hist else torch.zeros(0, q.shape[1]))
-    return TextInputs(right_aligned(history), torch.stack(items), torch.stack(counts))
+        n = _item_counts(e.item_counts, hist) if hist else torch.zeros(0, dtype=torch.long)
+        history_counts.append(n[:, None])
+    return TextInputs(
+        right_aligned(history),
+        torch.stack(items),
+        torch.stack(counts),
+        right_aligned(history_counts)[..., 0].long(),
+    )
 
 
 def right_aligned(rows: Sequence[Tensor]) -> Tensor:

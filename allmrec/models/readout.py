@@ -58,22 +58,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from allmrec.models.content import ContentTower, present_rows
+from allmrec.models.content import COUNT_BUCKETS, ContentTower, count_bucket, present_rows
 
 READOUTS = ("candidate", "user_item", "user_item_text")
 TEXT_PATHS = ("cosine", "content")
-# Buckets of an item's training interactions n: 0, 1, 2-3, 4-7, ..., the last one >= 2^10.
-COUNT_BUCKETS = 12
 # Buckets of a prompt's history length: 0, 1, 2-3, 4-7, 8-15, the last one >= 16.
 HISTORY_BUCKETS = 6
 TEXT_SCALE = 10.0  # tau: cosines lie in [-1, 1], the CF scores spread over several units
-
-
-def count_bucket(counts: Tensor, buckets: int = COUNT_BUCKETS) -> Tensor:
-    """The bucket of each count: 0 for none, else 1 + floor(log2 n), at most `buckets` - 1."""
-    n = counts.float().clamp_min(0)
-    bucket = torch.where(n > 0, 1 + torch.floor(torch.log2(n.clamp_min(1))), torch.zeros_like(n))
-    return bucket.long().clamp_max(buckets - 1)
 
 
 def history_lengths(history: Tensor) -> Tensor:
@@ -90,6 +81,9 @@ class TextInputs(NamedTuple):
     history: Tensor
     items: Tensor  # q_i of the items scored: [B, C, d_text] (candidates) or [N, d_text]
     counts: Tensor  # their training interactions: [B, C] or [N]
+    # the history items' training interactions, [B, H] aligned with `history` (the content
+    # path reads them with `stage2.content_counts`; None where no path does)
+    history_counts: Tensor | None = None
 
 
 def mean_unit(history: Tensor) -> Tensor:
@@ -205,6 +199,7 @@ class RankReadout(nn.Module):
         text_path: str = "cosine",
         content_dim: int = 64,
         content_window: int = 10,
+        content_counts: bool = False,
     ) -> None:
         super().__init__()
         if kind not in READOUTS:
@@ -229,7 +224,9 @@ class RankReadout(nn.Module):
                 raise ValueError("the user_item_text readout needs the width of q_i (d_text)")
             d_query = d_text
             if text_path == "content":
-                self.content = ContentTower(d_text, content_dim, content_window)
+                self.content = ContentTower(
+                    d_text, content_dim, content_window, counts=content_counts
+                )
                 self.content.requires_grad_(False)  # trained at the start only
                 # sigma: the content scores' scale against the cosine's (`set_content_scale`)
                 self.register_buffer("content_scale", torch.ones(()))
@@ -272,23 +269,25 @@ class RankReadout(nn.Module):
             return u
         if text is None:
             raise ValueError("the user_item_text readout needs the items' text (TextInputs)")
-        t = self.history_query(text.history.to(self.dtype)) + self.text_head(h_user)
+        t = self.history_query(text.history.to(self.dtype), text.history_counts)
+        t = t + self.text_head(h_user)
         if self.text_path == "cosine":
             t = F.normalize(t, dim=-1)
         return torch.cat([u, t], dim=-1)
 
-    def history_query(self, history: Tensor) -> Tensor:
-        """The text query before the LLM's correction T(h), from the history's q [B, H, d]:
-        `cosine`, the mean of the history's unit q_j (zeros for no history); `content`, c_u."""
+    def history_query(self, history: Tensor, history_counts: Tensor | None = None) -> Tensor:
+        """The text query before the LLM's correction T(h), from the history's q [B, H, d]
+        (and counts [B, H]): `cosine`, the mean of the history's unit q_j (zeros for no
+        history); `content`, c_u."""
         if self.text_path == "content":
-            return self.content.users(history)
+            return self.content.users(history, history_counts)
         return mean_unit(history)
 
-    def text_keys(self, q: Tensor) -> Tensor:
-        """What the text query meets for items of q [..., d_text]: `cosine`, the unit q_i;
-        `content`, f(q_i) / sigma."""
+    def text_keys(self, q: Tensor, counts: Tensor | None = None) -> Tensor:
+        """What the text query meets for items of q [..., d_text] (and counts [...]):
+        `cosine`, the unit q_i; `content`, f(i) / sigma."""
         if self.text_path == "content":
-            return self.content.items(q) / self.content_scale
+            return self.content.items(q, counts) / self.content_scale
         return F.normalize(q, dim=-1)
 
     @torch.no_grad()
@@ -323,7 +322,8 @@ class RankReadout(nn.Module):
         """(<u, g(z_i)>, cos(t, q_i) or None) of any items for the query of `user_query`:
         z [B, C, d_joint] gives [B, C] (each row's own items), z [N, d_joint] gives [B, N]
         (the same items for every row); `text` holds their q_i in the same shape."""
-        keys, text_keys = self.catalogue_keys(z, text.items if self.reads_text else None)
+        text_items = (text.items, text.counts) if self.reads_text else (None, None)
+        keys, text_keys = self.catalogue_keys(z, *text_items)
         if z.dim() == 2:
             return self.key_scores(query, keys, text_keys)
         d_cf = self.item_map.out_features
@@ -332,12 +332,14 @@ class RankReadout(nn.Module):
             return cf, None
         return cf, torch.einsum("bd,bcd->bc", query[..., d_cf:], text_keys)
 
-    def catalogue_keys(self, z: Tensor, q: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """What a query meets of items z [..., d_joint] (and their q, for `user_item_text`):
-        (g(z_i), `text_keys`(q_i) or None). The same for every user: Serve keeps a
-        catalogue's until an item is added."""
+    def catalogue_keys(
+        self, z: Tensor, q: Tensor | None = None, counts: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """What a query meets of items z [..., d_joint] (and their q and counts, for
+        `user_item_text`): (g(z_i), `text_keys`(q_i) or None). The same for every user: Serve
+        keeps a catalogue's until an item is added."""
         keys = self.item_keys(z)
-        return keys, (None if q is None else self.text_keys(q.to(keys.dtype)))
+        return keys, (None if q is None else self.text_keys(q.to(keys.dtype), counts))
 
     def key_scores(
         self, query: Tensor, keys: Tensor, text_keys: Tensor | None = None
@@ -353,7 +355,7 @@ class RankReadout(nn.Module):
         x_u, and for `user_item_text` the history's text query (`history_query`)."""
         if not self.reads_text:
             return x_u
-        t = self.history_query(text.history.to(x_u.dtype))
+        t = self.history_query(text.history.to(x_u.dtype), text.history_counts)
         if self.text_path == "cosine":
             t = F.normalize(t, dim=-1)
         return torch.cat([x_u, t], dim=-1)
@@ -362,8 +364,8 @@ class RankReadout(nn.Module):
         """Scores of any items by the query of `user_query` (shapes as `path_scores`)."""
         lengths = history_lengths(text.history) if self.reads_text else None
         if z.dim() == 2:
-            keys = self.catalogue_keys(z, text.items if self.reads_text else None)
             counts = text.counts if self.reads_text else None
+            keys = self.catalogue_keys(z, text.items if self.reads_text else None, counts)
             return self.catalogue_scores(query, *keys, counts, lengths)
         cf, text_scores = self.path_scores(query, z, text)
         if text_scores is None:

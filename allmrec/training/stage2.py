@@ -367,9 +367,13 @@ def text_options(config: Config, weights: dict[str, torch.Tensor] | None = None)
         "text_path": cfg.text_path,
         "content_dim": cfg.content_dim,
         "content_window": cfg.content_window,
+        "content_counts": cfg.content_counts,
     }
     if weights is not None and "readout.content_scale" not in weights:
         options["text_path"] = "cosine"
+    if weights is not None:
+        # a stack saved before the content path read counts has no such buffer: it does not
+        options["content_counts"] = bool(weights.get("readout.content.count_buckets", 0))
     return options
 
 
@@ -413,6 +417,7 @@ def start_readouts(
                 cfg.content_epochs,
                 cfg.content_lr,
                 seed=config.seed,
+                counts=inputs.counts,
                 progress=progress,
             )
             readout.content_scale.fill_(1.0)
@@ -666,12 +671,14 @@ def gate_examples(
     )
     x_u = user_vectors_of(inputs, users, histories)
     shown = [h[-cfg.max_history :] if cfg.max_history else h[:0] for h in histories]
-    history_text = right_aligned([inputs.q[torch.as_tensor(h, dtype=torch.long)] for h in shown])
+    shown = [torch.as_tensor(h, dtype=torch.long) for h in shown]
+    history_text = right_aligned([inputs.q[h] for h in shown])
+    history_counts = right_aligned([inputs.counts[h][:, None].float() for h in shown])[..., 0]
     cand = torch.as_tensor(candidates)
     counts = inputs.counts[cand].clone()
     if in_sample:  # a training target's count holds this very interaction
         counts[:, 0] = (counts[:, 0] - 1).clamp_min(0)
-    text = TextInputs(history_text, inputs.q[cand], counts)
+    text = TextInputs(history_text, inputs.q[cand], counts, history_counts.long())
     query = readout.start_query(x_u, text)
     cf_scores, text_scores = readout.path_scores(query, inputs.z[cand], text)
     return GateExamples(
@@ -883,7 +890,7 @@ def load_stack_weights(stage2_dir: Path) -> dict[str, torch.Tensor]:
 def text_width(weights: dict[str, torch.Tensor]) -> int | None:
     """d_text, the width of q_i, of a `user_item_text` readout's weights (None: another)."""
     content = weights.get("readout.content.item_tower.0.weight")
-    if content is not None:
-        return content.shape[1]
+    if content is not None:  # q_i and, where the tower reads them, the count buckets
+        return content.shape[1] - int(weights.get("readout.content.count_buckets", 0))
     text_head = weights.get("readout.text_head.1.weight")
     return None if text_head is None else text_head.shape[0]

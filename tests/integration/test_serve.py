@@ -195,8 +195,9 @@ def test_rank_mode_answers_with_the_readout(served):
     everything = len(recommender.item_ids) - 1 - len(history)
     kept = recommender.catalogue_top(expected["query"], history, everything)
     assert recommender.item_index[added.item_id] in [i for i, _ in kept]
-    shown = recommender.q[torch.as_tensor(history[-recommender.config.stage2.max_history :])]
-    text = TextInputs(shown[None], recommender.q, torch.tensor(recommender.counts))
+    shown = torch.as_tensor(history[-recommender.config.stage2.max_history :])
+    counts = torch.tensor(recommender.counts)
+    text = TextInputs(recommender.q[shown][None], recommender.q, counts, counts[shown][None])
     with torch.no_grad():
         fresh = recommender.readout.item_scores(
             torch.tensor([expected["query"]]), recommender.z, text

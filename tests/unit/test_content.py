@@ -131,3 +131,57 @@ def test_a_content_readout_starts_as_its_content_path_and_saves_it():
     with torch.no_grad():
         again = copy.path_scores(copy.start_query(x_u, text), z, text)[1]
     torch.testing.assert_close(again, scores)
+
+
+def test_a_tower_that_reads_counts_ranks_new_items_by_what_the_history_buckets_say():
+    """Users who follow rare items next pick a rare one, users of popular items a popular one;
+    q is noise. Given items none of them trained on, a tower that reads the count buckets
+    ranks the right kind first for each user; one that reads q alone cannot tell them apart.
+    A stack's weights say that its tower reads counts (`text_options`, `text_width`)."""
+    from allmrec.config import Config
+    from allmrec.training.stage2 import text_options, text_width
+
+    gen = torch.Generator().manual_seed(0)
+    n_items = 60  # 1-30 rare (2 interactions), 31-60 popular (300); q carries nothing
+    q = torch.cat([torch.zeros(1, D_TEXT), torch.randn(n_items, D_TEXT, generator=gen)])
+    counts = torch.tensor([0] + [2] * 30 + [300] * 30)
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(1, 31, size=8) for _ in range(60)]
+    sequences += [rng.integers(31, 61, size=8) for _ in range(60)]
+    new_q = torch.randn(20, D_TEXT, generator=gen)  # unseen items: 10 rare, 10 popular
+    new_counts = torch.tensor([1] * 10 + [400] * 10)
+    rare_history = torch.arange(1, 11)[None]
+    popular_history = torch.arange(31, 41)[None]
+
+    def rare_first(tower: ContentTower) -> tuple[float, float]:
+        """The share of (rare, popular) new pairs each user orders as its kind says."""
+        with torch.no_grad():
+            keys = tower.items(new_q, new_counts if tower.reads_counts else None)
+            shares = []
+            for history, sign in ((rare_history, 1.0), (popular_history, -1.0)):
+                hc = counts[history] if tower.reads_counts else None
+                s = (tower.users(q[history], hc) @ keys.T)[0]
+                shares.append(float((sign * (s[:10, None] - s[None, 10:]) > 0).float().mean()))
+        return shares[0], shares[1]
+
+    torch.manual_seed(0)
+    reading = ContentTower(D_TEXT, dim=8, window=5, hidden=32, counts=True)
+    fit_content_tower(reading, q, sequences, epochs=30, batch_size=64, counts=counts)
+    torch.manual_seed(0)
+    blind = ContentTower(D_TEXT, dim=8, window=5, hidden=32)
+    fit_content_tower(blind, q, sequences, epochs=30, batch_size=64)
+    assert min(rare_first(reading)) > 0.9
+    assert min(rare_first(blind)) < 0.75
+    with np.testing.assert_raises(ValueError):
+        reading.items(new_q)  # a tower that reads counts needs them
+
+    readout = RankReadout(
+        "user_item_text", 12, 4, 4, d_text=D_TEXT, text_path="content", content_counts=True
+    )
+    weights = {f"readout.{k}": v for k, v in readout.state_dict().items()}
+    assert text_width(weights) == D_TEXT
+    assert text_options(Config(), weights)["content_counts"] is True
+    del weights["readout.content.count_buckets"]  # a stack saved before the buckets
+    weights["readout.content.item_tower.0.weight"] = torch.zeros(256, D_TEXT)
+    assert text_options(Config(), weights)["content_counts"] is False
+    assert text_width(weights) == D_TEXT
