@@ -17,8 +17,9 @@ content path, else the run's content path), and sweeps the gate's cold-item weig
 as `gate_frontier.py` does (validation out of sample by halves, full histories only, test on
 the evaluator's users paired against SASRec's ranks). The features are q_i with `--text-only`
 (the library's), and by default q_i with the release year's bin and the genres of the item
-table; `--logq` trains with log(1 + n_i) added to the logits; `--attentive` adds a
-self-attention layer over the history's f to the user side.
+table; `--counts` adds the bucket of the item's training interactions (the library's
+`stage2.content_counts`); `--logq` trains with log(1 + n_i) added to the logits;
+`--attentive` adds a self-attention layer over the history's f to the user side.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/content_path.py --run-dir runs/ml-1m
 
@@ -47,23 +48,15 @@ from gate_frontier import (
 from allmrec.llm_evaluation import cf_row
 from allmrec.models.content import ContentTower, UserTower, fit_content_tower
 from allmrec.models.projection import right_aligned
-from allmrec.models.readout import COUNT_BUCKETS, count_bucket
 
 HISTORY = 10
 YEAR_BINS = np.array([0, 1940, 1950, 1960, 1970, 1980, 1985, 1990, 1993, 1995, 1996, 1997, 1998])
 
 
-def item_features(
-    run_dir: Path, q: torch.Tensor, extras: bool, counts: torch.Tensor | None = None
-) -> torch.Tensor:
+def item_features(run_dir: Path, q: torch.Tensor, extras: bool) -> torch.Tensor:
     """[num_items + 1, d] (row 0 padding): the unit q_i, and with `extras` the release year's
-    bin and the genres of the prepared item table (MiniLM barely reads the year); with
-    `counts` [num_items + 1] the bucket of the item's training interactions, one-hot (the
-    history's buckets then say how far the user strays from the head of the catalogue)."""
+    bin and the genres of the prepared item table (MiniLM barely reads the year)."""
     parts = [F.normalize(q[1:].float(), dim=-1)]
-    if counts is not None:
-        buckets = count_bucket(counts[1:].long())
-        parts.append(F.one_hot(buckets, COUNT_BUCKETS).float())
     if extras:
         items = pq.read_table(run_dir / "data" / "items.parquet").to_pandas()
         items = items.sort_values("item_idx")
@@ -128,14 +121,15 @@ class AttentiveUser(UserTower):
         return base + self.out(states[:, -1])
 
 
-def content_scores(tower: ContentTower, features: torch.Tensor, histories, candidates):
-    """<c_u, f(i)> of each row's candidates [B, C], c_u over the history's last items."""
-    rows = [
-        features[torch.as_tensor(np.asarray(h[-HISTORY:]), dtype=torch.long)] for h in histories
-    ]
+def content_scores(tower: ContentTower, features, counts, histories, candidates):
+    """<c_u, f(i)> of each row's candidates [B, C], c_u over the history's last items (the
+    items' training interactions read where the tower reads them)."""
+    ids = [torch.as_tensor(np.asarray(h[-HISTORY:]), dtype=torch.long) for h in histories]
+    history_counts = right_aligned([counts[i][:, None].float() for i in ids])[..., 0]
     with torch.no_grad():
-        users = tower.users(right_aligned(rows))
-        return torch.einsum("bd,bcd->bc", users, tower.items(features[candidates]))
+        users = tower.users(right_aligned([features[i] for i in ids]), history_counts)
+        keys = tower.items(features[candidates], counts[candidates])
+        return torch.einsum("bd,bcd->bc", users, keys)
 
 
 def main() -> None:
@@ -153,7 +147,9 @@ def main() -> None:
         "--attentive", action="store_true", help="a self-attention layer over the history's f"
     )
     parser.add_argument(
-        "--counts", action="store_true", help="the item's count bucket among its features"
+        "--counts",
+        action="store_true",
+        help="the item's count bucket among its features (the library's stage2.content_counts)",
     )
     parser.add_argument(
         "--cold-users", action="store_true", help="test on the held-out cold users instead"
@@ -165,10 +161,8 @@ def main() -> None:
     model, inputs, config, evaluated = load_run(args.run_dir)
     readout, data = model.readout, inputs.data
 
-    features = item_features(
-        args.run_dir, inputs.q, not args.text_only, inputs.counts if args.counts else None
-    )
-    content = ContentTower(features.shape[1], window=HISTORY)
+    features = item_features(args.run_dir, inputs.q, not args.text_only)
+    content = ContentTower(features.shape[1], window=HISTORY, counts=args.counts)
     if args.length_scale:
         content.user_tower = LengthScaledUser(content.dim, HISTORY)
     if args.attentive:
@@ -181,6 +175,7 @@ def main() -> None:
         args.epochs,
         seed=args.seed,
         popularity=inputs.counts if args.logq else None,
+        counts=inputs.counts,
     )
     print(
         f"content model: {fitted['content_transitions']} training transitions, "
@@ -191,11 +186,13 @@ def main() -> None:
 
     validation = validation_examples(readout, inputs, config, short=False)
     histories = [data.train[int(u)] for u in validation.users]
-    v_content = content_scores(content, features, histories, validation.candidates)
+    v_content = content_scores(content, features, inputs.counts, histories, validation.candidates)
     cases, records, test = test_examples(
         args.run_dir, readout, inputs, evaluated, cold_users=args.cold_users
     )
-    t_content = content_scores(content, features, [c.history for c in cases], test.candidates)
+    t_content = content_scores(
+        content, features, inputs.counts, [c.history for c in cases], test.candidates
+    )
     cf_hits = np.array([r["ranks"][cf_row(inputs)] == 0 for r in records])
     print(
         f"test, {cf_row(inputs)} (all / cold / warm): {section_line(cf_hits, test.cold, test.warm)}"

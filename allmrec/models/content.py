@@ -97,6 +97,15 @@ class ContentTower(nn.Module):
     def dim(self) -> int:
         return self.item_tower[-1].out_features
 
+    @staticmethod
+    def completed(state: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+        """`state` with `count_buckets` 0 where a tower's weights lack it: a tower saved
+        before it could read counts read q alone, and scores as it did."""
+        key = f"{prefix}count_buckets"
+        if f"{prefix}item_tower.0.weight" not in state or key in state:
+            return state
+        return state | {key: torch.tensor(0)}
+
     @property
     def reads_counts(self) -> bool:
         return bool(self.count_buckets)

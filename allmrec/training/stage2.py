@@ -31,7 +31,7 @@ from allmrec.config import Config
 from allmrec.data.prepared import PreparedData, load_prepared
 from allmrec.evaluation import sample_candidates
 from allmrec.manifest import ArtifactError
-from allmrec.models.content import fit_content_tower
+from allmrec.models.content import ContentTower, fit_content_tower
 from allmrec.models.projection import ALLMRecLM, Stage2Example, right_aligned
 from allmrec.models.readout import CountGate, TextInputs, history_lengths, text_cosine
 from allmrec.prompts import build_prompt, shuffle_candidates
@@ -878,12 +878,14 @@ def load_projected_llm(
 
 def load_stack_weights(stage2_dir: Path) -> dict[str, torch.Tensor]:
     """Stage 2's saved weights; a gate saved before its history-length weights gets them at
-    their start (`CountGate.completed`: it scores as it did)."""
+    their start (`CountGate.completed`), a content path saved before it could read counts
+    says it reads none (`ContentTower.completed`): each scores as it did."""
     from safetensors.torch import load_file
 
     weights = load_file(str(Path(stage2_dir) / PROJECTORS_FILE))
-    for prefix in ("readout.gate.", "bypass.readout.gate."):
-        weights = CountGate.completed(weights, prefix)
+    for prefix in ("readout.", "bypass.readout."):
+        weights = CountGate.completed(weights, f"{prefix}gate.")
+        weights = ContentTower.completed(weights, f"{prefix}content.")
     return weights
 
 

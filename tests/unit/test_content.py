@@ -181,7 +181,15 @@ def test_a_tower_that_reads_counts_ranks_new_items_by_what_the_history_buckets_s
     weights = {f"readout.{k}": v for k, v in readout.state_dict().items()}
     assert text_width(weights) == D_TEXT
     assert text_options(Config(), weights)["content_counts"] is True
-    del weights["readout.content.count_buckets"]  # a stack saved before the buckets
-    weights["readout.content.item_tower.0.weight"] = torch.zeros(256, D_TEXT)
+    # a stack saved before the buckets: completed as a tower of q alone, which loads as one
+    old = RankReadout("user_item_text", 12, 4, 4, d_text=D_TEXT, text_path="content")
+    state = {k: v for k, v in old.state_dict().items() if k != "content.count_buckets"}
+    state = ContentTower.completed(state, "content.")
+    weights = {f"readout.{k}": v for k, v in state.items()}
     assert text_options(Config(), weights)["content_counts"] is False
     assert text_width(weights) == D_TEXT
+    loaded = RankReadout(
+        "user_item_text", 12, 4, 4, d_text=D_TEXT, **text_options(Config(), weights)
+    )
+    loaded.load_state_dict(state)  # strict: every key, no other
+    assert not loaded.content.reads_counts
