@@ -13,11 +13,12 @@ the gate can lift cold items only by lifting all of them, and pays on warm ones
     score:  <c_u, f(i)>
 
 k_i is the bucket of the item's training interactions (`count_bucket`; `stage2.content_counts`,
-on by default; without it f reads q_i alone). It sees no item id, so an item never seen in
+off by default; without it f reads q_i alone). It sees no item id, so an item never seen in
 training (or added at serving time, bucket 0) is scored like any other, from its text; the
 history's buckets tell the user side how far this user strays from the head of the catalogue
 (measured on ML-100K's 849 test users, offline: cold items 1.65x SASRec at the gate's weight 6
-with the buckets, 1.40x without, every other section level or above; docs/results.md).
+with the buckets, 1.40x without, every other section level or above; but the weight `auto`
+chooses on validation then falls, and `make demo` scored lower: docs/results.md).
 
 It is trained once, at Stage 2's start (before the gate is fitted), by a softmax over the whole
 catalogue on every transition of the training users' sequences (`fit_content_tower`), and
