@@ -204,10 +204,11 @@ class StackRecommender:
         under the lock."""
         if self._keys is None or self._keys[0] != len(self.item_ids):
             q = self.q if self.readout.reads_text else None
+            counts = torch.tensor(self.counts)
             self._keys = (
                 len(self.item_ids),
-                *self.readout.catalogue_keys(self.z, q, torch.tensor(self.counts)),
-                torch.tensor(self.counts),
+                *self.readout.catalogue_keys(self.z, q, counts),
+                counts,
             )
         return self._keys[1:]
 

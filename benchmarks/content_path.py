@@ -48,6 +48,7 @@ from gate_frontier import (
 from allmrec.llm_evaluation import cf_row
 from allmrec.models.content import ContentTower, UserTower, fit_content_tower
 from allmrec.models.projection import right_aligned
+from allmrec.sequences import left_pad
 
 HISTORY = 10
 YEAR_BINS = np.array([0, 1940, 1950, 1960, 1970, 1980, 1985, 1990, 1993, 1995, 1996, 1997, 1998])
@@ -124,10 +125,11 @@ class AttentiveUser(UserTower):
 def content_scores(tower: ContentTower, features, counts, histories, candidates):
     """<c_u, f(i)> of each row's candidates [B, C], c_u over the history's last items (the
     items' training interactions read where the tower reads them)."""
-    ids = [torch.as_tensor(np.asarray(h[-HISTORY:]), dtype=torch.long) for h in histories]
-    history_counts = right_aligned([counts[i][:, None].float() for i in ids])[..., 0]
+    ids = [np.asarray(h[-HISTORY:], dtype=np.int64) for h in histories]
+    history = right_aligned([features[torch.as_tensor(i)] for i in ids])
+    history_counts = torch.as_tensor(left_pad([counts.numpy()[i] for i in ids], history.shape[1]))
     with torch.no_grad():
-        users = tower.users(right_aligned([features[i] for i in ids]), history_counts)
+        users = tower.users(history, history_counts)
         keys = tower.items(features[candidates], counts[candidates])
         return torch.einsum("bd,bcd->bc", users, keys)
 

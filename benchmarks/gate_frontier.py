@@ -42,6 +42,7 @@ from allmrec.data.prepared import COLD_USER_SPLIT
 from allmrec.llm_evaluation import RANK_ROW, cf_row, paired_difference
 from allmrec.models.projection import right_aligned
 from allmrec.models.readout import CountGate, TextInputs, history_lengths
+from allmrec.sequences import left_pad
 from allmrec.training.stage2 import (
     eval_cases,
     example_weights,
@@ -181,12 +182,11 @@ def test_examples(run_dir: Path, readout, inputs, evaluated: Config, cold_users:
     candidates = torch.as_tensor(np.stack([c.candidates for c in cases]))
     length = evaluated.stage2.max_history  # the prompt's history (none for 0)
     shown = [c.history[-length:] if length else c.history[:0] for c in cases]
-    shown = [torch.as_tensor(h, dtype=torch.long) for h in shown]
+    history = right_aligned([inputs.q[torch.as_tensor(h, dtype=torch.long)] for h in shown])
+    counts_of = inputs.counts.numpy()
+    history_counts = left_pad([counts_of[h] for h in shown], history.shape[1])
     text = TextInputs(
-        right_aligned([inputs.q[h] for h in shown]),
-        inputs.q[candidates],
-        inputs.counts[candidates],
-        right_aligned([inputs.counts[h][:, None].float() for h in shown])[..., 0].long(),
+        history, inputs.q[candidates], inputs.counts[candidates], torch.as_tensor(history_counts)
     )
     with torch.no_grad():
         query = readout.start_query(torch.stack([c.x_u for c in cases]), text)

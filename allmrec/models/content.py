@@ -180,13 +180,14 @@ def fit_content_tower(
     frozen = [p for p in tower.parameters() if not p.requires_grad]
     tower.requires_grad_(True)  # a readout holds its tower frozen: trained here only
     tower.train()
+    features = tower.features(q, counts)  # fixed inputs: only the MLP above them trains
     loss_sum = 0.0
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(targets), generator=generator)
         loss_sum = 0.0
         for start in range(0, len(targets), batch_size):
             batch = order[start : start + batch_size]
-            items = tower.items(q, counts)  # every item's f: the softmax runs over the catalogue
+            items = tower.item_tower(features)  # every item's f: the softmax runs over them all
             ids = histories[batch]
             users = tower.user_tower(items[ids], ids > 0)
             logits = users @ items.T

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from allmrec.llm import SPECIAL_TOKENS, first_layers, freeze
 from allmrec.models.readout import RankReadout, TextInputs, listwise_loss
 from allmrec.prompts import CANDIDATE_TOKEN, HISTORY_TOKEN, USER_TOKEN, Prompt, quote_title
+from allmrec.sequences import left_pad
 
 IGNORE_INDEX = -100
 
@@ -169,14 +170,10 @@ def _text_inputs(examples: Sequence[Stage2Example], width: int) -> TextInputs | 
         counts.append(n)
         hist = e.prompt.history_items
         history.append(_item_vectors(e.item_text, hist) if hist else torch.zeros(0, q.shape[1]))
-        n = _item_counts(e.item_counts, hist) if hist else torch.zeros(0, dtype=torch.long)
-        history_counts.append(n[:, None])
-    return TextInputs(
-        right_aligned(history),
-        torch.stack(items),
-        torch.stack(counts),
-        right_aligned(history_counts)[..., 0].long(),
-    )
+        history_counts.append(_item_counts(e.item_counts, hist).numpy())
+    history = right_aligned(history)
+    history_counts = torch.as_tensor(left_pad(history_counts, history.shape[1]))
+    return TextInputs(history, torch.stack(items), torch.stack(counts), history_counts)
 
 
 def right_aligned(rows: Sequence[Tensor]) -> Tensor:

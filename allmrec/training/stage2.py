@@ -369,9 +369,9 @@ def text_options(config: Config, weights: dict[str, torch.Tensor] | None = None)
         "content_window": cfg.content_window,
         "content_counts": cfg.content_counts,
     }
-    if weights is not None and "readout.content_scale" not in weights:
-        options["text_path"] = "cosine"
     if weights is not None:
+        if "readout.content_scale" not in weights:
+            options["text_path"] = "cosine"
         # a stack saved before the content path read counts has no such buffer: it does not
         options["content_counts"] = bool(weights.get("readout.content.count_buckets", 0))
     return options
@@ -671,14 +671,14 @@ def gate_examples(
     )
     x_u = user_vectors_of(inputs, users, histories)
     shown = [h[-cfg.max_history :] if cfg.max_history else h[:0] for h in histories]
-    shown = [torch.as_tensor(h, dtype=torch.long) for h in shown]
-    history_text = right_aligned([inputs.q[h] for h in shown])
-    history_counts = right_aligned([inputs.counts[h][:, None].float() for h in shown])[..., 0]
+    history_text = right_aligned([inputs.q[torch.as_tensor(h, dtype=torch.long)] for h in shown])
+    counts_of = inputs.counts.numpy()
+    history_counts = left_pad([counts_of[h] for h in shown], history_text.shape[1])
     cand = torch.as_tensor(candidates)
     counts = inputs.counts[cand].clone()
     if in_sample:  # a training target's count holds this very interaction
         counts[:, 0] = (counts[:, 0] - 1).clamp_min(0)
-    text = TextInputs(history_text, inputs.q[cand], counts, history_counts.long())
+    text = TextInputs(history_text, inputs.q[cand], counts, torch.as_tensor(history_counts))
     query = readout.start_query(x_u, text)
     cf_scores, text_scores = readout.path_scores(query, inputs.z[cand], text)
     return GateExamples(
