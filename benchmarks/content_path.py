@@ -47,8 +47,7 @@ from gate_frontier import (
 
 from allmrec.llm_evaluation import cf_row
 from allmrec.models.content import ContentTower, UserTower, fit_content_tower
-from allmrec.models.projection import right_aligned
-from allmrec.sequences import left_pad
+from allmrec.training.stage2 import shown_history
 
 HISTORY = 10
 YEAR_BINS = np.array([0, 1940, 1950, 1960, 1970, 1980, 1985, 1990, 1993, 1995, 1996, 1997, 1998])
@@ -126,8 +125,7 @@ def content_scores(tower: ContentTower, features, counts, histories, candidates)
     """<c_u, f(i)> of each row's candidates [B, C], c_u over the history's last items (the
     items' training interactions read where the tower reads them)."""
     ids = [np.asarray(h[-HISTORY:], dtype=np.int64) for h in histories]
-    history = right_aligned([features[torch.as_tensor(i)] for i in ids])
-    history_counts = torch.as_tensor(left_pad([counts.numpy()[i] for i in ids], history.shape[1]))
+    history, history_counts = shown_history(features, counts, ids)
     with torch.no_grad():
         users = tower.users(history, history_counts)
         keys = tower.items(features[candidates], counts[candidates])

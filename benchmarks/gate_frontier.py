@@ -40,15 +40,14 @@ import torch
 from allmrec.config import Config
 from allmrec.data.prepared import COLD_USER_SPLIT
 from allmrec.llm_evaluation import RANK_ROW, cf_row, paired_difference
-from allmrec.models.projection import right_aligned
 from allmrec.models.readout import CountGate, TextInputs, history_lengths
-from allmrec.sequences import left_pad
 from allmrec.training.stage2 import (
     eval_cases,
     example_weights,
     gate_fit_examples,
     gate_fit_users,
     load_trained_stage2,
+    shown_history,
     top1_hits,
 )
 
@@ -182,12 +181,8 @@ def test_examples(run_dir: Path, readout, inputs, evaluated: Config, cold_users:
     candidates = torch.as_tensor(np.stack([c.candidates for c in cases]))
     length = evaluated.stage2.max_history  # the prompt's history (none for 0)
     shown = [c.history[-length:] if length else c.history[:0] for c in cases]
-    history = right_aligned([inputs.q[torch.as_tensor(h, dtype=torch.long)] for h in shown])
-    counts_of = inputs.counts.numpy()
-    history_counts = left_pad([counts_of[h] for h in shown], history.shape[1])
-    text = TextInputs(
-        history, inputs.q[candidates], inputs.counts[candidates], torch.as_tensor(history_counts)
-    )
+    history, history_counts = shown_history(inputs.q, inputs.counts, shown)
+    text = TextInputs(history, inputs.q[candidates], inputs.counts[candidates], history_counts)
     with torch.no_grad():
         query = readout.start_query(torch.stack([c.x_u for c in cases]), text)
         cf, scores = readout.path_scores(query, inputs.z[candidates], text)

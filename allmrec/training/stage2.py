@@ -624,6 +624,17 @@ class GateExamples(NamedTuple):
         return GateExamples(*(torch.cat([a, b]) for a, b in zip(self, other, strict=True)))
 
 
+def shown_history(
+    vectors: torch.Tensor, counts: torch.Tensor, shown: list[np.ndarray]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each prompt's history as the text readouts read it, from the item ids it shows:
+    their `vectors` (q_j, by item id) [B, H, d] right-aligned, zero rows before a shorter
+    history, and their `counts` (by item id) [B, H] aligned with them, zeros before."""
+    history = right_aligned([vectors[torch.as_tensor(h, dtype=torch.long)] for h in shown])
+    counts_of = counts.numpy()
+    return history, torch.as_tensor(left_pad([counts_of[h] for h in shown], history.shape[1]))
+
+
 @torch.no_grad()
 def gate_examples(
     readout, inputs: Stage2Inputs, config: Config, users: np.ndarray, short: bool = False
@@ -671,14 +682,12 @@ def gate_examples(
     )
     x_u = user_vectors_of(inputs, users, histories)
     shown = [h[-cfg.max_history :] if cfg.max_history else h[:0] for h in histories]
-    history_text = right_aligned([inputs.q[torch.as_tensor(h, dtype=torch.long)] for h in shown])
-    counts_of = inputs.counts.numpy()
-    history_counts = left_pad([counts_of[h] for h in shown], history_text.shape[1])
+    history_text, history_counts = shown_history(inputs.q, inputs.counts, shown)
     cand = torch.as_tensor(candidates)
     counts = inputs.counts[cand].clone()
     if in_sample:  # a training target's count holds this very interaction
         counts[:, 0] = (counts[:, 0] - 1).clamp_min(0)
-    text = TextInputs(history_text, inputs.q[cand], counts, torch.as_tensor(history_counts))
+    text = TextInputs(history_text, inputs.q[cand], counts, history_counts)
     query = readout.start_query(x_u, text)
     cf_scores, text_scores = readout.path_scores(query, inputs.z[cand], text)
     return GateExamples(
