@@ -57,6 +57,12 @@ def quote_title(title: str) -> str:
     return f'"{title}"'
 
 
+def shown_items(history: Sequence[int], max_history: int = MAX_HISTORY) -> Sequence[int]:
+    """The items of `history` (oldest first) that a prompt shows: the last `max_history` of
+    them, none for 0. The text readouts read the same ones (`stage2.shown_history`)."""
+    return history[-max_history:] if max_history > 0 else history[:0]
+
+
 def build_prompt(
     history: Sequence[int],
     candidates: Sequence[int],
@@ -75,7 +81,7 @@ def build_prompt(
     if domain not in DOMAINS:
         raise ValueError(f"prompt domain {domain!r}: expected one of {', '.join(DOMAINS)}")
     d = DOMAINS[domain]
-    history_items = [int(i) for i in history][-max_history:] if max_history > 0 else []
+    history_items = [int(i) for i in shown_items(history, max_history)]
     candidate_items = [int(i) for i in candidates]
     history_token = HISTORY_TOKEN if with_embeddings else ""
     candidate_token = CANDIDATE_TOKEN if with_embeddings else ""

@@ -41,6 +41,7 @@ from allmrec.config import Config
 from allmrec.data.prepared import COLD_USER_SPLIT
 from allmrec.llm_evaluation import RANK_ROW, cf_row, paired_difference
 from allmrec.models.readout import CountGate, TextInputs, history_lengths
+from allmrec.prompts import shown_items
 from allmrec.training.stage2 import (
     eval_cases,
     example_weights,
@@ -179,8 +180,7 @@ def test_examples(run_dir: Path, readout, inputs, evaluated: Config, cold_users:
     if any(c.candidates.tolist() != r["candidates"] for c, r in zip(cases, records, strict=True)):
         raise SystemExit("the evaluator's candidates are not reproduced")
     candidates = torch.as_tensor(np.stack([c.candidates for c in cases]))
-    length = evaluated.stage2.max_history  # the prompt's history (none for 0)
-    shown = [c.history[-length:] if length else c.history[:0] for c in cases]
+    shown = [shown_items(c.history, evaluated.stage2.max_history) for c in cases]
     history, history_counts = shown_history(inputs.q, inputs.counts, shown)
     text = TextInputs(history, inputs.q[candidates], inputs.counts[candidates], history_counts)
     with torch.no_grad():

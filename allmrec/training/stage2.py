@@ -34,7 +34,7 @@ from allmrec.manifest import ArtifactError
 from allmrec.models.content import ContentTower, fit_content_tower
 from allmrec.models.projection import ALLMRecLM, Stage2Example, right_aligned
 from allmrec.models.readout import CountGate, TextInputs, history_lengths, text_cosine
-from allmrec.prompts import build_prompt, shuffle_candidates
+from allmrec.prompts import build_prompt, shown_items, shuffle_candidates
 from allmrec.sequences import left_pad
 from allmrec.stages import output_digest, read_manifest, recorded_upstream
 
@@ -681,7 +681,7 @@ def gate_examples(
         ]
     )
     x_u = user_vectors_of(inputs, users, histories)
-    shown = [h[-cfg.max_history :] if cfg.max_history else h[:0] for h in histories]
+    shown = [shown_items(h, cfg.max_history) for h in histories]
     history_text, history_counts = shown_history(inputs.q, inputs.counts, shown)
     cand = torch.as_tensor(candidates)
     counts = inputs.counts[cand].clone()
